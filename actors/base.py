@@ -1,0 +1,245 @@
+"""Loop-driven pykka actors: many actors, one asyncio loop, no thread per actor.
+
+ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread each and
+~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s. `LoopActor` is a
+pykka actor type built on pykka's extension points (`_create_actor_inbox`,
+`_create_future`, `_start_actor_loop`):
+
+* `tell`/`ask` may be called from the loop thread or any other thread. When an inbox goes
+  from empty to non-empty it schedules one drain on the loop (`call_soon`, or
+  `call_soon_threadsafe` from another thread).
+* Messages are handled one at a time, in order. A handler may return an awaitable (be
+  `async`); the next message then waits until it completes.
+* `LoopFuture` is awaitable on the loop without blocking it. `get()` on the loop thread
+  raises `RuntimeError` (it would deadlock); from another thread it blocks as usual.
+* Actors started with `register=False` stay out of pykka's `ActorRegistry` (a list with
+  O(n) removal), which is what connection actors use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Awaitable, Generator
+from typing import Any, Self, TypeVar
+
+import pykka
+from pykka import ActorRef, ActorRegistry, Future, messages
+
+log = logging.getLogger("centripy.actors")
+
+T = TypeVar("T")
+
+
+class LoopFuture(Future[T]):
+    """A pykka future backed by a `concurrent.futures.Future`, awaitable on any loop."""
+
+    __slots__ = ("_cf",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        try:
+            return super().get(timeout=timeout)
+        except NotImplementedError:
+            pass
+        if not self._cf.done() and _on_running_loop():
+            raise RuntimeError("LoopFuture.get() would block the event loop; await it instead")
+        try:
+            return self._cf.result(timeout=timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise pykka.Timeout(f"{timeout} seconds") from exc
+
+    def set(self, value: Any | None = None) -> None:
+        self._cf.set_result(value)
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        if exc_info is None:
+            exc_info = sys.exc_info()
+        exc = exc_info[1] if exc_info[1] is not None else exc_info[0]()
+        self._cf.set_exception(exc)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self._cf).__await__()
+
+
+def _on_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _LoopInbox:
+    """A deque inbox that schedules its owner's drain when it becomes non-empty."""
+
+    __slots__ = ("_actor", "_items", "_lock")
+
+    def __init__(self, actor: LoopActor) -> None:
+        self._actor = actor
+        self._items: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+
+    def put(self, envelope: Any, /) -> None:
+        with self._lock:
+            was_empty = not self._items
+            self._items.append(envelope)
+        if was_empty:
+            self._actor._schedule_drain()
+
+    def get(self) -> Any:
+        with self._lock:
+            return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+class LoopActor(pykka.Actor):
+    """Base class for actors whose inbox is drained on an asyncio loop.
+
+    The loop is the one running when the actor is started (or `loop=` given to `start`).
+    Subclasses implement `on_receive` (may be `async`) and may use `on_start`/`on_stop`,
+    which run on the loop.
+    """
+
+    _loop: asyncio.AbstractEventLoop
+    _loop_thread: int
+    _busy: bool
+    _registered: bool
+
+    @classmethod
+    def start(
+        cls,
+        *args: Any,
+        register: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
+        **kwargs: Any,
+    ) -> ActorRef[Self]:
+        obj = cls(*args, **kwargs)
+        obj._loop = loop or asyncio.get_running_loop()
+        obj._loop_thread = threading.get_ident()
+        obj._busy = True  # until on_start has run
+        obj._registered = register
+        if register:
+            ActorRegistry.register(obj.actor_ref)
+        obj._start_actor_loop()
+        return obj.actor_ref
+
+    def _create_actor_inbox(self) -> Any:  # type: ignore[override]
+        return _LoopInbox(self)
+
+    @staticmethod
+    def _create_future() -> Future[Any]:
+        return LoopFuture()
+
+    def _start_actor_loop(self) -> None:
+        if self._on_loop_thread():
+            self._run_start()
+        else:
+            self._loop.call_soon_threadsafe(self._run_start)
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _run_start(self) -> None:
+        try:
+            self.on_start()
+        except Exception:
+            self._handle_failure(*sys.exc_info())
+            self._fail_pending()
+            return
+        self._busy = False
+        if not self.actor_inbox.empty():
+            self._loop.call_soon(self._drain)
+
+    def _schedule_drain(self) -> None:
+        if self._busy:
+            return  # the running drain (or on_start) picks it up
+        if self._on_loop_thread():
+            self._busy = True
+            self._loop.call_soon(self._drain)
+        else:
+            self._loop.call_soon_threadsafe(self._schedule_drain)
+
+    def _drain(self) -> None:
+        """Handle queued messages in order; hand over to a task at the first awaitable."""
+        self._busy = True
+        inbox = self.actor_inbox
+        while not inbox.empty():
+            if self.actor_stopped.is_set():
+                self._fail_pending()
+                return
+            envelope = inbox.get()
+            try:
+                result = self._handle_receive(envelope.message)
+            except Exception:
+                self._reply_failure(envelope)
+                continue
+            if inspect.isawaitable(result):
+                self._loop.create_task(self._finish_async(envelope, result))
+                return
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(result)
+        self._busy = False
+        if self.actor_stopped.is_set():
+            self._fail_pending()
+
+    async def _finish_async(self, envelope: Any, awaitable: Awaitable[Any]) -> None:
+        try:
+            result = await awaitable
+        except Exception:
+            self._reply_failure(envelope)
+        else:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(result)
+        self._drain()
+
+    def _reply_failure(self, envelope: Any) -> None:
+        if envelope.reply_to is not None:
+            envelope.reply_to.set_exception()
+            return
+        exc_info = sys.exc_info()
+        self._handle_failure(*exc_info)
+        with contextlib.suppress(Exception):
+            self.on_failure(*exc_info)
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        log.error("unhandled exception in %s", self, exc_info=exc_info)
+        self._unregister()
+        self.actor_stopped.set()
+
+    def _stop(self) -> None:
+        self._unregister()
+        self.actor_stopped.set()
+        try:
+            self.on_stop()
+        except Exception:
+            self._handle_failure(*sys.exc_info())
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            ActorRegistry.unregister(self.actor_ref)
+
+    def _fail_pending(self) -> None:
+        inbox = self.actor_inbox
+        while not inbox.empty():
+            envelope = inbox.get()
+            if envelope.reply_to is None:
+                continue
+            if isinstance(envelope.message, messages._ActorStop):
+                envelope.reply_to.set(None)
+            else:
+                envelope.reply_to.set_exception(
+                    (pykka.ActorDeadError, pykka.ActorDeadError(f"{self} stopped"), None)
+                )

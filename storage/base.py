@@ -1,0 +1,104 @@
+"""Storage contracts. No SQLAlchemy here: back ends implement these in their own modules
+(`storage/memory.py`, `storage/sqlite.py`, `storage/postgres.py`).
+
+The event log is the source of truth for channels with history and for idempotency keys.
+Guarantees every implementation must give (checked by tests/storage/test_contract.py):
+
+* `append_many` assigns offsets per channel that are exactly top+1, top+2, ... with no gap or
+  repeat, atomically with storing the publications; several processes appending to the same
+  channel of one database must still get distinct consecutive offsets.
+* A result is returned only after it is durable (committed).
+* An idempotency key seen for the same channel within its TTL returns the first result with
+  `suppressed=True`, and nothing is stored again.
+* A stream whose meta is not touched for `meta_ttl` seconds is forgotten: the next access
+  starts it again at offset 0 with a new epoch.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.types import ClientInfo, Publication, StreamPosition
+
+
+class StorageError(Exception):
+    """A back end failed (connection lost, database error). Callers map it to error 100."""
+
+
+class UnrecoverablePosition(StorageError):
+    """`since.epoch` does not match the stream's current epoch (client error 112)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One publication to append to `channel`.
+
+    `history_size`/`history_ttl` > 0 store the publication in the stream (both required);
+    with either 0 the publication is not stored and gets offset 0, but an idempotency key
+    is still recorded. Durations are in seconds.
+    """
+
+    channel: str
+    data: bytes
+    info: ClientInfo | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    history_size: int = 0
+    history_ttl: float = 0.0
+    meta_ttl: float = 0.0  # 0 = never forget the stream meta
+    idempotency_key: str = ""
+    idempotent_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    publication: Publication  # with the assigned offset (0 when not stored)
+    epoch: str  # "" when not stored
+    suppressed: bool = False  # True: a duplicate of an earlier call; nothing was stored
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """`limit` 0 returns only the position, -1 everything, n up to n publications.
+    `since` is exclusive (forward: offsets > since.offset; reverse: offsets < since.offset).
+    A non-empty `since.epoch` that differs from the current one raises UnrecoverablePosition."""
+
+    channel: str
+    limit: int = 0
+    since: StreamPosition | None = None
+    reverse: bool = False
+    meta_ttl: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    publications: Sequence[Publication]
+    position: StreamPosition  # current top offset and epoch
+
+
+class EventLog(abc.ABC):
+    """Append-only per-channel publication log. All methods run on the server's event loop."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open connections and create or migrate the schema. Never drops data."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish in-flight appends, then release connections."""
+
+    @abc.abstractmethod
+    async def append_many(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
+        """Append a batch in one transaction; results in request order."""
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        return (await self.append_many([request]))[0]
+
+    @abc.abstractmethod
+    async def history(self, query: HistoryQuery) -> HistoryResult:
+        """Read a stream (creates its meta, i.e. an epoch, when it does not exist)."""
+
+    @abc.abstractmethod
+    async def remove_history(self, channel: str) -> None:
+        """Delete the publications of a stream, keeping its epoch and top offset."""
