@@ -102,3 +102,30 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def remove_history(self, channel: str) -> None:
         """Delete the publications of a stream, keeping its epoch and top offset."""
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    num_clients: int
+    num_users: int
+
+
+class PresenceManager(abc.ABC):
+    """Who is subscribed to a channel with presence on. Entries expire `ttl` seconds after
+    their last `add` unless refreshed (connections re-add every
+    `client_presence_update_interval`); `remove` drops one at once. Runs on the loop."""
+
+    @abc.abstractmethod
+    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def remove(self, channel: str, client_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def presence(self, channel: str) -> dict[str, ClientInfo]: ...
+
+    @abc.abstractmethod
+    async def stats(self, channel: str) -> PresenceStats: ...
+
+    async def close(self) -> None:
+        """Release connections (no-op for in-memory back ends)."""
