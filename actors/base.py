@@ -51,7 +51,7 @@ class LoopFuture(Future[T]):
             return super().get(timeout=timeout)
         except NotImplementedError:
             pass
-        if not self._cf.done() and _on_running_loop():
+        if not self._cf.done() and timeout != 0 and _on_running_loop():
             raise RuntimeError("LoopFuture.get() would block the event loop; await it instead")
         try:
             return self._cf.result(timeout=timeout)
@@ -68,7 +68,20 @@ class LoopFuture(Future[T]):
         self._cf.set_exception(exc)
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self._cf).__await__()
+        if self._get_hook is None:
+            return asyncio.wrap_future(self._cf).__await__()
+        return self._await_hook().__await__()
+
+    async def _await_hook(self) -> T:
+        """Futures made by pykka's `filter`/`map`/`join`/`stop` compute their value with a
+        get hook that would block; poll it with a zero timeout instead."""
+        delay = 0.0005
+        while True:
+            try:
+                return self.get(timeout=0)  # type: ignore[no-any-return]
+            except pykka.Timeout:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
 
 def _on_running_loop() -> bool:
