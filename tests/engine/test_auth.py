@@ -1,0 +1,412 @@
+"""JWT verification (spec/protocol.md section 6): HMAC/RSA/ECDSA, claims, JWKS."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import replace
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given
+from hypothesis import strategies as st
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from engine.auth import (
+    InvalidToken,
+    JWKSCache,
+    JWKSFetchError,
+    SubscribeOverride,
+    TokenExpired,
+    TokenVerifier,
+    make_token,
+    token_payload,
+)
+from engine.config import Config
+
+NOW = 1_700_000_000
+SECRET = "secret"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+EC384_KEY = ec.generate_private_key(ec.SECP384R1())
+ED_KEY = ed25519.Ed25519PrivateKey.generate()
+
+
+def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def verifier(**options: Any) -> TokenVerifier:
+    config = replace(Config(token_hmac_secret_key=SECRET), **options)
+    return TokenVerifier(config, clock=lambda: NOW + 0.5)
+
+
+def hs(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> str:
+    return make_token(secret, "", None, extra=claims, now=NOW, algorithm=alg)
+
+
+def signed(claims: dict[str, Any], key: Any, alg: str, kid: str | None = None) -> str:
+    headers = {"kid": kid} if kid else None
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
+# --------------------------------------------------------------------------- connection tokens
+
+
+def test_hs256_connection_token_claims() -> None:
+    token = hs(
+        {
+            "sub": "42",
+            "exp": NOW + 60,
+            "info": {"name": "Alex", "n": 1},
+            "channels": ["news", "chat:1"],
+            "meta": {"k": "v"},
+        }
+    )
+    ct = verifier().verify_connection_token(token)
+    assert ct.user_id == "42"
+    assert ct.expire_at == NOW + 60
+    assert ct.info == b'{"name":"Alex","n":1}'
+    assert ct.channels == ("news", "chat:1")
+    assert ct.subs == {}
+    assert ct.meta == b'{"k":"v"}'
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_hmac_algorithms(alg: str) -> None:
+    assert verifier().verify_connection_token(hs({"sub": "1"}, alg=alg)).user_id == "1"
+
+
+def test_make_token_ttl() -> None:
+    claims = json.loads(token_payload(make_token(SECRET, "u", 3600, now=NOW)))
+    assert claims == {"sub": "u", "iat": NOW, "exp": NOW + 3600}
+    claims = json.loads(token_payload(make_token(SECRET, "u", -1, now=NOW)))
+    assert "exp" not in claims
+    claims = json.loads(token_payload(make_token(SECRET, "u", 10, channel="c", now=NOW)))
+    assert claims["channel"] == "c"
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        ({"exp": NOW + 60}, NOW + 60),
+        ({"exp": NOW + 60, "expire_at": NOW + 600}, NOW + 600),
+        ({"exp": NOW + 60, "expire_at": 0}, None),
+        ({}, None),
+        ({"expire_at": NOW + 5}, NOW + 5),
+    ],
+)
+def test_expire_at_semantics(claims: dict[str, Any], expected: int | None) -> None:
+    assert verifier().verify_connection_token(hs({"sub": "1", **claims})).expire_at == expected
+
+
+@pytest.mark.parametrize("claims", [{"exp": NOW}, {"exp": NOW - 10}, {"nbf": NOW + 10}])
+def test_expired_and_not_yet_valid(claims: dict[str, Any]) -> None:
+    with pytest.raises(TokenExpired):
+        verifier().verify_connection_token(hs({"sub": "1", **claims}))
+    with pytest.raises(TokenExpired):
+        verifier().verify_subscription_token(hs({"sub": "1", "channel": "c", **claims}))
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "a.b.c",
+        hs({"sub": "1"}, secret="other"),
+        hs({"sub": 1}),
+        hs({"sub": "1", "channel": "news"}),
+        hs({"sub": "1", "exp": "soon"}),
+        hs({"sub": "1", "b64info": "@@@"}),
+        hs({"sub": "1", "channels": "news"}),
+        hs({"sub": "1", "subs": {"c": {"override": {"presence": True}}}}),
+        jwt.encode({"sub": "1"}, "", algorithm="none"),
+    ],
+)
+def test_invalid_connection_tokens(token: str) -> None:
+    with pytest.raises(InvalidToken):
+        verifier().verify_connection_token(token)
+
+
+def test_exp_must_be_strictly_in_the_future() -> None:
+    config = Config(token_hmac_secret_key=SECRET)
+    at_exp = TokenVerifier(config, clock=lambda: float(NOW))
+    with pytest.raises(TokenExpired):
+        at_exp.verify_connection_token(hs({"sub": "1", "exp": NOW}))
+    with pytest.raises(TokenExpired):
+        at_exp.verify_connection_token(hs({"sub": "1", "nbf": NOW}))
+    before = TokenVerifier(config, clock=lambda: NOW - 0.001)
+    assert before.verify_connection_token(hs({"sub": "1", "exp": NOW})).expire_at == NOW
+
+
+def test_algorithm_must_be_enabled() -> None:
+    token = signed({"sub": "1"}, RSA_KEY, "RS256")
+    with pytest.raises(InvalidToken, match="not enabled"):
+        verifier().verify_connection_token(token)
+    with pytest.raises(InvalidToken, match="not enabled"):
+        verifier(token_hmac_secret_key="").verify_connection_token(hs({"sub": "1"}))
+
+
+def test_b64info_and_subs() -> None:
+    token = hs(
+        {
+            "sub": "7",
+            "b64info": base64.b64encode(b"\x00\x01").decode(),
+            "channels": ["ignored"],
+            "subs": {
+                "chat:1": {
+                    "info": {"role": "admin"},
+                    "b64data": base64.b64encode(b"raw").decode(),
+                    "override": {"presence": {"value": False}, "force_recovery": {"value": True}},
+                },
+                "news": {},
+            },
+        }
+    )
+    ct = verifier().verify_connection_token(token)
+    assert ct.info == b"\x00\x01"
+    assert ct.channels == ()
+    assert set(ct.subs) == {"chat:1", "news"}
+    sub = ct.subs["chat:1"]
+    assert sub.info == b'{"role":"admin"}' and sub.data == b"raw"
+    assert sub.override == SubscribeOverride(presence=False, force_recovery=True)
+    assert ct.subs["news"].override == SubscribeOverride()
+
+
+@pytest.mark.parametrize("alg", ["RS256", "RS384", "RS512"])
+def test_rsa_tokens(alg: str) -> None:
+    v = verifier(token_hmac_secret_key="", token_rsa_public_key=pem(RSA_KEY))
+    assert v.verify_connection_token(signed({"sub": "r"}, RSA_KEY, alg)).user_id == "r"
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(InvalidToken):
+        v.verify_connection_token(signed({"sub": "r"}, other, alg))
+
+
+def test_ecdsa_tokens() -> None:
+    v = verifier(token_ecdsa_public_key=pem(EC_KEY))
+    assert v.verify_connection_token(signed({"sub": "e"}, EC_KEY, "ES256")).user_id == "e"
+    with pytest.raises(InvalidToken):
+        v.verify_connection_token(signed({"sub": "e"}, EC384_KEY, "ES384"))
+    v384 = verifier(token_ecdsa_public_key=pem(EC384_KEY))
+    assert v384.verify_connection_token(signed({"sub": "e"}, EC384_KEY, "ES384")).user_id == "e"
+
+
+@pytest.mark.parametrize(
+    ("options", "claims", "ok"),
+    [
+        ({"token_audience": "app"}, {"aud": "app"}, True),
+        ({"token_audience": "app"}, {"aud": ["x", "app"]}, True),
+        ({"token_audience": "app"}, {"aud": "other"}, False),
+        ({"token_audience": "app"}, {}, False),
+        ({"token_audience_regex": "^app-[a-z]+$"}, {"aud": "app-eu"}, True),
+        ({"token_audience_regex": "^app-[a-z]+$"}, {"aud": "app-1"}, False),
+        ({"token_issuer": "iss"}, {"iss": "iss"}, True),
+        ({"token_issuer": "iss"}, {"iss": "other"}, False),
+        (
+            {"token_issuer_regex": r"^https://\w+\.example\.com$"},
+            {"iss": "https://a.example.com"},
+            True,
+        ),
+        (
+            {"token_issuer_regex": r"^https://\w+\.example\.com$"},
+            {"iss": "https://evil.com"},
+            False,
+        ),
+    ],
+)
+def test_audience_and_issuer(options: dict[str, str], claims: dict[str, Any], ok: bool) -> None:
+    token = hs({"sub": "1", **claims})
+    if ok:
+        assert verifier(**options).verify_connection_token(token).user_id == "1"
+    else:
+        with pytest.raises(InvalidToken):
+            verifier(**options).verify_connection_token(token)
+
+
+def test_user_id_claim() -> None:
+    token = hs({"sub": "ignored", "user_id": "u-9"})
+    assert verifier(token_user_id_claim="user_id").verify_connection_token(token).user_id == "u-9"
+
+
+def test_skip_signature_verification() -> None:
+    token = hs({"sub": "1", "exp": NOW + 10}, secret="whatever")
+    v = verifier(client_insecure_skip_token_signature_verify=True)
+    assert v.verify_connection_token(token).user_id == "1"
+    with pytest.raises(TokenExpired):
+        v.verify_connection_token(hs({"sub": "1", "exp": NOW - 1}, secret="x"))
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+        max_leaves=10,
+    )
+)
+def test_info_is_compact_raw_json(value: object) -> None:
+    info = verifier().verify_connection_token(hs({"sub": "1", "info": value})).info
+    if value is None:
+        assert info == b""
+    else:
+        assert orjson.loads(info) == value
+        assert info == orjson.dumps(value)
+
+
+# --------------------------------------------------------------------------- subscription tokens
+
+
+def test_subscription_token() -> None:
+    token = hs(
+        {
+            "sub": "42",
+            "channel": "$secret:1",
+            "client": "c-1",
+            "exp": NOW + 100,
+            "info": {"a": 1},
+            "data": {"b": 2},
+            "override": {"join_leave": {"value": True}},
+        }
+    )
+    st_ = verifier().verify_subscription_token(token)
+    assert (st_.user_id, st_.channel, st_.client) == ("42", "$secret:1", "c-1")
+    assert st_.expire_at == NOW + 100
+    assert st_.info == b'{"a":1}' and st_.data == b'{"b":2}'
+    assert st_.override == SubscribeOverride(join_leave=True)
+    b64 = hs({"sub": "1", "channel": "c", "b64data": base64.b64encode(b"\xff").decode()})
+    assert verifier().verify_subscription_token(b64).data == b"\xff"
+
+
+def test_subscription_token_needs_channel() -> None:
+    with pytest.raises(InvalidToken, match="channel"):
+        verifier().verify_subscription_token(hs({"sub": "1"}))
+
+
+def test_separate_subscription_token_config() -> None:
+    v = verifier(separate_subscription_token_config=True, subscription_token_hmac_secret_key="sub")
+    assert (
+        v.verify_subscription_token(hs({"sub": "1", "channel": "c"}, secret="sub")).channel == "c"
+    )
+    with pytest.raises(InvalidToken):
+        v.verify_subscription_token(hs({"sub": "1", "channel": "c"}))
+    assert v.verify_connection_token(hs({"sub": "1"})).user_id == "1"
+
+
+# --------------------------------------------------------------------------- JWKS
+
+
+def jwk(key: Any, kid: str, algorithm: type[Any]) -> dict[str, Any]:
+    data: dict[str, Any] = algorithm.to_jwk(key.public_key(), as_dict=True)
+    data["kid"] = kid
+    data["use"] = "sig"
+    return data
+
+
+JWKS = json.dumps(
+    {
+        "keys": [
+            jwk(RSA_KEY, "rsa1", RSAAlgorithm),
+            jwk(EC_KEY, "ec1", ECAlgorithm),
+            jwk(ED_KEY, "ed1", OKPAlgorithm),
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+            {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+        ]
+    }
+).encode()
+ENDPOINT = "https://issuer.example.com/jwks"
+
+
+class FakeFetch:
+    def __init__(self, body: bytes = JWKS, error: Exception | None = None) -> None:
+        self.body, self.error, self.urls = body, error, list[str]()
+
+    async def __call__(self, url: str) -> bytes:
+        self.urls.append(url)
+        if self.error is not None:
+            raise self.error
+        return self.body
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def jwks_verifier(fetch: FakeFetch, clock: Clock | None = None) -> TokenVerifier:
+    config = Config(token_jwks_public_endpoint=ENDPOINT)
+    cache = JWKSCache(fetch, ttl=3600, clock=clock or Clock())
+    return TokenVerifier(config, jwks=cache, clock=lambda: NOW)
+
+
+@pytest.mark.parametrize(
+    ("key", "alg", "kid"),
+    [
+        (RSA_KEY, "RS256", "rsa1"),
+        (RSA_KEY, "RS512", "rsa1"),
+        (EC_KEY, "ES256", "ec1"),
+        (ED_KEY, "EdDSA", "ed1"),
+    ],
+)
+async def test_jwks_key_types(key: Any, alg: str, kid: str) -> None:
+    fetch = FakeFetch()
+    v = jwks_verifier(fetch)
+    token = signed({"sub": "j", "exp": NOW + 10}, key, alg, kid=kid)
+    assert (await v.verify_connection_token_async(token)).user_id == "j"
+    assert fetch.urls == [ENDPOINT]
+    sub = signed({"sub": "j", "channel": "c"}, key, alg, kid=kid)
+    assert (await v.verify_subscription_token_async(sub)).channel == "c"
+    assert v.verify_connection_token(token).user_id == "j"  # sync path uses the cached key
+    assert fetch.urls == [ENDPOINT]
+
+
+async def test_jwks_rejections() -> None:
+    v = jwks_verifier(FakeFetch())
+    with pytest.raises(InvalidToken, match="kid"):
+        await v.verify_connection_token_async(signed({"sub": "1"}, RSA_KEY, "RS256"))
+    with pytest.raises(InvalidToken, match="not found"):
+        await v.verify_connection_token_async(signed({"sub": "1"}, RSA_KEY, "RS256", kid="nope"))
+    with pytest.raises(InvalidToken, match="does not match"):
+        await v.verify_connection_token_async(signed({"sub": "1"}, EC_KEY, "ES256", kid="rsa1"))
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(InvalidToken, match="signature"):
+        await v.verify_connection_token_async(signed({"sub": "1"}, other, "RS256", kid="rsa1"))
+    with pytest.raises(InvalidToken):  # HMAC keys in a JWKS are not used
+        await v.verify_connection_token_async(hs({"sub": "1"}))
+
+
+async def test_jwks_cache_ttl_and_refetch() -> None:
+    fetch, clock = FakeFetch(), Clock()
+    v = jwks_verifier(fetch, clock)
+    token = signed({"sub": "1"}, RSA_KEY, "RS256", kid="rsa1")
+    await v.verify_connection_token_async(token)
+    clock.now = 3599
+    await v.verify_connection_token_async(token)
+    assert len(fetch.urls) == 1
+    clock.now = 3600
+    await v.verify_connection_token_async(token)
+    assert len(fetch.urls) == 2
+
+
+async def test_jwks_fetch_failures() -> None:
+    token = signed({"sub": "1"}, RSA_KEY, "RS256", kid="rsa1")
+    with pytest.raises(JWKSFetchError):
+        await jwks_verifier(FakeFetch(error=OSError("down"))).verify_connection_token_async(token)
+    with pytest.raises(JWKSFetchError):
+        await jwks_verifier(FakeFetch(body=b"not json")).verify_connection_token_async(token)
+    with pytest.raises(JWKSFetchError):
+        jwks_verifier(FakeFetch()).verify_connection_token(token)  # nothing cached yet
+
+
+def test_jwks_requires_a_cache() -> None:
+    with pytest.raises(ValueError, match="JWKSCache"):
+        TokenVerifier(Config(token_jwks_public_endpoint=ENDPOINT))
