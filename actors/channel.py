@@ -1,0 +1,154 @@
+"""One actor per channel with local subscribers.
+
+It owns the channel's subscriber set and encodes each publication, join and leave once per
+wire format (`Encoded`), whatever the number of subscribers, then tells each subscribed
+connection actor. Its inbox order is the channel's delivery order: the node fans out in
+commit order, so subscribers receive offsets in increasing order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+from pykka import ActorDeadError, ActorRef
+
+from actors.base import LoopActor
+from actors.transport import Format, protobuf_codec
+from engine.protocol import json_codec
+from engine.types import ClientInfo, Publication
+
+log = logging.getLogger("centripy.channel")
+
+
+class Encoded:
+    """A push encoded lazily, once per wire format, and shared by all subscribers."""
+
+    __slots__ = ("_cache", "_encoders")
+
+    def __init__(self, encoders: tuple[Callable[[], bytes], ...]) -> None:
+        self._encoders = encoders
+        self._cache: list[bytes | None] = [None] * len(encoders)
+
+    def get(self, fmt: int) -> bytes:
+        data = self._cache[fmt]
+        if data is None:
+            data = self._cache[fmt] = self._encoders[fmt]()
+        return data
+
+
+def encoded_pub(channel: str, pub: Publication) -> Encoded:
+    return Encoded(
+        (
+            lambda: json_codec.encode_pub_push(channel, pub),
+            lambda: json_codec.encode_pub_push(channel, pub, unidirectional=True),
+            lambda: protobuf_codec().encode_pub_push(channel, pub),
+        )
+    )
+
+
+def encoded_join_leave(channel: str, info: ClientInfo, join: bool) -> Encoded:
+    json_enc = json_codec.encode_join_push if join else json_codec.encode_leave_push
+
+    def pb() -> bytes:
+        codec = protobuf_codec()
+        encode = codec.encode_join_push if join else codec.encode_leave_push
+        return cast(bytes, encode(channel, info))
+
+    return Encoded(
+        (
+            lambda: json_enc(channel, info),
+            lambda: json_enc(channel, info, unidirectional=True),
+            pb,
+        )
+    )
+
+
+def _protobuf() -> Any:
+
+    return protobuf_codec
+
+
+# -- messages -----------------------------------------------------------------------------
+
+
+class AddSubscriber(NamedTuple):
+    client_id: str
+    conn: ActorRef[Any]
+    join_leave: bool
+
+
+class RemoveSubscriber(NamedTuple):
+    client_id: str
+
+
+class Deliver(NamedTuple):
+    """A committed publication (to the channel actor), and one delivery (to a connection)."""
+
+    channel: str
+    pub: Publication
+    epoch: str
+    encoded: Encoded | None = None
+
+
+class JoinLeave(NamedTuple):
+    channel: str
+    info: ClientInfo
+    join: bool
+    encoded: Encoded | None = None
+
+
+class ChannelActor(LoopActor):
+    """Runs on the loop. Subscribers are added and removed by the hub (`actors.hub`)."""
+
+    def __init__(self, channel: str) -> None:
+        super().__init__()
+        self.channel = channel
+        self.subscribers: dict[str, tuple[ActorRef[Any], bool]] = {}
+
+    def on_receive(self, message: Any) -> Any:
+        kind = type(message)
+        if kind is Deliver:
+            self._deliver(message)
+        elif kind is AddSubscriber:
+            self.subscribers[message.client_id] = (message.conn, message.join_leave)
+        elif kind is RemoveSubscriber:
+            self.subscribers.pop(message.client_id, None)
+        elif kind is JoinLeave:
+            self._join_leave(message)
+        else:
+            log.warning("channel %s: unexpected message %r", self.channel, message)
+
+    def _deliver(self, message: Deliver) -> None:
+        push = message._replace(encoded=encoded_pub(self.channel, message.pub))
+        dead = []
+        for client_id, (conn, _) in self.subscribers.items():
+            try:
+                conn.tell(push)
+            except ActorDeadError:
+                dead.append(client_id)
+        for client_id in dead:
+            del self.subscribers[client_id]
+
+    def _join_leave(self, message: JoinLeave) -> None:
+        push = message._replace(
+            encoded=encoded_join_leave(self.channel, message.info, message.join)
+        )
+        for conn, join_leave in list(self.subscribers.values()):
+            if join_leave:
+                try:
+                    conn.tell(push)
+                except ActorDeadError:
+                    continue
+
+
+__all__ = [
+    "AddSubscriber",
+    "ChannelActor",
+    "Deliver",
+    "Encoded",
+    "Format",
+    "JoinLeave",
+    "RemoveSubscriber",
+]

@@ -1,0 +1,476 @@
+"""One actor per client connection: the protocol state machine of spec/protocol.md.
+
+`ConnectionCore` (`connection_core.py`) keeps the lifecycle (outbound queue, timers,
+closing); this module keeps the command handlers, whose decisions are mostly pure helpers
+in `engine/`. Every handler runs on the loop inside the actor, one command at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from actors.connection_core import ConnectionCore, Subscription
+from engine import auth, channels, recovery
+from engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
+from engine.node import VERSION
+from engine.protocol import json_codec as jc
+from engine.protocol.codes import Disconnect, DisconnectCode, Error, ErrorCode
+from engine.protocol.commands import (
+    Command,
+    ConnectRequest,
+    HistoryRequest,
+    PresenceRequest,
+    PresenceStatsRequest,
+    PublishRequest,
+    RefreshRequest,
+    RPCRequest,
+    SubRefreshRequest,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
+from engine.sessions import ServerSubscribe
+from engine.types import ClientInfo, StreamPosition
+
+JsonObj = dict[str, Any]
+
+
+def _bad_request() -> Disconnect:
+    return Disconnect.of(DisconnectCode.BAD_REQUEST)
+
+
+class ConnectionActor(ConnectionCore):
+    """Started by a transport with `ConnectionActor.start(ctx, transport, register=False)`."""
+
+    async def handle_command(self, cmd: Command) -> None:
+        """Handle one command; errors become error replies, Disconnect propagates."""
+        if cmd.id == 0 and cmd.method != "send":
+            self.on_pong()
+            return
+        if cmd.method == "" or cmd.request is None:
+            raise _bad_request()
+        if self.state == "new" and cmd.method != "connect":
+            raise _bad_request()
+        if self.state == "connected" and cmd.method == "connect":
+            raise _bad_request()
+        handler = _HANDLERS[cmd.method]
+        try:
+            result = await handler(self, cmd.request)
+        except Error as err:
+            if cmd.method == "connect":
+                self.state = "unusable"
+            self._enqueue(self.ctx.codec(self.fmt).encode_error(cmd.id, err))
+            return
+        if cmd.method != "send":
+            self._enqueue(self.encode_reply(cmd.id, cmd.method, result))
+        if cmd.method == "connect":
+            self._after_connect()
+
+    # -- connect --------------------------------------------------------------------------
+
+    async def cmd_connect(self, req: ConnectRequest) -> JsonObj:
+        token = await self._authenticate(req)
+        hub = self.ctx.hub
+        limit = self.config.client_user_connection_limit
+        if limit and self.user and hub.user_connection_count(self.user) >= limit:
+            raise Disconnect.of(DisconnectCode.CONNECTION_LIMIT)
+        now = time.time()
+        if self.expire_at and self.expire_at <= now:
+            raise Error.of(ErrorCode.EXPIRED)
+        try:
+            subs = await self._connect_subscriptions(req, token)
+        except BaseException:
+            for channel, sub in list(self.subs.items()):
+                self._leave_channel(channel, sub)
+            self.subs.clear()
+            raise
+        self.state = "connected"
+        hub.add_connection(self.client_id, self.user, self.session, self.actor_ref)
+        transport = self.transport
+        return jc.connect_result_obj(
+            client=self.client_id,
+            version=VERSION,
+            expires=bool(self.expire_at),
+            ttl=max(int(self.expire_at - now), 1) if self.expire_at else 0,
+            subs=subs,
+            ping=int(self.config.ping_interval),
+            pong=transport.pong and self.config.pong_timeout > 0,
+            session=self.session if transport.emulation or transport.unidirectional else "",
+            node=self.node.uid if transport.emulation else "",
+        )
+
+    async def _authenticate(self, req: ConnectRequest) -> auth.ConnectToken | None:
+        config = self.config
+        if not req.token:
+            if not (config.allow_anonymous_connect_without_token or config.client_insecure):
+                raise Disconnect(DisconnectCode.BAD_REQUEST, "bad request")
+            return None
+        try:
+            token = await self.ctx.verifier.verify_connection_token_async(req.token)
+        except auth.JWKSFetchError:
+            raise Error.of(ErrorCode.INTERNAL) from None
+        except auth.TokenExpired:
+            raise Error.of(ErrorCode.TOKEN_EXPIRED) from None
+        except auth.InvalidToken:
+            raise Disconnect.of(DisconnectCode.INVALID_TOKEN) from None
+        if not token.user_id and config.disallow_anonymous_connection_tokens:
+            raise Disconnect.of(DisconnectCode.PERMISSION_DENIED)
+        self.user = token.user_id
+        self.conn_info = token.info
+        self.meta = token.meta
+        if not config.client_insecure and token.expire_at:
+            self.expire_at = token.expire_at
+        return token
+
+    async def _connect_subscriptions(
+        self, req: ConnectRequest, token: auth.ConnectToken | None
+    ) -> dict[str, JsonObj]:
+        """Server-side subscriptions: token subs/channels, personal channel, and channels of
+        the request's `subs` the client could subscribe to itself."""
+        wanted: dict[str, tuple[bytes, bytes, SubscribeOverride | None]] = {}
+        if token is not None:
+            if token.subs:
+                for ch, claim in token.subs.items():
+                    wanted[ch] = (claim.info, claim.data, claim.override)
+            else:
+                for ch in token.channels:
+                    wanted[ch] = (b"", b"", None)
+        config = self.config
+        if config.user_subscribe_to_personal and self.user:
+            wanted.setdefault(channels.personal_channel(config, self.user), (b"", b"", None))
+        for ch in req.subs:
+            if ch in wanted:
+                continue
+            name = self.node.resolve(ch)
+            if not name.private and channels.can_subscribe_without_token(config, name, self.user):
+                wanted[ch] = (b"", b"", None)
+        if len(wanted) > config.client_channel_limit:
+            raise Disconnect.of(DisconnectCode.CHANNEL_LIMIT)
+        results: dict[str, JsonObj] = {}
+        for ch, (info, data, override) in wanted.items():
+            name = self.node.resolve(ch)
+            sreq = req.subs.get(ch)
+            position = StreamPosition(sreq.offset, sreq.epoch) if sreq and sreq.recover else None
+            features = channels.subscription_features(
+                config, name, self.user, False, False, False, override
+            )
+            results[ch] = await self.subscribe_channel(
+                name, features, info, data, position, server_side=True, expire_at=0
+            )
+        return results
+
+    def _after_connect(self) -> None:
+        if self.state == "connected":
+            self._start_timers()
+
+    async def uni_connect(self, req: ConnectRequest) -> None:
+        """Unidirectional transports: a bare connect request, answered by a connect push."""
+        try:
+            result = await self.cmd_connect(req)
+        except Error as err:
+            self.close(*_uni_disconnect(err.code))
+            return
+        except Disconnect as exc:
+            self.close(exc.code, exc.reason)
+            return
+        self._enqueue(self.ctx.codec(self.fmt).encode_connect_push(result, unidirectional=True))
+        self._after_connect()
+
+    # -- subscribe ------------------------------------------------------------------------
+
+    async def cmd_subscribe(self, req: SubscribeRequest) -> JsonObj:
+        if not req.channel:
+            raise _bad_request()
+        if req.delta and req.delta != "fossil":
+            raise _bad_request()
+        config = self.config
+        name = self.node.resolve(req.channel)
+        channels.check_client_channel_name(config, name)
+        if req.channel in self.subs:
+            raise Error.of(ErrorCode.ALREADY_SUBSCRIBED)
+        if len(self.subs) >= config.client_channel_limit:
+            raise Error.of(ErrorCode.LIMIT_EXCEEDED)
+        info, data, override, expire_at = b"", b"", None, 0
+        if req.token:
+            claims = await self._verify_sub_token(req.token, req.channel)
+            info, data, override, expire_at = (
+                claims.info,
+                claims.data,
+                claims.override,
+                claims.expire_at or 0,
+            )
+        elif name.private:
+            raise Error.of(ErrorCode.PERMISSION_DENIED)
+        elif channels.subscribe_proxy_decides(name):
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        elif not channels.can_subscribe_without_token(config, name, self.user):
+            raise Error.of(ErrorCode.PERMISSION_DENIED)
+        if expire_at and expire_at <= time.time():
+            raise Error.of(ErrorCode.EXPIRED)
+        features = channels.subscription_features(
+            config, name, self.user, req.positioned, req.recoverable, req.join_leave, override
+        )
+        position = StreamPosition(req.offset, req.epoch) if req.recover else None
+        return await self.subscribe_channel(
+            name, features, info, data, position, server_side=False, expire_at=expire_at
+        )
+
+    async def _verify_sub_token(self, token: str, channel: str) -> auth.SubscriptionToken:
+        try:
+            claims = await self.ctx.verifier.verify_subscription_token_async(token)
+        except auth.JWKSFetchError:
+            raise Error.of(ErrorCode.INTERNAL) from None
+        except auth.TokenExpired:
+            raise Error.of(ErrorCode.TOKEN_EXPIRED) from None
+        except auth.InvalidToken:
+            raise Error.of(ErrorCode.PERMISSION_DENIED) from None
+        if claims.channel != channel or claims.user_id != self.user:
+            raise Disconnect.of(DisconnectCode.INVALID_TOKEN)
+        if claims.client and claims.client != self.client_id:
+            raise Disconnect.of(DisconnectCode.INVALID_TOKEN)
+        return claims
+
+    async def subscribe_channel(
+        self,
+        name: ChannelName,
+        features: SubscriptionFeatures,
+        chan_info: bytes,
+        data: bytes,
+        position: StreamPosition | None,
+        *,
+        server_side: bool,
+        expire_at: int,
+    ) -> JsonObj:
+        """Join the channel actor first (later publications queue in our inbox), then read
+        the stream position or recover; the reply is queued before any of those pushes."""
+
+        channel = name.channel
+        info = ClientInfo(self.user, self.client_id, self.conn_info, chan_info)
+        sub = Subscription(
+            name=name,
+            info=info,
+            positioned=features.positioned,
+            recoverable=features.recoverable,
+            join_leave_push=features.join_leave_push,
+            presence=features.presence,
+            emit_join_leave=features.emit_join_leave,
+            server_side=server_side,
+            expire_at=expire_at,
+        )
+        self.subs[channel] = sub
+        await self.ctx.hub.subscribe(channel, self.client_id, self.actor_ref, sub.join_leave_push)
+        try:
+            result = await self._position(sub, position)
+            if sub.presence:
+                ttl = self.config.global_presence_ttl
+                await self.node.presence_manager.add(channel, info, ttl)
+        except BaseException:
+            self.subs.pop(channel, None)
+            self._leave_channel(channel, sub)
+            raise
+        if sub.emit_join_leave:
+            self.node.join(channel, info)
+        now = time.time()
+        return jc.subscribe_result_obj(
+            expires=bool(expire_at),
+            ttl=max(int(expire_at - now), 1) if expire_at else 0,
+            data=data,
+            **result,
+        )
+
+    async def _position(self, sub: Subscription, position: StreamPosition | None) -> JsonObj:
+        if not sub.positioned:
+            return {}
+        channel = sub.name.channel
+        out: JsonObj = {"positioned": True, "recoverable": sub.recoverable}
+        if sub.recoverable and position is not None:
+            out["was_recovering"] = True
+            limit = self.config.client_recovery_max_publication_limit
+            try:
+                res = await self.node.history(channel, limit=limit, since=position, name=sub.name)
+                pubs, top = list(res.publications), res.position
+                recovered = recovery.recovery_verdict(position, top, pubs)
+            except Error as err:
+                if err.code != ErrorCode.UNRECOVERABLE_POSITION:
+                    raise
+                top = await self.node.stream_top(channel, name=sub.name)
+                pubs, recovered = [], False
+            sub.epoch = top.epoch
+            if recovered:
+                sub.offset = pubs[-1].offset if pubs else position.offset
+                out.update(recovered=True, publications=pubs, offset=position.offset)
+            else:
+                sub.offset = max(top.offset, pubs[-1].offset if pubs else 0)
+                out["offset"] = sub.offset
+            out["epoch"] = top.epoch
+            return out
+        top = await self.node.stream_top(channel, name=sub.name)
+        sub.epoch, sub.offset = top.epoch, top.offset
+        out.update(epoch=top.epoch, offset=top.offset)
+        return out
+
+    async def server_subscribe(self, cmd: ServerSubscribe) -> None:
+        """Server API subscribe: subscribe and push `subscribe` to the client."""
+        if cmd.channel in self.subs:
+            return
+        try:
+            name = self.node.resolve(cmd.channel)
+            features = channels.subscription_features(
+                self.config, name, self.user, False, False, False, cmd.override
+            )
+            result = await self.subscribe_channel(
+                name,
+                features,
+                cmd.info,
+                cmd.data,
+                cmd.recover_since,
+                server_side=True,
+                expire_at=cmd.expire_at,
+            )
+        except Error:
+            return
+        codec = self.ctx.codec(self.fmt)
+        self._enqueue(codec.encode_subscribe_push(cmd.channel, result, **self._uni_kw()))
+
+    # -- other commands -------------------------------------------------------------------
+
+    async def cmd_unsubscribe(self, req: UnsubscribeRequest) -> JsonObj:
+        sub = self.subs.get(req.channel)
+        if sub is not None and not sub.server_side:
+            self._unsubscribe(req.channel, 0, push=False)
+        return {}
+
+    async def cmd_publish(self, req: PublishRequest) -> JsonObj:
+        if not req.channel or not req.data:
+            raise _bad_request()
+        name = self.node.resolve(req.channel)
+        sub = self.subs.get(req.channel)
+        if channels.publish_proxy_decides(name):
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        if not channels.can_publish(self.config, name, self.user, sub is not None):
+            raise Error.of(ErrorCode.PERMISSION_DENIED)
+        info = sub.info if sub else ClientInfo(self.user, self.client_id, self.conn_info)
+        await self.node.publish(req.channel, req.data, info=info, name=name)
+        return {}
+
+    def _check_read(self, channel: str, feature: str) -> ChannelName:
+        if not channel:
+            raise _bad_request()
+        name = self.node.resolve(channel)
+        subscribed = channel in self.subs
+        if feature == "presence":
+            available = channels.presence_available(name.options)
+            allowed = channels.can_presence(self.config, name, self.user, subscribed)
+        else:
+            available = channels.history_available(name.options)
+            allowed = channels.can_history(self.config, name, self.user, subscribed)
+        if not available:
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        if not allowed:
+            raise Error.of(ErrorCode.PERMISSION_DENIED)
+        return name
+
+    async def cmd_presence(self, req: PresenceRequest) -> JsonObj:
+        self._check_read(req.channel, "presence")
+        return jc.presence_result_obj(await self.node.presence_manager.presence(req.channel))
+
+    async def cmd_presence_stats(self, req: PresenceStatsRequest) -> JsonObj:
+        self._check_read(req.channel, "presence")
+        stats = await self.node.presence_manager.stats(req.channel)
+        return jc.presence_stats_result_obj(stats.num_clients, stats.num_users)
+
+    async def cmd_history(self, req: HistoryRequest) -> JsonObj:
+        name = self._check_read(req.channel, "history")
+        cap = self.config.client_history_max_publication_limit
+        limit = cap if req.limit < 0 or req.limit > cap else req.limit
+        since = None
+        if req.since is not None:
+            if req.reverse and req.since.offset == 0:
+                raise Error.of(ErrorCode.BAD_REQUEST)
+            since = StreamPosition(req.since.offset, req.since.epoch)
+        res = await self.node.history(
+            req.channel, limit=limit, since=since, reverse=req.reverse, name=name
+        )
+        return jc.history_result_obj(res.publications, res.position.epoch, res.position.offset)
+
+    async def cmd_rpc(self, req: RPCRequest) -> JsonObj:
+        raise Error.of(ErrorCode.NOT_AVAILABLE)
+
+    async def cmd_send(self, req: Any) -> JsonObj:
+        raise Disconnect.of(DisconnectCode.NOT_AVAILABLE)
+
+    async def cmd_refresh(self, req: RefreshRequest) -> JsonObj:
+        if not req.token:
+            raise _bad_request()
+        try:
+            token = await self.ctx.verifier.verify_connection_token_async(req.token)
+        except auth.JWKSFetchError:
+            raise Error.of(ErrorCode.INTERNAL) from None
+        except auth.TokenExpired:
+            raise Disconnect.of(DisconnectCode.EXPIRED) from None
+        except auth.InvalidToken:
+            raise Disconnect.of(DisconnectCode.INVALID_TOKEN) from None
+        if token.user_id != self.user:
+            raise Disconnect.of(DisconnectCode.INVALID_TOKEN)
+        now = time.time()
+        expire_at = 0 if self.config.client_insecure else (token.expire_at or 0)
+        if expire_at and expire_at <= now:
+            raise Error.of(ErrorCode.EXPIRED)
+        self.expire_at = expire_at
+        if token.info:
+            self.conn_info = token.info
+        self.meta = token.meta or self.meta
+        self._schedule_expiry()
+        ttl = max(int(expire_at - now), 1) if expire_at else 0
+        return jc.refresh_result_obj(bool(expire_at), ttl)
+
+    async def cmd_sub_refresh(self, req: SubRefreshRequest) -> JsonObj:
+        sub = self.subs.get(req.channel)
+        if sub is None:
+            raise Error.of(ErrorCode.PERMISSION_DENIED)
+        if not req.token:
+            raise Error.of(ErrorCode.BAD_REQUEST)
+        claims = await self._verify_sub_token(req.token, req.channel)
+        now = time.time()
+        expire_at = claims.expire_at or 0
+        if expire_at and expire_at <= now:
+            raise Error.of(ErrorCode.EXPIRED)
+        sub.expire_at = expire_at
+        ttl = max(int(expire_at - now), 1) if expire_at else 0
+        return jc.refresh_result_obj(bool(expire_at), ttl)
+
+    def server_refresh(self, expired: bool, expire_at: int, info: bytes | None) -> None:
+        """Server API refresh: expire now, move the expiry, or remove it (expire_at 0)."""
+        now = time.time()
+        if expired or (expire_at and expire_at <= now):
+            self.close(DisconnectCode.EXPIRED)
+            return
+        self.expire_at = expire_at
+        if info is not None:
+            self.conn_info = info
+        self._schedule_expiry()
+        if self.transport.unidirectional or expire_at:
+            ttl = max(int(expire_at - now), 1) if expire_at else 0
+            codec = self.ctx.codec(self.fmt)
+            self._enqueue(codec.encode_refresh_push(bool(expire_at), ttl, **self._uni_kw()))
+
+
+def _uni_disconnect(code: int) -> tuple[int, str]:
+    """Unidirectional connect errors map to disconnects (spec/protocol.md 4.4)."""
+    mapped = {109: 3005, 110: 3005, 111: 3013, 103: 3507}.get(code, 3004)
+    return mapped, Disconnect.of(mapped).reason
+
+
+_HANDLERS: dict[str, Any] = {
+    "connect": ConnectionActor.cmd_connect,
+    "subscribe": ConnectionActor.cmd_subscribe,
+    "unsubscribe": ConnectionActor.cmd_unsubscribe,
+    "publish": ConnectionActor.cmd_publish,
+    "presence": ConnectionActor.cmd_presence,
+    "presence_stats": ConnectionActor.cmd_presence_stats,
+    "history": ConnectionActor.cmd_history,
+    "rpc": ConnectionActor.cmd_rpc,
+    "send": ConnectionActor.cmd_send,
+    "refresh": ConnectionActor.cmd_refresh,
+    "sub_refresh": ConnectionActor.cmd_sub_refresh,
+}

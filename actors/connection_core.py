@@ -1,0 +1,418 @@
+"""The lifecycle half of a connection actor (the command handlers are in `connection.py`).
+
+Lifecycle: the transport starts the actor, tells it `Frame`s (bidirectional) or one
+`UniConnect` (unidirectional), and `TransportClosed` when the peer goes away. The actor
+handles the commands of a frame in order, one at a time (an `async` handler holds the
+inbox, so live pushes for a channel being subscribed wait behind the subscribe reply and
+are checked against the recovered position). Replies and pushes go to a bounded outbound
+queue drained by one writer task; overflow disconnects with 3008 (slow).
+
+All methods run on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, cast
+
+from actors.base import LoopActor
+from actors.channel import Deliver, JoinLeave
+from actors.context import ConnContext
+from actors.hub import (
+    ServerDisconnectMsg,
+    ServerRefreshMsg,
+    ServerSubscribeMsg,
+    ServerUnsubscribeMsg,
+    Shutdown,
+)
+from actors.transport import Transport
+from engine import recovery
+from engine.channels import ChannelName
+from engine.protocol import json_codec
+from engine.protocol.codes import (
+    UNSUBSCRIBE_REASONS,
+    Disconnect,
+    DisconnectCode,
+    UnsubscribeCode,
+)
+from engine.protocol.commands import Command, ConnectRequest, ProtocolError
+from engine.sessions import ServerSubscribe
+from engine.types import ClientInfo
+
+log = logging.getLogger("centripy.connection")
+
+MAX_MESSAGES_IN_FRAME = 16
+
+
+# -- messages -----------------------------------------------------------------------------
+
+
+class Frame(NamedTuple):
+    data: bytes
+
+
+class UniConnect(NamedTuple):
+    request: ConnectRequest
+
+
+class TransportClosed(NamedTuple):
+    pass
+
+
+class _Timer(NamedTuple):
+    kind: str  # "ping", "pong", "stale", "expire", "tick"
+
+
+@dataclass(slots=True)
+class Subscription:
+    """State of one subscription of this connection."""
+
+    name: ChannelName
+    info: ClientInfo
+    positioned: bool = False
+    recoverable: bool = False
+    epoch: str = ""
+    offset: int = 0  # last delivered offset (positioned subscriptions)
+    join_leave_push: bool = False
+    presence: bool = False
+    emit_join_leave: bool = False
+    server_side: bool = False
+    expire_at: int = 0  # unix seconds; 0 = never
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConnectionCore(LoopActor):
+    def __init__(self, ctx: ConnContext, transport: Transport) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.config = ctx.config
+        self.node = ctx.node
+        self.transport = transport
+        self.fmt = int(transport.format)
+        self.client_id = str(uuid.uuid4())
+        self.session = str(uuid.uuid4())
+        self.user = ""
+        self.conn_info = b""
+        self.meta = b""
+        self.expire_at = 0  # unix seconds; 0 = never
+        self.state = "new"  # new -> connected -> closed; "unusable" after a connect error
+        self.subs: dict[str, Subscription] = {}
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_size = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: tuple[int, str] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._pong_pending = False
+        self._last_position_check = time.monotonic()
+
+    # -- implemented by ConnectionActor (actors/connection.py) ----------------------------
+
+    async def handle_command(self, cmd: Command) -> None:
+        raise NotImplementedError
+
+    async def uni_connect(self, req: ConnectRequest) -> None:
+        raise NotImplementedError
+
+    async def server_subscribe(self, cmd: ServerSubscribe) -> None:
+        raise NotImplementedError
+
+    def server_refresh(self, expired: bool, expire_at: int, info: bytes | None) -> None:
+        raise NotImplementedError
+
+    # -- actor plumbing -------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        if not self.transport.unidirectional:
+            self._set_timer("stale", self.config.client_stale_close_delay)
+
+    def on_receive(self, message: Any) -> Any:
+        kind = type(message)
+        if kind is Deliver:
+            self._on_publication(message)
+            return None
+        if kind is TransportClosed:
+            self._terminate(None)
+            return None
+        if self.state == "closed" or self._closing is not None:
+            return None
+        if kind is Frame:
+            return self._on_frame(message.data)
+        if kind is JoinLeave:
+            if message.channel in self.subs and self.state == "connected":
+                self._enqueue(message.encoded.get(self.fmt))
+            return None
+        if kind is _Timer:
+            return self._on_timer(message.kind)
+        if kind is UniConnect:
+            return self.uni_connect(message.request)
+        return self._on_server_message(message)
+
+    def _on_server_message(self, message: Any) -> Any:
+        kind = type(message)
+        if kind is ServerDisconnectMsg:
+            self.close(message.code, message.reason)
+        elif kind is Shutdown:
+            self.close(DisconnectCode.SHUTDOWN)
+        elif self.state != "connected":
+            return None
+        elif kind is ServerUnsubscribeMsg:
+            if message.channel in self.subs:
+                self._unsubscribe(message.channel, UnsubscribeCode.SERVER, push=True)
+        elif kind is ServerSubscribeMsg:
+            return self.server_subscribe(message.cmd)
+        elif kind is ServerRefreshMsg:
+            self.server_refresh(message.expired, message.expire_at, message.info)
+        else:
+            log.warning("connection %s: unexpected message %r", self.client_id, message)
+        return None
+
+    # -- incoming frames ------------------------------------------------------------------
+
+    async def _on_frame(self, data: bytes) -> None:
+        try:
+            commands = self.ctx.decode(self.fmt, data)
+        except ProtocolError:
+            self.close(DisconnectCode.BAD_REQUEST)
+            return
+        for cmd in commands:
+            if self._closing is not None or self.state == "closed":
+                return
+            if self.state == "unusable":
+                self.close(DisconnectCode.BAD_REQUEST)
+                return
+            try:
+                await self.handle_command(cmd)
+            except Disconnect as exc:
+                self.close(exc.code, exc.reason)
+                return
+
+    # -- publications ---------------------------------------------------------------------
+
+    def _on_publication(self, message: Deliver) -> None:
+        sub = self.subs.get(message.channel)
+        if sub is None or self.state != "connected":
+            return
+        pub = message.pub
+        if sub.positioned and pub.offset:
+            verdict = recovery.check_position(sub.offset, sub.epoch, pub.offset, message.epoch)
+            if verdict == "drop":
+                return
+            if verdict == "insufficient":
+                self._insufficient_state(message.channel, sub)
+                return
+            sub.offset = pub.offset
+        assert message.encoded is not None
+        self._enqueue(message.encoded.get(self.fmt))
+
+    def _insufficient_state(self, channel: str, sub: Subscription) -> None:
+        if sub.server_side:
+            self.close(DisconnectCode.INSUFFICIENT_STATE)
+        else:
+            self._unsubscribe(channel, UnsubscribeCode.INSUFFICIENT_STATE, push=True)
+
+    def _unsubscribe(self, channel: str, code: int, *, push: bool) -> None:
+        """Drop a subscription (client or server initiated); push tells the client."""
+        sub = self.subs.pop(channel, None)
+        if sub is None:
+            return
+        self._leave_channel(channel, sub)
+        if push:
+            reason = UNSUBSCRIBE_REASONS.get(code, "unsubscribed")
+            self._enqueue(
+                self.ctx.codec(self.fmt).encode_unsubscribe_push(
+                    channel, code, reason, **self._uni_kw()
+                )
+            )
+
+    def _leave_channel(self, channel: str, sub: Subscription) -> None:
+        self.ctx.hub.unsubscribe(channel, self.client_id)
+        if sub.presence:
+            self._spawn(self.node.presence_manager.remove(channel, self.client_id))
+        if sub.emit_join_leave:
+            self.node.leave(channel, sub.info)
+
+    def _uni_kw(self) -> dict[str, bool]:
+        return {"unidirectional": True} if self.transport.unidirectional else {}
+
+    # -- outbound queue -------------------------------------------------------------------
+
+    def _enqueue(self, data: bytes) -> None:
+        if self._closing is not None:
+            return
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size > self.config.client_queue_max_size:
+            self._out.clear()
+            self._out_size = 0
+            self.close(DisconnectCode.SLOW)
+            return
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        out = self._out
+        try:
+            while out:
+                n = min(len(out), MAX_MESSAGES_IN_FRAME)
+                batch = [out.popleft() for _ in range(n)]
+                self._out_size -= sum(map(len, batch))
+                pending = self.transport.write(batch)
+                if pending is not None:
+                    await pending
+        except Exception as exc:
+            log.debug("connection %s: write failed: %r", self.client_id, exc)
+            self._writer = None
+            self._terminate(None)
+            return
+        self._writer = None
+        if self._closing is not None:
+            self._finish_close()
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _set_timer(self, kind: str, delay: float) -> None:
+        old = self._timers.pop(kind, None)
+        if old is not None:
+            old.cancel()
+        ref = self.actor_ref
+        self._timers[kind] = asyncio.get_running_loop().call_later(
+            max(delay, 0.0), _tell_alive, ref, _Timer(kind)
+        )
+
+    def _start_timers(self) -> None:
+        self._timers.pop("stale", None)
+        interval = self.config.ping_interval
+        if interval > 0:
+            self._set_timer("ping", random.uniform(interval / 2, interval))
+        self._set_timer("tick", self.config.client_presence_update_interval)
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        old = self._timers.pop("expire", None)
+        if old is not None:
+            old.cancel()
+        if self.expire_at:
+            delay = self.expire_at - time.time() + self.config.client_expired_close_delay
+            self._set_timer("expire", delay)
+
+    def _on_timer(self, kind: str) -> Any:
+        self._timers.pop(kind, None)
+        if kind == "stale":
+            if self.state != "connected":
+                self.close(DisconnectCode.STALE)
+        elif kind == "ping":
+            self._send_ping()
+        elif kind == "pong":
+            if self._pong_pending:
+                self.close(DisconnectCode.NO_PONG)
+        elif kind == "expire":
+            if self.expire_at and self.expire_at <= time.time():
+                self.close(DisconnectCode.EXPIRED)
+        elif kind == "tick":
+            return self._periodic()
+        return None
+
+    def _send_ping(self) -> None:
+        if self.state != "connected":
+            return
+        self._enqueue(self.ctx.codec(self.fmt).PING)
+        if self.transport.pong and self.config.pong_timeout > 0 and not self._pong_pending:
+            self._pong_pending = True
+            self._set_timer("pong", self.config.pong_timeout)
+        self._set_timer("ping", self.config.ping_interval)
+
+    def on_pong(self) -> None:
+        if not self._pong_pending:
+            raise Disconnect.of(DisconnectCode.BAD_REQUEST)
+        self._pong_pending = False
+        old = self._timers.pop("pong", None)
+        if old is not None:
+            old.cancel()
+
+    async def _periodic(self) -> None:
+        """Every client_presence_update_interval: refresh presence, expire subscriptions."""
+        self._set_timer("tick", self.config.client_presence_update_interval)
+        now = time.time()
+        for channel, sub in list(self.subs.items()):
+            if sub.expire_at and sub.expire_at + self.config.client_expired_sub_close_delay <= now:
+                if sub.server_side or self.transport.unidirectional:
+                    self.close(DisconnectCode.SUBSCRIPTION_EXPIRED)
+                    return
+                self._unsubscribe(channel, UnsubscribeCode.EXPIRED, push=True)
+                continue
+            if sub.presence:
+                await self.node.presence_manager.add(
+                    channel, sub.info, self.config.global_presence_ttl
+                )
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Disconnect: flush what is queued, then close the transport with `code`."""
+        if self._closing is not None or self.state == "closed":
+            return
+        self._closing = (code, reason or Disconnect.of(code).reason)
+        self._cleanup()
+        if self._writer is None:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        assert self._closing is not None
+        code, reason = self._closing
+        try:
+            self.transport.close(code, reason)
+        except Exception as exc:
+            log.debug("connection %s: close failed: %r", self.client_id, exc)
+        self._terminate(code)
+
+    def _terminate(self, code: int | None) -> None:
+        """The connection is gone: release everything and stop the actor."""
+        if self.state == "closed" and self.actor_stopped.is_set():
+            return
+        self._cleanup()
+        self.state = "closed"
+        self._out.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        self.ctx.hub.remove_connection(self.client_id)
+        self.actor_ref.stop(block=False)
+
+    def _cleanup(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for channel, sub in list(self.subs.items()):
+            self._leave_channel(channel, sub)
+        self.subs.clear()
+        if self.state != "closed":
+            self.state = "closing" if self.state == "connected" else self.state
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.ctx.background.add(task)
+        task.add_done_callback(self.ctx.background.discard)
+
+    def encode_reply(self, cmd_id: int, key: str, result: dict[str, Any]) -> bytes:
+        return cast(bytes, self.ctx.codec(self.fmt).encode_reply(cmd_id, key, result))
+
+
+def _tell_alive(ref: Any, message: Any) -> None:
+    if ref.is_alive():
+        ref.tell(message)
+
+
+__all__ = [
+    "ConnectionCore",
+    "Frame",
+    "Subscription",
+    "TransportClosed",
+    "UniConnect",
+    "json_codec",
+]

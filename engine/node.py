@@ -1,0 +1,196 @@
+"""Node orchestration: validate -> dedup -> append to the log -> fan out.
+
+`Node` is the one place where a publication becomes durable and then visible. Everything
+that publishes (client `publish`, the HTTP API, batch, consumers) goes through
+`Node.publish`. Fan-out goes to a `Fanout` (the actor hub on this node, and on several nodes
+the cross-node broker), which this module only knows by its protocol.
+
+All methods run on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.channels import ChannelName, resolve
+from engine.config import Config
+from engine.protocol.codes import Error, ErrorCode
+from engine.types import ClientInfo, Publication, StreamPosition
+from storage.base import (
+    AppendRequest,
+    AppendResult,
+    EventLog,
+    HistoryQuery,
+    HistoryResult,
+    PresenceManager,
+    PresenceStats,
+    StorageError,
+    UnrecoverablePosition,
+)
+
+log = logging.getLogger("centripy.node")
+
+VERSION = "5.2.2"  # the Centrifugo version whose behaviour we follow
+
+
+class Fanout(Protocol):
+    """Where committed publications and join/leave events go (the hub of channel actors)."""
+
+    def deliver(self, channel: str, pub: Publication, epoch: str) -> None: ...
+
+    def join(self, channel: str, info: ClientInfo) -> None: ...
+
+    def leave(self, channel: str, info: ClientInfo) -> None: ...
+
+
+Submit = Callable[[AppendRequest], Awaitable[AppendResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    offset: int = 0
+    epoch: str = ""
+    suppressed: bool = False
+
+
+class Node:
+    """One centripy node: config, event log (through its group-commit writer), presence."""
+
+    def __init__(
+        self,
+        config: Config,
+        event_log: EventLog,
+        submit: Submit,
+        presence: PresenceManager,
+        uid: str | None = None,
+    ) -> None:
+        self.config = config
+        self.event_log = event_log
+        self._submit = submit
+        self.presence_manager = presence
+        self.uid = uid or str(uuid.uuid4())
+        self.name = config.name or f"centripy_{config.port}"
+        self.started_at = time.time()
+        self._fanouts: list[Fanout] = []
+        self.shutting_down = False
+
+    def attach_fanout(self, fanout: Fanout) -> None:
+        self._fanouts.append(fanout)
+
+    # -- channels -------------------------------------------------------------------------
+
+    def resolve(self, channel: str) -> ChannelName:
+        """Namespace of `channel`; raises Error 102 for an empty or unknown one."""
+        return resolve(self.config, channel)
+
+    def meta_ttl(self, name: ChannelName) -> float:
+        return name.options.history_meta_ttl or self.config.global_history_meta_ttl
+
+    # -- publish --------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        tags: Mapping[str, str] | None = None,
+        skip_history: bool = False,
+        idempotency_key: str = "",
+        name: ChannelName | None = None,
+    ) -> PublishResult:
+        """Make a publication durable (when the channel keeps history or a key is given),
+        then fan it out. Returns only after the commit. Fan-out happens synchronously after
+        the awaited commit, so local delivery order equals commit order."""
+        name = name or self.resolve(channel)
+        opts = name.options
+        keep = opts.history_enabled and not skip_history
+        tag_pairs = tuple(sorted(tags.items())) if tags else ()
+        if not keep and not idempotency_key:
+            pub = Publication(data=data, info=info, tags=dict(tag_pairs))
+            self._deliver(channel, pub, "")
+            return PublishResult()
+        request = AppendRequest(
+            channel=channel,
+            data=data,
+            info=info,
+            tags=tag_pairs,
+            history_size=opts.history_size if keep else 0,
+            history_ttl=opts.history_ttl if keep else 0.0,
+            meta_ttl=self.meta_ttl(name),
+            idempotency_key=idempotency_key,
+            idempotent_ttl=self.config.idempotent_result_ttl,
+        )
+        try:
+            result = await self._submit(request)
+        except StorageError as exc:
+            log.error("publish to %r failed: %s", channel, exc)
+            raise Error.of(ErrorCode.INTERNAL) from exc
+        if not result.suppressed:
+            self._deliver(channel, result.publication, result.epoch)
+        return PublishResult(result.publication.offset, result.epoch, result.suppressed)
+
+    def _deliver(self, channel: str, pub: Publication, epoch: str) -> None:
+        for fanout in self._fanouts:
+            fanout.deliver(channel, pub, epoch)
+
+    def join(self, channel: str, info: ClientInfo) -> None:
+        for fanout in self._fanouts:
+            fanout.join(channel, info)
+
+    def leave(self, channel: str, info: ClientInfo) -> None:
+        for fanout in self._fanouts:
+            fanout.leave(channel, info)
+
+    # -- history --------------------------------------------------------------------------
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        limit: int = 0,
+        since: StreamPosition | None = None,
+        reverse: bool = False,
+        name: ChannelName | None = None,
+    ) -> HistoryResult:
+        """Read a channel stream. Error 108 when history is off, 112 on an epoch mismatch."""
+        name = name or self.resolve(channel)
+        if not name.options.history_enabled:
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        query = HistoryQuery(channel, limit, since, reverse, self.meta_ttl(name))
+        try:
+            return await self.event_log.history(query)
+        except UnrecoverablePosition as exc:
+            raise Error.of(ErrorCode.UNRECOVERABLE_POSITION) from exc
+        except StorageError as exc:
+            log.error("history of %r failed: %s", channel, exc)
+            raise Error.of(ErrorCode.INTERNAL) from exc
+
+    async def stream_top(self, channel: str, name: ChannelName | None = None) -> StreamPosition:
+        return (await self.history(channel, name=name)).position
+
+    async def history_remove(self, channel: str) -> None:
+        name = self.resolve(channel)
+        if not name.options.history_enabled:
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        try:
+            await self.event_log.remove_history(channel)
+        except StorageError as exc:
+            raise Error.of(ErrorCode.INTERNAL) from exc
+
+    # -- presence -------------------------------------------------------------------------
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        if not self.resolve(channel).options.presence:
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        return await self.presence_manager.presence(channel)
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        if not self.resolve(channel).options.presence:
+            raise Error.of(ErrorCode.NOT_AVAILABLE)
+        return await self.presence_manager.stats(channel)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run every check CI runs: lint, format, types, then the whole test suite (unit and
+# integration tests with the real SDKs). Extra arguments go to pytest, e.g.
+# `./scripts/test.sh -k recovery`. Every step runs; the script fails if any step failed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+./scripts/setup.sh
+
+failed=()
+
+step() {
+  local name="$1"
+  shift
+  echo "==> $name" >&2
+  if ! "$@"; then
+    failed+=("$name")
+  fi
+}
+
+run_pytest() {
+  local rc=0
+  .venv/bin/python -m pytest -q --timeout 120 "$@" || rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests" >&2
+    return 1
+  fi
+  return "$rc"
+}
+
+step "ruff check" .venv/bin/ruff check .
+step "ruff format --check" .venv/bin/ruff format --check .
+step "mypy" .venv/bin/mypy engine storage actors transports
+step "pytest" run_pytest "$@"
+
+if [ "${#failed[@]}" -ne 0 ]; then
+  echo "FAILED: $(IFS=,; echo "${failed[*]}")" >&2
+  exit 1
+fi
+echo "all checks passed" >&2

@@ -1,0 +1,1 @@
+"""Test support: a real centripy server process and the external services tests use."""

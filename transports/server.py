@@ -1,0 +1,213 @@
+"""The composition root: config -> storage -> engine -> actors -> Tornado routes.
+
+`run(config)` starts the server process and blocks until SIGTERM/SIGINT, then shuts down
+gracefully: stop accepting, disconnect clients with 3001, let in-flight API calls and log
+writes finish (bounded by `shutdown_timeout`), close storage, return 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import tornado.httpclient
+import tornado.httpserver
+import tornado.web
+
+from actors.context import ConnContext
+from actors.hub import Hub, SessionsAdapter
+from engine.api import Executor
+from engine.auth import JWKSCache, TokenVerifier
+from engine.config import Config
+from engine.node import Node
+from storage.factory import open_event_log
+from storage.presence_memory import MemoryPresence
+from storage.writer import GroupCommitWriter
+from transports.api_http import InFlight, api_routes
+from transports.websocket import WebSocketHandler
+
+log = logging.getLogger("centripy.server")
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(b"{}")
+
+
+async def _fetch(url: str) -> bytes:
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(url, request_timeout=10)
+    return bytes(response.body)
+
+
+@dataclass
+class Services:
+    """Everything `start()` built, for `stop()` and for tests that run in-process."""
+
+    config: Config
+    node: Node
+    hub: Hub
+    writer: GroupCommitWriter
+    executor: Executor
+    inflight: InFlight
+    servers: list[tornado.httpserver.HTTPServer] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+
+
+def build_verifier(config: Config) -> TokenVerifier:
+    endpoints = config.token_jwks_public_endpoint or config.subscription_token_jwks_public_endpoint
+    jwks = JWKSCache(_fetch) if endpoints else None
+    return TokenVerifier(config, jwks=jwks)
+
+
+def client_routes(config: Config, ctx: ConnContext) -> list[Any]:
+    routes: list[Any] = []
+    if not config.websocket_disable:
+        routes.append((config.websocket_handler_prefix, WebSocketHandler, {"ctx": ctx}))
+    return routes
+
+
+def internal_routes(config: Config, services: Services) -> list[Any]:
+    routes: list[Any] = []
+    if not config.api_disable:
+        routes.extend(api_routes(services.executor, config, services.inflight))
+    if config.health:
+        routes.append((config.health_handler_prefix, HealthHandler))
+    return routes
+
+
+@contextlib.contextmanager
+def _pem_file(pem: str) -> Iterator[str]:
+    fd, path = tempfile.mkstemp(suffix=".pem")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pem)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """TLS for the HTTP server; mTLS when a client CA is configured."""
+    if not config.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with contextlib.ExitStack() as stack:
+        cert = config.tls_cert or stack.enter_context(_pem_file(config.tls_cert_pem))
+        key = config.tls_key or stack.enter_context(_pem_file(config.tls_key_pem))
+        ctx.load_cert_chain(cert, key)
+    if config.tls_client_ca:
+        ctx.load_verify_locations(cafile=config.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif config.tls_client_ca_pem:
+        ctx.load_verify_locations(cadata=config.tls_client_ca_pem)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def start(config: Config) -> Services:
+    """Build and start every component; listen on the configured ports."""
+    event_log = open_event_log(config.database_url)
+    await event_log.start()
+    writer = GroupCommitWriter(event_log)
+    await writer.start()
+    node = Node(config, event_log, writer.submit, MemoryPresence())
+    hub = Hub()
+    node.attach_fanout(hub)
+    ctx = ConnContext(config, node, hub, build_verifier(config))
+    executor = Executor(node, SessionsAdapter(hub))
+    services = Services(config, node, hub, writer, executor, InFlight())
+    settings: dict[str, Any] = {
+        "websocket_max_message_size": config.websocket_message_size_limit,
+        "websocket_ping_interval": None,
+    }
+    external = client_routes(config, ctx)
+    internal = internal_routes(config, services)
+    separate = bool(config.internal_port) and str(config.internal_port) != str(config.port)
+    tls = ssl_context(config)
+    listeners = [(external if separate else external + internal, config.port, config.address)]
+    if separate:
+        listeners.append((internal, int(config.internal_port), config.internal_address))
+    for routes, port, address in listeners:
+        app = tornado.web.Application(routes, **settings)
+        use_tls = tls if (not config.tls_external or routes is external) else None
+        server = tornado.httpserver.HTTPServer(app, ssl_options=use_tls, xheaders=True)
+        sockets = tornado.netutil.bind_sockets(int(port), address or None)
+        server.add_sockets(sockets)
+        services.servers.append(server)
+        services.ports.append(sockets[0].getsockname()[1])
+    log.info("centripy node %s listening on %s", node.uid, services.ports)
+    return services
+
+
+async def stop(services: Services) -> None:
+    """Graceful shutdown, bounded by shutdown_timeout."""
+    config = services.config
+    services.node.shutting_down = True
+    for server in services.servers:
+        server.stop()
+    timeout = config.shutdown_timeout
+    await services.hub.shutdown(min(timeout, 5.0))
+    await services.inflight.wait_idle(timeout)
+    await services.writer.close()
+    await services.node.event_log.close()
+    await services.node.presence_manager.close()
+    for server in services.servers:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.close_all_connections(), 1.0)
+
+
+async def serve(config: Config) -> int:
+    services = await start(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down")
+    try:
+        await asyncio.wait_for(stop(services), config.shutdown_timeout + 5)
+    except TimeoutError:
+        log.error("shutdown did not finish within %ss", config.shutdown_timeout)
+        return 1
+    if config.shutdown_termination_delay:
+        await asyncio.sleep(config.shutdown_termination_delay)
+    return 0
+
+
+def _setup_logging(config: Config) -> None:
+    level = {"trace": "DEBUG", "none": "CRITICAL", "fatal": "CRITICAL", "warn": "WARNING"}.get(
+        config.log_level, config.log_level.upper()
+    )
+    handler: logging.Handler = (
+        logging.FileHandler(config.log_file) if config.log_file else logging.StreamHandler()
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run(config: Config) -> int:
+    """Entry point of `centripy serve`: blocks until a signal, returns the exit code."""
+    _setup_logging(config)
+    if config.pid_file:
+        with open(config.pid_file, "w") as fh:
+            fh.write(str(os.getpid()))
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+
+__all__ = ["Services", "orjson", "run", "ssl_context", "start", "stop"]
