@@ -70,8 +70,9 @@ class ConnectionActor(ConnectionCore):
 
     async def cmd_connect(self, req: ConnectRequest) -> JsonObj:
         token = await self._authenticate(req)
+        config = self.config
         hub = self.ctx.hub
-        limit = self.config.client_user_connection_limit
+        limit = config.client_user_connection_limit
         if limit and self.user and hub.user_connection_count(self.user) >= limit:
             raise Disconnect.of(DisconnectCode.CONNECTION_LIMIT)
         now = time.time()
@@ -86,6 +87,10 @@ class ConnectionActor(ConnectionCore):
             raise
         self.state = "connected"
         hub.add_connection(self.client_id, self.user, self.session, self.actor_ref)
+        if config.user_personal_single_connection and self.user:
+            code = DisconnectCode.CONNECTION_LIMIT
+            reason = Disconnect.of(code).reason
+            await hub.disconnect_user(self.user, code, reason, "", "", [self.client_id])
         transport = self.transport
         return jc.connect_result_obj(
             client=self.client_id,

@@ -343,3 +343,19 @@ async def test_unsubscribe_stops_delivery(channel: str) -> None:
         marker = await client.call("presence_stats", {"channel": "h:x"})
         assert "presence_stats" in marker
         assert client.pubs(channel) == []
+
+
+async def test_personal_single_connection_disconnects_the_older_one() -> None:
+    async with Harness(make_config(user_personal_single_connection=True)) as h:
+        first = await h.client({"token": make_token(SECRET, "u1", 60)})
+        second = await h.client({"token": make_token(SECRET, "u1", 60)})
+        assert (await first.closed())[0] == 3504
+        assert second.transport.closed is None
+
+
+async def test_user_connection_limit() -> None:
+    async with Harness(make_config(client_user_connection_limit=1)) as h:
+        await h.client({"token": make_token(SECRET, "u2", 60)})
+        extra = Client(h.ctx)
+        extra.send({"connect": {"token": make_token(SECRET, "u2", 60)}})
+        assert (await extra.closed())[0] == 3504
