@@ -18,7 +18,7 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from actors.base import LoopActor
@@ -84,7 +84,7 @@ class Subscription:
     emit_join_leave: bool = False
     server_side: bool = False
     expire_at: int = 0  # unix seconds; 0 = never
-    extra: dict[str, Any] = field(default_factory=dict)
+    seen_top: int = 0  # stream top seen at the previous position check
 
 
 class ConnectionCore(LoopActor):
@@ -350,6 +350,30 @@ class ConnectionCore(LoopActor):
                 await self.node.presence_manager.add(
                     channel, sub.info, self.config.global_presence_ttl
                 )
+        delay = self.config.client_channel_position_check_delay
+        if time.monotonic() - self._last_position_check >= delay:
+            self._last_position_check = time.monotonic()
+            await self._check_positions()
+
+    async def _check_positions(self) -> None:
+        """A positioned subscription must have reached, by now, the stream top seen at the
+        previous check (publications in flight then have arrived since); otherwise, or on
+        an epoch change, its state is insufficient (spec/protocol.md 3.3)."""
+        for channel, sub in list(self.subs.items()):
+            if not sub.positioned:
+                continue
+            try:
+                top = await self.node.stream_top(channel, name=sub.name)
+            except Exception:
+                continue  # storage trouble: check again next time, as Centrifugo does
+            if self.subs.get(channel) is not sub:
+                continue
+            if top.epoch != sub.epoch or sub.offset < sub.seen_top:
+                self._insufficient_state(channel, sub)
+                if self.state != "connected":
+                    return
+                continue
+            sub.seen_top = top.offset
 
     # -- closing --------------------------------------------------------------------------
 

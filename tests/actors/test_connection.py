@@ -359,3 +359,32 @@ async def test_user_connection_limit() -> None:
         extra = Client(h.ctx)
         extra.send({"connect": {"token": make_token(SECRET, "u2", 60)}})
         assert (await extra.closed())[0] == 3504
+
+
+async def test_position_check_detects_a_lost_publication() -> None:
+    config = make_config(
+        client_presence_update_interval=0.05, client_channel_position_check_delay=0.0
+    )
+    async with Harness(config) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "h:pos", "positioned": True})
+        h.hub.deliver = lambda *args: None  # type: ignore[method-assign]  # fan-out drops
+        await h.node.publish("h:pos", b"{}")
+        push = await client.wait(lambda m: "unsubscribe" in m.get("push", {}), timeout=3)
+        assert push["push"] == {
+            "channel": "h:pos",
+            "unsubscribe": {"code": 2500, "reason": "insufficient state"},
+        }
+
+
+async def test_position_check_passes_when_delivery_keeps_up() -> None:
+    config = make_config(
+        client_presence_update_interval=0.05, client_channel_position_check_delay=0.0
+    )
+    async with Harness(config) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "h:ok", "positioned": True})
+        for _ in range(5):
+            await h.node.publish("h:ok", b"{}")
+            await asyncio.sleep(0.06)
+        assert not any("unsubscribe" in m.get("push", {}) for m in client.transport.messages)
