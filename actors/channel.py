@@ -38,11 +38,19 @@ class Encoded:
         return data
 
 
+NOT_JSON = b""  # the JSON encoding of a publication whose data is not JSON (binary)
+
+
 def encoded_pub(channel: str, pub: Publication) -> Encoded:
+    def to_json(unidirectional: bool) -> bytes:
+        if not json_codec.is_valid_json(pub.data):
+            return NOT_JSON
+        return json_codec.encode_pub_push(channel, pub, unidirectional=unidirectional)
+
     return Encoded(
         (
-            lambda: json_codec.encode_pub_push(channel, pub),
-            lambda: json_codec.encode_pub_push(channel, pub, unidirectional=True),
+            lambda: to_json(False),
+            lambda: to_json(True),
             lambda: protobuf_codec().encode_pub_push(channel, pub),
         )
     )

@@ -14,7 +14,6 @@ from actors.connection_core import ConnectionCore, Subscription
 from engine import auth, channels, recovery
 from engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
 from engine.node import VERSION
-from engine.protocol import json_codec as jc
 from engine.protocol.codes import Disconnect, DisconnectCode, Error, ErrorCode
 from engine.protocol.commands import (
     Command,
@@ -59,7 +58,7 @@ class ConnectionActor(ConnectionCore):
         except Error as err:
             if cmd.method == "connect":
                 self.state = "unusable"
-            self._enqueue(self.ctx.codec(self.fmt).encode_error(cmd.id, err))
+            self._enqueue(self.codec.encode_error(cmd.id, err))
             return
         if cmd.method != "send":
             self._enqueue(self.encode_reply(cmd.id, cmd.method, result))
@@ -92,7 +91,7 @@ class ConnectionActor(ConnectionCore):
             reason = Disconnect.of(code).reason
             await hub.disconnect_user(self.user, code, reason, "", "", [self.client_id])
         transport = self.transport
-        return jc.connect_result_obj(
+        return self.codec.connect_result_obj(
             client=self.client_id,
             version=VERSION,
             expires=bool(self.expire_at),
@@ -178,7 +177,7 @@ class ConnectionActor(ConnectionCore):
         except Disconnect as exc:
             self.close(exc.code, exc.reason)
             return
-        self._enqueue(self.ctx.codec(self.fmt).encode_connect_push(result, unidirectional=True))
+        self._enqueue(self.codec.encode_connect_push(result, unidirectional=True))
         self._after_connect()
 
     # -- subscribe ------------------------------------------------------------------------
@@ -276,7 +275,7 @@ class ConnectionActor(ConnectionCore):
         if sub.emit_join_leave:
             self.node.join(channel, info)
         now = time.time()
-        return jc.subscribe_result_obj(
+        return self.codec.subscribe_result_obj(
             expires=bool(expire_at),
             ttl=max(int(expire_at - now), 1) if expire_at else 0,
             data=data,
@@ -334,8 +333,7 @@ class ConnectionActor(ConnectionCore):
             )
         except Error:
             return
-        codec = self.ctx.codec(self.fmt)
-        self._enqueue(codec.encode_subscribe_push(cmd.channel, result, **self._uni_kw()))
+        self._enqueue(self.codec.encode_subscribe_push(cmd.channel, result, **self._uni_kw()))
 
     # -- other commands -------------------------------------------------------------------
 
@@ -377,12 +375,14 @@ class ConnectionActor(ConnectionCore):
 
     async def cmd_presence(self, req: PresenceRequest) -> JsonObj:
         self._check_read(req.channel, "presence")
-        return jc.presence_result_obj(await self.node.presence_manager.presence(req.channel))
+        return self.codec.presence_result_obj(
+            await self.node.presence_manager.presence(req.channel)
+        )
 
     async def cmd_presence_stats(self, req: PresenceStatsRequest) -> JsonObj:
         self._check_read(req.channel, "presence")
         stats = await self.node.presence_manager.stats(req.channel)
-        return jc.presence_stats_result_obj(stats.num_clients, stats.num_users)
+        return self.codec.presence_stats_result_obj(stats.num_clients, stats.num_users)
 
     async def cmd_history(self, req: HistoryRequest) -> JsonObj:
         name = self._check_read(req.channel, "history")
@@ -396,7 +396,9 @@ class ConnectionActor(ConnectionCore):
         res = await self.node.history(
             req.channel, limit=limit, since=since, reverse=req.reverse, name=name
         )
-        return jc.history_result_obj(res.publications, res.position.epoch, res.position.offset)
+        return self.codec.history_result_obj(
+            res.publications, res.position.epoch, res.position.offset
+        )
 
     async def cmd_rpc(self, req: RPCRequest) -> JsonObj:
         raise Error.of(ErrorCode.NOT_AVAILABLE)
@@ -427,7 +429,7 @@ class ConnectionActor(ConnectionCore):
         self.meta = token.meta or self.meta
         self._schedule_expiry()
         ttl = max(int(expire_at - now), 1) if expire_at else 0
-        return jc.refresh_result_obj(bool(expire_at), ttl)
+        return self.codec.refresh_result_obj(bool(expire_at), ttl)
 
     async def cmd_sub_refresh(self, req: SubRefreshRequest) -> JsonObj:
         sub = self.subs.get(req.channel)
@@ -442,7 +444,7 @@ class ConnectionActor(ConnectionCore):
             raise Error.of(ErrorCode.EXPIRED)
         sub.expire_at = expire_at
         ttl = max(int(expire_at - now), 1) if expire_at else 0
-        return jc.refresh_result_obj(bool(expire_at), ttl)
+        return self.codec.refresh_result_obj(bool(expire_at), ttl)
 
     def server_refresh(self, expired: bool, expire_at: int, info: bytes | None) -> None:
         """Server API refresh: expire now, move the expiry, or remove it (expire_at 0)."""
@@ -456,8 +458,7 @@ class ConnectionActor(ConnectionCore):
         self._schedule_expiry()
         if self.transport.unidirectional or expire_at:
             ttl = max(int(expire_at - now), 1) if expire_at else 0
-            codec = self.ctx.codec(self.fmt)
-            self._enqueue(codec.encode_refresh_push(bool(expire_at), ttl, **self._uni_kw()))
+            self._enqueue(self.codec.encode_refresh_push(bool(expire_at), ttl, **self._uni_kw()))
 
 
 def _uni_disconnect(code: int) -> tuple[int, str]:

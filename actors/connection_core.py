@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from actors.base import LoopActor
-from actors.channel import Deliver, JoinLeave
+from actors.channel import NOT_JSON, Deliver, JoinLeave
 from actors.context import ConnContext
 from actors.hub import (
     ServerDisconnectMsg,
@@ -95,6 +95,7 @@ class ConnectionCore(LoopActor):
         self.node = ctx.node
         self.transport = transport
         self.fmt = int(transport.format)
+        self.codec = ctx.codec(self.fmt)  # json_codec or protobuf_codec (same functions)
         self.client_id = str(uuid.uuid4())
         self.session = str(uuid.uuid4())
         self.user = ""
@@ -208,7 +209,11 @@ class ConnectionCore(LoopActor):
                 return
             sub.offset = pub.offset
         assert message.encoded is not None
-        self._enqueue(message.encoded.get(self.fmt))
+        data = message.encoded.get(self.fmt)
+        if data is NOT_JSON and self.fmt != Format.PROTOBUF:
+            self.close(DisconnectCode.INAPPROPRIATE_PROTOCOL)  # binary data, JSON client
+            return
+        self._enqueue(data)
 
     def _insufficient_state(self, channel: str, sub: Subscription) -> None:
         if sub.server_side:
@@ -225,9 +230,7 @@ class ConnectionCore(LoopActor):
         if push:
             reason = UNSUBSCRIBE_REASONS.get(code, "unsubscribed")
             self._enqueue(
-                self.ctx.codec(self.fmt).encode_unsubscribe_push(
-                    channel, code, reason, **self._uni_kw()
-                )
+                self.codec.encode_unsubscribe_push(channel, code, reason, **self._uni_kw())
             )
 
     def _leave_channel(self, channel: str, sub: Subscription) -> None:
@@ -321,7 +324,7 @@ class ConnectionCore(LoopActor):
     def _send_ping(self) -> None:
         if self.state != "connected":
             return
-        self._enqueue(self.ctx.codec(self.fmt).PING)
+        self._enqueue(self.codec.PING)
         if self.transport.pong and self.config.pong_timeout > 0 and not self._pong_pending:
             self._pong_pending = True
             self._set_timer("pong", self.config.pong_timeout)
@@ -424,7 +427,7 @@ class ConnectionCore(LoopActor):
         task.add_done_callback(self.ctx.background.discard)
 
     def encode_reply(self, cmd_id: int, key: str, result: dict[str, Any]) -> bytes:
-        return cast(bytes, self.ctx.codec(self.fmt).encode_reply(cmd_id, key, result))
+        return cast(bytes, self.codec.encode_reply(cmd_id, key, result))
 
 
 def _tell_alive(ref: Any, message: Any) -> None:

@@ -388,3 +388,11 @@ async def test_position_check_passes_when_delivery_keeps_up() -> None:
             await h.node.publish("h:ok", b"{}")
             await asyncio.sleep(0.06)
         assert not any("unsubscribe" in m.get("push", {}) for m in client.transport.messages)
+
+
+async def test_binary_publication_disconnects_json_client_with_3506() -> None:
+    async with Harness(make_config()) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "news"})
+        await h.node.publish("news", b"\x00\xffbinary")
+        assert (await client.closed())[0] == 3506

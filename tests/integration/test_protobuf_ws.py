@@ -1,0 +1,60 @@
+"""The Protobuf variant over WebSocket with centrifuge-python's `use_protobuf=True`."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.integration.test_websocket_sdks import (
+    CONFIG,
+    PyConnect,
+    py_connect,  # noqa: F401  (fixture)
+)
+from tests.support.server import ServerFactory
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import TokenMaker
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+
+async def test_protobuf_publish_presence_history_and_recovery(
+    server_factory: ServerFactory,
+    make_token: TokenMaker,
+    py_connect: PyConnect,  # noqa: F811
+) -> None:
+    server = server_factory(CONFIG)
+    conn = await py_connect(server, make_token("42"), use_protobuf=True)
+    sub, events = await conn.subscribe("chat:pb", recoverable=True)
+    for n in (1, 2):
+        await server.api_async("publish", {"channel": "chat:pb", "data": {"n": n}})
+    await events.wait_count("publication", 2)
+    await sub.publish(b'{"n":3}')  # protobuf clients send bytes
+    await events.wait_count("publication", 3)
+    assert events.offsets() == [1, 2, 3]
+    presence = await sub.presence()
+    assert [info.user for info in presence.clients.values()] == ["42"]
+    history = await sub.history(limit=10)
+    assert [p.offset for p in history.publications] == [1, 2, 3]
+
+    await conn.client.disconnect()
+    for n in range(4, 7):
+        await server.api_async("publish", {"channel": "chat:pb", "data": {"n": n}})
+    await conn.client.connect()
+    resubscribed = await events.wait_for("subscribed", lambda ctx: ctx.was_recovering)
+    assert resubscribed.recovered is True
+    await events.wait_count("publication", 6)
+    assert events.offsets() == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(ctx.pub.data)["n"] for ctx in events.of("publication")] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_protobuf_bad_token_is_terminal(
+    server_factory: ServerFactory,
+    py_connect: PyConnect,  # noqa: F811
+) -> None:
+    server = server_factory(CONFIG)
+    conn = await py_connect(server, "bad-token", wait=False, use_protobuf=True)
+    disconnected = await conn.events.wait_for("disconnected")
+    assert disconnected.code == 3500
