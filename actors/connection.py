@@ -32,6 +32,7 @@ from engine.sessions import ServerSubscribe
 from engine.types import ClientInfo, StreamPosition
 
 JsonObj = dict[str, Any]
+Result = Any  # a result object of the connection's codec (a dict for JSON, a message for protobuf)
 
 
 def _bad_request() -> Disconnect:
@@ -67,7 +68,7 @@ class ConnectionActor(ConnectionCore):
 
     # -- connect --------------------------------------------------------------------------
 
-    async def cmd_connect(self, req: ConnectRequest) -> JsonObj:
+    async def cmd_connect(self, req: ConnectRequest) -> Result:
         token = await self._authenticate(req)
         config = self.config
         hub = self.ctx.hub
@@ -128,7 +129,7 @@ class ConnectionActor(ConnectionCore):
 
     async def _connect_subscriptions(
         self, req: ConnectRequest, token: auth.ConnectToken | None
-    ) -> dict[str, JsonObj]:
+    ) -> dict[str, Result]:
         """Server-side subscriptions: token subs/channels, personal channel, and channels of
         the request's `subs` the client could subscribe to itself."""
         wanted: dict[str, tuple[bytes, bytes, SubscribeOverride | None]] = {}
@@ -150,7 +151,7 @@ class ConnectionActor(ConnectionCore):
                 wanted[ch] = (b"", b"", None)
         if len(wanted) > config.client_channel_limit:
             raise Disconnect.of(DisconnectCode.CHANNEL_LIMIT)
-        results: dict[str, JsonObj] = {}
+        results: dict[str, Result] = {}
         for ch, (info, data, override) in wanted.items():
             name = self.node.resolve(ch)
             sreq = req.subs.get(ch)
@@ -182,7 +183,7 @@ class ConnectionActor(ConnectionCore):
 
     # -- subscribe ------------------------------------------------------------------------
 
-    async def cmd_subscribe(self, req: SubscribeRequest) -> JsonObj:
+    async def cmd_subscribe(self, req: SubscribeRequest) -> Result:
         if not req.channel:
             raise _bad_request()
         if req.delta and req.delta != "fossil":
@@ -244,7 +245,7 @@ class ConnectionActor(ConnectionCore):
         *,
         server_side: bool,
         expire_at: int,
-    ) -> JsonObj:
+    ) -> Result:
         """Join the channel actor first (later publications queue in our inbox), then read
         the stream position or recover; the reply is queued before any of those pushes."""
 
@@ -337,13 +338,13 @@ class ConnectionActor(ConnectionCore):
 
     # -- other commands -------------------------------------------------------------------
 
-    async def cmd_unsubscribe(self, req: UnsubscribeRequest) -> JsonObj:
+    async def cmd_unsubscribe(self, req: UnsubscribeRequest) -> Result:
         sub = self.subs.get(req.channel)
         if sub is not None and not sub.server_side:
             self._unsubscribe(req.channel, 0, push=False)
         return {}
 
-    async def cmd_publish(self, req: PublishRequest) -> JsonObj:
+    async def cmd_publish(self, req: PublishRequest) -> Result:
         if not req.channel or not req.data:
             raise _bad_request()
         name = self.node.resolve(req.channel)
@@ -373,18 +374,18 @@ class ConnectionActor(ConnectionCore):
             raise Error.of(ErrorCode.PERMISSION_DENIED)
         return name
 
-    async def cmd_presence(self, req: PresenceRequest) -> JsonObj:
+    async def cmd_presence(self, req: PresenceRequest) -> Result:
         self._check_read(req.channel, "presence")
         return self.codec.presence_result_obj(
             await self.node.presence_manager.presence(req.channel)
         )
 
-    async def cmd_presence_stats(self, req: PresenceStatsRequest) -> JsonObj:
+    async def cmd_presence_stats(self, req: PresenceStatsRequest) -> Result:
         self._check_read(req.channel, "presence")
         stats = await self.node.presence_manager.stats(req.channel)
         return self.codec.presence_stats_result_obj(stats.num_clients, stats.num_users)
 
-    async def cmd_history(self, req: HistoryRequest) -> JsonObj:
+    async def cmd_history(self, req: HistoryRequest) -> Result:
         name = self._check_read(req.channel, "history")
         cap = self.config.client_history_max_publication_limit
         limit = cap if req.limit < 0 or req.limit > cap else req.limit
@@ -400,13 +401,13 @@ class ConnectionActor(ConnectionCore):
             res.publications, res.position.epoch, res.position.offset
         )
 
-    async def cmd_rpc(self, req: RPCRequest) -> JsonObj:
+    async def cmd_rpc(self, req: RPCRequest) -> Result:
         raise Error.of(ErrorCode.NOT_AVAILABLE)
 
-    async def cmd_send(self, req: Any) -> JsonObj:
+    async def cmd_send(self, req: Any) -> Result:
         raise Disconnect.of(DisconnectCode.NOT_AVAILABLE)
 
-    async def cmd_refresh(self, req: RefreshRequest) -> JsonObj:
+    async def cmd_refresh(self, req: RefreshRequest) -> Result:
         if not req.token:
             raise _bad_request()
         try:
@@ -431,7 +432,7 @@ class ConnectionActor(ConnectionCore):
         ttl = max(int(expire_at - now), 1) if expire_at else 0
         return self.codec.refresh_result_obj(bool(expire_at), ttl)
 
-    async def cmd_sub_refresh(self, req: SubRefreshRequest) -> JsonObj:
+    async def cmd_sub_refresh(self, req: SubRefreshRequest) -> Result:
         sub = self.subs.get(req.channel)
         if sub is None:
             raise Error.of(ErrorCode.PERMISSION_DENIED)

@@ -31,7 +31,7 @@ from actors.hub import (
     ServerUnsubscribeMsg,
     Shutdown,
 )
-from actors.transport import Transport
+from actors.transport import Format, Transport
 from engine import recovery
 from engine.channels import ChannelName
 from engine.protocol import json_codec
