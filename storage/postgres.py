@@ -1,0 +1,104 @@
+"""PostgreSQL event log (`postgresql+asyncpg://...`), the production back end.
+
+Safe with several server processes appending to the same channel: offsets are assigned by
+a row-locking upsert on the streams table inside the batch transaction and idempotency keys
+are claimed by insert-on-conflict in the same transaction (see storage/sql.py). Nothing is
+cached between calls, so another process's writes are always seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from storage.memory import DEFAULT_GC_INTERVAL
+from storage.sql import Session, Sql, SqlEventLog, json_dumps
+
+SCHEME = "postgresql+asyncpg"
+
+
+class PostgresSession(Session):
+    """Statements on the raw asyncpg connection (its prepared-statement cache applies)."""
+
+    def __init__(self, raw: asyncpg.Connection) -> None:
+        self._raw = raw
+
+    async def fetch(self, sql: Sql, args: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
+        return await self._raw.fetch(sql.text, *args)  # type: ignore[no-any-return]
+
+    async def execute(self, sql: Sql, args: Sequence[Any] = ()) -> None:
+        await self._raw.execute(sql.text, *args)
+
+    async def executemany(self, sql: Sql, rows: Sequence[Sequence[Any]]) -> None:
+        await self._raw.executemany(sql.text, rows)
+
+
+class PostgresEventLog(SqlEventLog):
+    """Event log in PostgreSQL through a pooled asyncpg engine. Methods run on the event
+    loop; appends normally come from the node's one GroupCommitWriter, reads run beside."""
+
+    driver_errors = (*SqlEventLog.driver_errors, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table_prefix: str = "centripy_",
+        now: Callable[[], float] = time.time,
+        gc_interval: float | None = DEFAULT_GC_INTERVAL,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        parsed = sa.make_url(url)
+        if parsed.drivername != SCHEME:
+            raise ValueError(
+                f"PostgresEventLog needs a {SCHEME}:// URL, got {parsed.drivername}://"
+            )
+        super().__init__(
+            url, insert=pg_insert, table_prefix=table_prefix, now=now, gc_interval=gc_interval
+        )
+        self._pool_size = pool_size
+        self._max_overflow = max_overflow
+        self._connect_timeout = connect_timeout
+
+    def _make_engine(self) -> AsyncEngine:
+        return create_async_engine(
+            self.url,
+            pool_size=self._pool_size,
+            max_overflow=self._max_overflow,
+            json_serializer=json_dumps,
+            json_deserializer=orjson.loads,
+            connect_args={
+                "timeout": self._connect_timeout,
+                "server_settings": {"application_name": "centripy"},
+            },
+        )
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[Session]:
+        async with self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(raw, asyncpg.Connection)
+            try:
+                async with raw.transaction():
+                    yield PostgresSession(raw)
+            except BaseException:
+                if raw.is_closed() or raw.is_in_transaction():
+                    await conn.invalidate()  # unusable (lost, or mid-cancel): do not reuse
+                raise
+
+    async def _lock_schema(self, conn: AsyncConnection) -> None:
+        """Several processes may start at once: one migrates, the others wait and find the
+        tables in place."""
+        key = zlib.crc32(self.tables.streams.name.encode())
+        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})

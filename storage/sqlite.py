@@ -1,0 +1,117 @@
+"""SQLite event log (`sqlite+aiosqlite:///path.db`): the embedded default (ARCHITECTURE.md
+decision 3). WAL, synchronous=NORMAL, a busy timeout, and ONE connection through which every
+transaction runs in turn (`BEGIN IMMEDIATE`): one process owns the file, and SQLite allows
+one writer at a time anyway. Reads touch stream meta, so they use that connection too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import aiosqlite
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+
+from storage.memory import DEFAULT_GC_INTERVAL
+from storage.sql import Session, Sql, SqlEventLog, json_dumps
+
+SCHEME = "sqlite+aiosqlite"
+
+
+def is_memory_url(url: str) -> bool:
+    """True for an in-memory database URL (no file path or ':memory:')."""
+    path = sa.make_url(url).database
+    return not path or path == ":memory:"
+
+
+class SqliteSession(Session):
+    """Statements on the raw aiosqlite connection: one worker-thread hop each."""
+
+    def __init__(self, raw: aiosqlite.Connection) -> None:
+        self._raw = raw
+
+    async def fetch(self, sql: Sql, args: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
+        return list(await self._raw.execute_fetchall(sql.text, args))
+
+    async def execute(self, sql: Sql, args: Sequence[Any] = ()) -> None:
+        await self._raw.execute_fetchall(sql.text, args)
+
+    async def executemany(self, sql: Sql, rows: Sequence[Sequence[Any]]) -> None:
+        await self._raw.executemany(sql.text, rows)
+
+
+class SqliteEventLog(SqlEventLog):
+    """Event log in one SQLite file. Methods run on the event loop; they queue on one lock
+    and the aiosqlite thread runs the statements."""
+
+    driver_errors = (*SqlEventLog.driver_errors, sqlite3.Error)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table_prefix: str = "centripy_",
+        now: Callable[[], float] = time.time,
+        gc_interval: float | None = DEFAULT_GC_INTERVAL,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        parsed = sa.make_url(url)
+        if parsed.drivername != SCHEME:
+            raise ValueError(f"SqliteEventLog needs a {SCHEME}:// URL, got {parsed.drivername}://")
+        super().__init__(
+            url, insert=sqlite_insert, table_prefix=table_prefix, now=now, gc_interval=gc_interval
+        )
+        self._busy_ms = int(busy_timeout * 1000)
+        self._lock = asyncio.Lock()
+
+    def _make_engine(self) -> AsyncEngine:
+        pool: dict[str, Any] = (
+            {"poolclass": StaticPool}
+            if is_memory_url(self.url)
+            else {"poolclass": AsyncAdaptedQueuePool, "pool_size": 1, "max_overflow": 0}
+        )
+        engine = create_async_engine(
+            self.url,
+            json_serializer=json_dumps,
+            json_deserializer=orjson.loads,
+            pool_reset_on_return=None,  # every transaction here ends in COMMIT or ROLLBACK
+            **pool,
+        )
+        sa.event.listen(engine.sync_engine, "connect", self._on_connect)
+        sa.event.listen(engine.sync_engine, "begin", _begin_immediate)
+        return engine
+
+    def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        """Runs (through the sync facade) when the pool opens the connection."""
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={self._busy_ms}"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[Session]:
+        async with self._lock, self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(raw, aiosqlite.Connection)
+            await raw.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqliteSession(raw)
+                await raw.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await raw.execute("ROLLBACK")
+                raise
+
+
+def _begin_immediate(conn: sa.Connection) -> None:
+    """SQLAlchemy-level transactions (schema migration) also take the write lock up front."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
