@@ -127,5 +127,5 @@ class PresenceManager(abc.ABC):
     @abc.abstractmethod
     async def stats(self, channel: str) -> PresenceStats: ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """Release connections (no-op for in-memory back ends)."""

@@ -80,7 +80,7 @@ class InFlight:
             if self._count == 0:
                 self._idle.set()
 
-    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (the shutdown API)
+    async def wait_idle(self, timeout: float) -> bool:
         """True once no call is in flight; False if `timeout` seconds passed first."""
         if self._count == 0:
             return True
