@@ -129,6 +129,11 @@ class ConnectionCore(LoopActor):
     # -- actor plumbing -------------------------------------------------------------------
 
     def on_start(self) -> None:
+        self.node.metrics.inc(
+            "centrifugo_transport_connect_count",
+            "Connections accepted.",
+            transport=self.transport.name,
+        )
         if not self.transport.unidirectional:
             self._set_timer("stale", self.config.client_stale_close_delay)
 
@@ -385,6 +390,11 @@ class ConnectionCore(LoopActor):
         if self._closing is not None or self.state == "closed":
             return
         self._closing = (code, reason or Disconnect.of(code).reason)
+        self.node.metrics.inc(
+            "centrifugo_client_num_server_disconnects",
+            "Connections closed by the server.",
+            code=str(code),
+        )
         self._cleanup()
         if self._writer is None:
             self._finish_close()

@@ -536,9 +536,15 @@ class Executor:
 
     async def execute(self, req: Request) -> Result:
         """Run a decoded request; an unexpected exception becomes Error 100 (and is logged)."""
+        self.node.metrics.inc(
+            "centripy_api_commands_total", "Server API commands run.", method=type(req).__name__
+        )
         try:
             return await self._run(req)
-        except Error:
+        except Error as err:
+            self.node.metrics.inc(
+                "centripy_api_command_errors_total", "Server API errors.", code=str(err.code)
+            )
             raise
         except Exception:
             log.exception("server API %s failed", type(req).__name__)

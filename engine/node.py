@@ -19,6 +19,7 @@ from typing import Protocol
 
 from engine.channels import ChannelName, resolve
 from engine.config import Config
+from engine.metrics import Metrics
 from engine.protocol.codes import Error, ErrorCode
 from engine.types import ClientInfo, Publication, StreamPosition
 from storage.base import (
@@ -78,6 +79,7 @@ class Node:
         self.started_at = time.time()
         self._fanouts: list[Fanout] = []
         self.shutting_down = False
+        self.metrics = Metrics()
 
     def attach_fanout(self, fanout: Fanout) -> None:
         self._fanouts.append(fanout)
@@ -136,6 +138,9 @@ class Node:
         return PublishResult(result.publication.offset, result.epoch, result.suppressed)
 
     def _deliver(self, channel: str, pub: Publication, epoch: str) -> None:
+        self.metrics.inc(
+            "centrifugo_node_messages_sent_count", "Messages sent to channels.", type="publication"
+        )
         for fanout in self._fanouts:
             fanout.deliver(channel, pub, epoch)
 

@@ -88,7 +88,7 @@ def _require_node() -> str:
 
 def _parse_events(stdout: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
-    for line in stdout.splitlines():
+    for line in stdout.split("\n"):
         if line.strip():
             events.append(json.loads(line))
     return events

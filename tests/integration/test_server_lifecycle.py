@@ -212,3 +212,16 @@ def test_restart_keeps_the_sqlite_log(server_factory: ServerFactory) -> None:
     server.start()
     second = server.api_result("publish", {"channel": "hist:x", "data": {}})
     assert second["epoch"] == first["epoch"] and second["offset"] == first["offset"] + 1
+
+
+async def test_metrics_endpoint(server_factory: ServerFactory) -> None:
+    server = server_factory({"prometheus": True, "allow_anonymous_connect_without_token": True})
+    async with websockets.connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {}}))
+        await ws.recv()
+        server.api_result("publish", {"channel": "any", "data": {}})
+        with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    assert "centrifugo_node_num_clients 1" in text
+    assert 'centrifugo_transport_connect_count{transport="websocket"} 1' in text
+    assert 'centripy_api_commands_total{method="PublishRequest"} 1' in text
