@@ -1,0 +1,195 @@
+"""Bidirectional emulation: `/connection/http_stream`, `/connection/sse` and `/emulation`.
+
+The client opens a long-lived response carrying its first commands (normally just
+`connect`); the connection actor answers down that stream, and its connect result carries
+`session` and `node`. Later commands (subscribes, pongs, ...) arrive as separate
+`POST /emulation` requests naming the session; they are told to the session's actor as
+frames, and their replies go down the original stream. Disconnects are a disconnect push,
+then the response ends (spec/protocol.md 4.4, 5.2).
+
+- http_stream: `POST`, JSON (each message + `\\n`) unless `Content-Type:
+  application/octet-stream` (protobuf: each message varint-length-prefixed).
+- sse: `GET ?cf_connect=<commands>` or `POST` with the commands as body; JSON only; the
+  stream starts with `\\r\\n`, then `data: <json>\\n\\n` per message.
+
+Handlers run on the loop (Tornado); they hold no protocol state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import orjson
+from pykka import ActorDeadError
+
+from actors.connection_core import Frame
+from actors.context import ConnContext
+from actors.transport import Format, protobuf_codec
+from engine.config import Config
+from engine.protocol import json_codec
+from engine.protocol.commands import ProtocolError
+from transports.http_common import (
+    JSON_STREAM_CONTENT_TYPE,
+    PROTOBUF_CONTENT_TYPE,
+    SSE_CONTENT_TYPE,
+    SSE_PREAMBLE,
+    LimitedBodyHandler,
+    StreamingHandler,
+    StreamTransport,
+    frame_lines,
+    frame_sse,
+    prefix_route,
+)
+
+OCTET_STREAM = "application/octet-stream"
+CONNECT_PARAM = "cf_connect"
+
+
+# -- pure helpers -----------------------------------------------------------------------------
+
+
+class EmulationRequest(NamedTuple):
+    node: str
+    session: str
+    data: bytes  # the commands, in the session's wire format
+
+
+class BadEmulationRequest(ValueError):
+    """The body of a `/emulation` request cannot be decoded (answer 400)."""
+
+
+def decode_emulation_request(body: bytes, *, protobuf: bool) -> EmulationRequest:
+    """Decode `{"node","session","data"}` (JSON, `data` a JSON string holding the
+    newline-joined commands) or protobuf `EmulationRequest{node=1, session=2, data=3}`."""
+    if protobuf:
+        try:
+            pb_req = protobuf_codec().decode_emulation_request(body)
+        except ProtocolError:
+            raise BadEmulationRequest("malformed protobuf EmulationRequest") from None
+        return EmulationRequest(str(pb_req.node), str(pb_req.session), bytes(pb_req.data))
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadEmulationRequest("invalid JSON") from None
+    if type(obj) is not dict:
+        raise BadEmulationRequest("emulation request must be a JSON object")
+    node, session, data = obj.get("node", ""), obj.get("session", ""), obj.get("data")
+    if type(node) is not str or type(session) is not str:
+        raise BadEmulationRequest("node and session must be strings")
+    if type(data) is not str:
+        raise BadEmulationRequest("data must be a JSON string holding the commands")
+    return EmulationRequest(node, session, data.encode())
+
+
+def _json_disconnect(code: int, reason: str) -> bytes:
+    return json_codec.encode_disconnect_push(code, reason)
+
+
+def _protobuf_disconnect(code: int, reason: str) -> bytes:
+    return bytes(protobuf_codec().encode_disconnect_push(code, reason))
+
+
+def _protobuf_frame(messages: Sequence[bytes]) -> bytes:
+    return bytes(protobuf_codec().join_frame(messages))
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+class HttpStreamHandler(StreamingHandler):
+    """`POST /connection/http_stream`: body = the first commands; OPTIONS 200, others 405."""
+
+    async def post(self) -> None:
+        body = self.body()
+        if body is None:
+            return
+        if self.request.headers.get("Content-Type") == OCTET_STREAM:
+            fmt, frame, disconnect = Format.PROTOBUF, _protobuf_frame, _protobuf_disconnect
+            content_type = PROTOBUF_CONTENT_TYPE
+        else:
+            fmt, frame, disconnect = Format.JSON, frame_lines, _json_disconnect
+            content_type = JSON_STREAM_CONTENT_TYPE
+        transport = StreamTransport(
+            self, name="http_stream", fmt=fmt, emulation=True, frame=frame, disconnect=disconnect
+        )
+        self.start_response(content_type)
+        await self.stream(transport, Frame(body))
+
+
+class SseHandler(StreamingHandler):
+    """`GET /connection/sse?cf_connect=...` (400 without it) or `POST` with the commands;
+    JSON only; any other method (OPTIONS included) is 405."""
+
+    SUPPORTED_METHODS = ("GET", "POST")
+
+    async def get(self) -> None:
+        commands = self.get_query_argument(CONNECT_PARAM, "")
+        if not commands:
+            self.send_error(400)
+            return
+        await self._serve(commands.encode())
+
+    async def post(self) -> None:
+        body = self.body()
+        if body is not None:
+            await self._serve(body)
+
+    async def _serve(self, commands: bytes) -> None:
+        transport = StreamTransport(
+            self,
+            name="sse",
+            fmt=Format.JSON,
+            emulation=True,
+            frame=frame_sse,
+            disconnect=_json_disconnect,
+        )
+        self.start_response(SSE_CONTENT_TYPE, SSE_PREAMBLE)
+        await self.stream(transport, Frame(commands))
+
+
+class EmulationHandler(LimitedBodyHandler):
+    """`POST /emulation`: hand the commands to the session's connection actor. 204 when
+    handed over (or when the session is unknown: silently dropped), 400 for a bad body, 404
+    for another node, 413 for a body over the limit; OPTIONS 200."""
+
+    def initialize(self, ctx: ConnContext, body_limit: int) -> None:
+        self.ctx = ctx
+        self.body_limit = body_limit
+
+    def post(self) -> None:
+        body = self.body()
+        if body is None:
+            return
+        protobuf = self.request.headers.get("Content-Type") == OCTET_STREAM
+        try:
+            req = decode_emulation_request(body, protobuf=protobuf)
+        except BadEmulationRequest:
+            self.send_error(400)
+            return
+        if req.node and req.node != self.ctx.node.uid:
+            self.send_error(404)
+            return
+        actor = self.ctx.hub.by_session(req.session) if req.session else None
+        if actor is not None:
+            with contextlib.suppress(ActorDeadError):
+                actor.tell(Frame(req.data))
+        self.set_status(204)
+        self.finish()
+
+
+def routes(config: Config, ctx: ConnContext) -> list[Any]:
+    """The routes of the enabled emulation transports (none when both are off)."""
+    out: list[Any] = []
+    if config.http_stream:
+        limit = config.http_stream_max_request_body_size
+        kwargs = {"ctx": ctx, "body_limit": limit}
+        out.append((prefix_route(config.http_stream_handler_prefix), HttpStreamHandler, kwargs))
+    if config.sse:
+        kwargs = {"ctx": ctx, "body_limit": config.sse_max_request_body_size}
+        out.append((prefix_route(config.sse_handler_prefix), SseHandler, kwargs))
+    if config.http_stream or config.sse:
+        kwargs = {"ctx": ctx, "body_limit": config.emulation_max_request_body_size}
+        out.append((prefix_route(config.emulation_handler_prefix), EmulationHandler, kwargs))
+    return out

@@ -1,0 +1,290 @@
+"""Shared pieces of the HTTP streaming transports (`emulation.py`, `uni.py`).
+
+- Pure helpers: the framings of a batch of encoded messages (JSON lines, SSE events), the
+  CORS decision, the anti-cache headers Centrifugo sets on streaming responses.
+- `LimitedBodyHandler`: a Tornado handler that reads the request body with a size limit
+  (413 beyond it), answers CORS, and exposes the body to `post()`.
+- `StreamingHandler` + `StreamTransport`: a long-lived response driven by a connection
+  actor. The handler starts the actor, waits until the response ends, and tells the actor
+  `TransportClosed()` when the peer goes away; the transport frames what the actor writes
+  and, on `close`, writes the disconnect push and ends the response. No protocol state here.
+
+Everything runs on the server's event loop (Tornado calls the handler methods there, and the
+connection actor drains its inbox there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import tornado.iostream
+import tornado.web
+from pykka import ActorDeadError
+
+from actors.connection import ConnectionActor
+from actors.connection_core import TransportClosed
+from actors.context import ConnContext
+from actors.transport import Format
+from transports.websocket import origin_allowed
+
+# Centrifugo gives each streamed write (and the response head) one second.
+WRITE_TIMEOUT = 1.0
+
+STREAM_HEADERS: tuple[tuple[str, str], ...] = (
+    ("X-Accel-Buffering", "no"),
+    ("Cache-Control", "private, no-cache, no-store, must-revalidate, max-age=0"),
+    ("Pragma", "no-cache"),
+    ("Expire", "0"),  # sic: Centrifugo sends "Expire", not "Expires"
+)
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+# Centrifugo sets no Content-Type on HTTP-streaming responses; Go sniffs the first write:
+# a JSON line sniffs as text/plain, protobuf bytes as application/octet-stream.
+JSON_STREAM_CONTENT_TYPE = "text/plain; charset=utf-8"
+PROTOBUF_CONTENT_TYPE = "application/octet-stream"
+SSE_PREAMBLE = b"\r\n"
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def frame_lines(messages: Sequence[bytes]) -> bytes:
+    """HTTP-streaming JSON framing: each message followed by `\\n`."""
+    return b"".join(message + b"\n" for message in messages)
+
+
+def frame_sse(messages: Sequence[bytes]) -> bytes:
+    """Server-sent events framing: each message as one `data:` event."""
+    return b"".join(b"data: " + message + b"\n\n" for message in messages)
+
+
+def cors_headers(
+    allowed: Sequence[str], origin: str | None, request_headers: str | None
+) -> list[tuple[str, str]]:
+    """The CORS headers of a response to a request from `origin` (the check never rejects
+    an HTTP transport request: it only decides whether the browser may read the answer)."""
+    if not origin or not origin_allowed(allowed, origin):
+        return []
+    headers = [
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Allow-Credentials", "true"),
+    ]
+    if request_headers and request_headers != "null":
+        headers.append(("Access-Control-Allow-Headers", request_headers))
+    return headers
+
+
+def content_length_exceeds(value: str | None, limit: int) -> bool:
+    """True when a Content-Length header announces more than `limit` bytes."""
+    return value is not None and value.strip().isdigit() and int(value) > limit
+
+
+# -- request side -----------------------------------------------------------------------------
+
+
+@tornado.web.stream_request_body
+class LimitedBodyHandler(tornado.web.RequestHandler):
+    """Reads the body in chunks up to `body_limit` bytes; `post()` gets it from `body()`
+    (None when it was larger: answer 413). Subclasses set `ctx` and `body_limit` in
+    `initialize`. Tornado calls every method on the loop."""
+
+    ctx: ConnContext
+    body_limit: int = 65536
+
+    def prepare(self) -> None:
+        self._set_cors_headers()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        length = self.request.headers.get("Content-Length")
+        if self.request.method == "POST" and content_length_exceeds(length, self.body_limit):
+            self._too_large = True
+            self.send_error(413)  # the body is never read; Tornado closes the connection
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._size += len(chunk)
+        if self._size > self.body_limit:
+            self._too_large = True
+            self._chunks = []
+            return
+        self._chunks.append(chunk)
+
+    def body(self) -> bytes | None:
+        """The request body, or None (after answering 413) when it exceeded the limit."""
+        if self._too_large:
+            self.send_error(413)
+            return None
+        return b"".join(self._chunks)
+
+    def options(self, *args: str) -> None:
+        """CORS preflight: 200 with the CORS headers set in `prepare`."""
+        self.set_status(200)
+        self.finish()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """An empty body, as Centrifugo answers errors here (`send_error` cleared the
+        headers: the CORS ones are set again)."""
+        self.clear_header("Content-Type")
+        self._set_cors_headers()
+        self.finish()
+
+    def _set_cors_headers(self) -> None:
+        headers = self.request.headers
+        for name, value in cors_headers(
+            self.ctx.config.allowed_origins,
+            headers.get("Origin"),
+            headers.get("Access-Control-Request-Headers"),
+        ):
+            self.set_header(name, value)
+
+
+# -- response side ----------------------------------------------------------------------------
+
+
+class StreamingHandler(LimitedBodyHandler):
+    """A response that lives as long as its connection actor. `stream()` starts the actor
+    and returns when the response has ended (the actor closed it, a write failed, or the
+    peer went away)."""
+
+    def initialize(self, ctx: ConnContext, body_limit: int) -> None:
+        self.ctx = ctx
+        self.body_limit = body_limit
+        self.actor: Any = None
+        self._ended = asyncio.Event()
+
+    def start_response(self, content_type: str | None, preamble: bytes = b"") -> None:
+        """Status 200, Centrifugo's streaming headers, then the head (and `preamble`) are
+        flushed at once so the client sees the stream open."""
+        self.set_status(200)
+        if content_type is None:
+            self.clear_header("Content-Type")
+        else:
+            self.set_header("Content-Type", content_type)
+        if self.request.version == "HTTP/1.1":
+            self.set_header("Connection", "keep-alive")
+        for name, value in STREAM_HEADERS:
+            self.set_header(name, value)
+        if preamble:
+            self.write(preamble)
+        _ignore_failure(self.flush())
+
+    async def stream(self, transport: StreamTransport, first_message: Any) -> None:
+        """Start the connection actor, tell it `first_message` (a `Frame` or `UniConnect`),
+        and wait until the response has ended."""
+        if self._ended.is_set():  # the peer left while we were reading the request
+            return
+        self.actor = ConnectionActor.start(self.ctx, transport, register=False)
+        self.actor.tell(first_message)
+        await self._ended.wait()
+
+    # -- called by StreamTransport, on the loop, from the connection actor's writer ---------
+
+    def send(self, data: bytes) -> Awaitable[None]:
+        """Write `data` and flush it; the awaitable fails (and the response is aborted) if
+        the peer is gone or does not take the data within WRITE_TIMEOUT."""
+        if self._ended.is_set() or self._finished:
+            raise tornado.iostream.StreamClosedError()
+        self.write(data)
+        return self._flushed(self.flush())
+
+    async def _flushed(self, pending: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await pending
+        except BaseException:
+            self.abort()
+            raise
+
+    def end(self, data: bytes) -> None:
+        """Write the last message (the disconnect push) and finish the response."""
+        if self._ended.is_set() or self._finished:
+            return
+        self._ended.set()
+        with contextlib.suppress(tornado.iostream.StreamClosedError):
+            self.write(data)
+            self.finish()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without finishing the response (a failed write)."""
+        self._ended.set()
+        connection: Any = self.request.connection
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    # -- Tornado callbacks ---------------------------------------------------------------------
+
+    def on_connection_close(self) -> None:
+        """The peer went away: the actor releases the connection."""
+        super().on_connection_close()
+        self._ended.set()
+        actor = self.actor
+        if actor is not None:
+            with contextlib.suppress(ActorDeadError):
+                actor.tell(TransportClosed())
+
+    def on_finish(self) -> None:
+        self._ended.set()
+
+
+class StreamTransport:
+    """The `Transport` of one streaming response: frames what the connection actor writes
+    and ends the response with a disconnect push. Methods run on the loop, called by the
+    connection actor."""
+
+    def __init__(
+        self,
+        handler: StreamingHandler,
+        *,
+        name: str,
+        fmt: Format,
+        emulation: bool,
+        frame: Callable[[Sequence[bytes]], bytes],
+        disconnect: Callable[[int, str], bytes],
+    ) -> None:
+        self._handler = handler
+        self.name = name
+        self.format = fmt
+        self.emulation = emulation
+        self.unidirectional = fmt == Format.JSON_UNI
+        self.pong = not self.unidirectional
+        self._frame = frame
+        self._disconnect = disconnect
+
+    def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
+        return self._handler.send(self._frame(messages))
+
+    def close(self, code: int, reason: str) -> None:
+        self._handler.end(self._frame([self._disconnect(code, reason)]))
+
+
+def prefix_route(prefix: str) -> str:
+    """A Tornado route pattern matching exactly the configured path."""
+    return re.escape(prefix)
+
+
+def _ignore_failure(future: asyncio.Future[None]) -> None:
+    """A write nobody awaits: a dead peer is noticed by `on_connection_close` instead."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+__all__ = [
+    "JSON_STREAM_CONTENT_TYPE",
+    "PROTOBUF_CONTENT_TYPE",
+    "SSE_CONTENT_TYPE",
+    "SSE_PREAMBLE",
+    "STREAM_HEADERS",
+    "WRITE_TIMEOUT",
+    "LimitedBodyHandler",
+    "StreamTransport",
+    "StreamingHandler",
+    "content_length_exceeds",
+    "cors_headers",
+    "frame_lines",
+    "frame_sse",
+    "prefix_route",
+]

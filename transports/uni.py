@@ -1,0 +1,242 @@
+"""Unidirectional transports: `uni_websocket`, `uni_sse`, `uni_http_stream` (JSON only).
+
+The client sends one bare `ConnectRequest` object (not a command); the server answers with
+pushes without the `{"push": ...}` envelope: a `connect` push first, then publications,
+joins, leaves, `{}` pings and finally a `disconnect` push (spec/protocol.md 5.4). Only
+server-side subscriptions exist; nothing the client sends later is a command.
+
+- uni_websocket: the first text message is the ConnectRequest (malformed: the connection is
+  just closed); later messages are ignored. One text frame per push; native WebSocket pings
+  every 25 s. A disconnect is the disconnect push, then the TCP connection is closed without
+  a close frame (Centrifugo closes the socket).
+- uni_sse: `GET ?cf_connect=<ConnectRequest JSON>` (absent: an empty request) or `POST` with
+  the JSON body; SSE framing (`\\r\\n`, then `data: <json>\\n\\n`).
+- uni_http_stream: `POST` with the JSON body; each push is a JSON line + `\\n`.
+
+Handlers run on the loop (Tornado); they hold no protocol state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import tornado.websocket
+from pykka import ActorDeadError
+
+from actors.connection import ConnectionActor
+from actors.connection_core import TransportClosed, UniConnect
+from actors.context import ConnContext
+from actors.transport import Format
+from engine.config import Config
+from engine.protocol import json_codec
+from engine.protocol.commands import ConnectRequest, ProtocolError
+from transports.http_common import (
+    SSE_CONTENT_TYPE,
+    SSE_PREAMBLE,
+    WRITE_TIMEOUT,
+    StreamingHandler,
+    StreamTransport,
+    frame_lines,
+    frame_sse,
+    prefix_route,
+)
+from transports.websocket import origin_allowed
+
+CONNECT_PARAM = "cf_connect"
+# Centrifugo's uni_websocket pings natively every 25 s and drops a connection that sent
+# nothing (not even a pong, nor the connect request) for 10/9 of that.
+UNI_WS_PING_INTERVAL = 25.0
+UNI_WS_READ_TIMEOUT = UNI_WS_PING_INTERVAL * 10 / 9
+
+
+def _uni_disconnect(code: int, reason: str) -> bytes:
+    return json_codec.encode_disconnect_push(code, reason, unidirectional=True)
+
+
+def decode_uni_connect(body: bytes | None) -> ConnectRequest:
+    """The ConnectRequest of a uni transport; None (no `cf_connect` parameter) is an empty
+    request, i.e. an anonymous attempt. Raises ProtocolError when malformed (an empty body
+    included)."""
+    if body is None:
+        return ConnectRequest()
+    return json_codec.decode_connect_request(body)
+
+
+# -- HTTP streaming ---------------------------------------------------------------------------
+
+
+class _UniStreamHandler(StreamingHandler):
+    name = ""
+    content_type: str | None = None
+    preamble = b""
+
+    async def serve(self, body: bytes | None) -> None:
+        try:
+            req = decode_uni_connect(body)
+        except ProtocolError:
+            self.send_error(400)
+            return
+        frame = frame_sse if self.content_type == SSE_CONTENT_TYPE else frame_lines
+        transport = StreamTransport(
+            self,
+            name=self.name,
+            fmt=Format.JSON_UNI,
+            emulation=False,
+            frame=frame,
+            disconnect=_uni_disconnect,
+        )
+        self.start_response(self.content_type, self.preamble)
+        await self.stream(transport, UniConnect(req))
+
+
+class UniHttpStreamHandler(_UniStreamHandler):
+    """`POST /connection/uni_http_stream` with the ConnectRequest JSON; OPTIONS 200, other
+    methods 405; a malformed body is 400."""
+
+    name = "uni_http_stream"
+
+    async def post(self) -> None:
+        body = self.body()
+        if body is not None:
+            await self.serve(body)
+
+
+class UniSseHandler(_UniStreamHandler):
+    """`GET /connection/uni_sse?cf_connect=...` or `POST` with the ConnectRequest JSON;
+    other methods (OPTIONS included) 405; a malformed request is 400."""
+
+    SUPPORTED_METHODS = ("GET", "POST")
+    name = "uni_sse"
+    content_type = SSE_CONTENT_TYPE
+    preamble = SSE_PREAMBLE
+
+    async def get(self) -> None:
+        request = self.get_query_argument(CONNECT_PARAM, "")
+        await self.serve(request.encode() if request else None)
+
+    async def post(self) -> None:
+        body = self.body()
+        if body is not None:
+            await self.serve(body)
+
+
+# -- WebSocket --------------------------------------------------------------------------------
+
+
+class _UniWebSocketTransport:
+    name = "uni_websocket"
+    format = Format.JSON_UNI
+    emulation = False
+    unidirectional = True
+    pong = False
+
+    def __init__(self, handler: UniWebSocketHandler) -> None:
+        self._handler = handler
+
+    def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
+        """One text frame per message; the awaitable completes when the last was sent."""
+        handler = self._handler
+        last: Any = None
+        for message in messages:
+            last = handler.write_message(message, binary=False)
+        timeout = handler.ctx.config.uni_websocket_write_timeout or WRITE_TIMEOUT
+        return _within(last, timeout) if last is not None else None
+
+    def close(self, code: int, reason: str) -> None:
+        """The disconnect push, then drop the TCP connection (no close frame)."""
+        handler = self._handler
+        try:
+            sent = handler.write_message(_uni_disconnect(code, reason), binary=False)
+        except tornado.websocket.WebSocketClosedError:
+            return
+        task = asyncio.get_running_loop().create_task(_drop_after(handler, sent))
+        handler.ctx.background.add(task)
+        task.add_done_callback(handler.ctx.background.discard)
+
+
+async def _within(pending: Awaitable[None], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        await pending
+
+
+async def _drop_after(handler: UniWebSocketHandler, sent: Awaitable[None]) -> None:
+    with contextlib.suppress(Exception):
+        await _within(sent, WRITE_TIMEOUT)
+    handler.drop()
+
+
+class UniWebSocketHandler(tornado.websocket.WebSocketHandler):
+    def initialize(self, ctx: ConnContext) -> None:
+        self.ctx = ctx
+        self.actor: Any = None
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(self.ctx.config.allowed_origins, origin)
+
+    @property
+    def ping_interval(self) -> float | None:
+        return UNI_WS_PING_INTERVAL
+
+    @property
+    def max_message_size(self) -> int:
+        return self.ctx.config.uni_websocket_message_size_limit
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return {} if self.ctx.config.uni_websocket_compression else None
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._read_timer = loop.call_later(UNI_WS_READ_TIMEOUT, self.drop)
+
+    def on_message(self, message: str | bytes) -> None:
+        """The first message is the ConnectRequest; later ones are read and ignored."""
+        if self.actor is not None or self._read_timer is None:
+            return
+        self._read_timer.cancel()
+        self._read_timer = None
+        data = message.encode() if isinstance(message, str) else message
+        try:
+            req = json_codec.decode_connect_request(data)
+        except ProtocolError:
+            self.drop()
+            return
+        self.actor = ConnectionActor.start(self.ctx, _UniWebSocketTransport(self), register=False)
+        self.actor.tell(UniConnect(req))
+
+    def drop(self) -> None:
+        """Close the TCP connection without a close frame (Centrifugo's uni_websocket)."""
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        connection = self.ws_connection
+        if connection is not None and connection.stream is not None:
+            connection.stream.close()
+
+    def on_close(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if self.actor is not None:
+            with contextlib.suppress(ActorDeadError):
+                self.actor.tell(TransportClosed())
+
+
+def routes(config: Config, ctx: ConnContext) -> list[Any]:
+    """The routes of the enabled unidirectional transports."""
+    out: list[Any] = []
+    if config.uni_websocket:
+        route = prefix_route(config.uni_websocket_handler_prefix)
+        out.append((route, UniWebSocketHandler, {"ctx": ctx}))
+    if config.uni_sse:
+        kwargs = {"ctx": ctx, "body_limit": config.uni_sse_max_request_body_size}
+        out.append((prefix_route(config.uni_sse_handler_prefix), UniSseHandler, kwargs))
+    if config.uni_http_stream:
+        kwargs = {"ctx": ctx, "body_limit": config.uni_http_stream_max_request_body_size}
+        out.append(
+            (prefix_route(config.uni_http_stream_handler_prefix), UniHttpStreamHandler, kwargs)
+        )
+    return out
