@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine.types import ClientInfo, Publication, StreamPosition
 
@@ -129,3 +130,51 @@ class PresenceManager(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """Release connections (no-op for in-memory back ends)."""
+
+
+class BrokerHandler(Protocol):
+    """What a broker calls (on the node's loop) for messages from OTHER nodes."""
+
+    def on_publication(self, channel: str, pub: Publication, epoch: str) -> None: ...
+
+    def on_join(self, channel: str, info: ClientInfo) -> None: ...
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None: ...
+
+    def on_control(self, data: bytes) -> None: ...
+
+    def on_reconnect(self) -> None:
+        """The broker lost and regained its connection: messages may have been missed, so
+        every channel must be re-checked against the log."""
+        ...
+
+
+class Broker(abc.ABC):
+    """Cross-node fan-out (Redis PUB/SUB, PostgreSQL LISTEN/NOTIFY). Delivery is at most
+    once and a node never receives its own messages back; ordering and gaps are the
+    receiving node's job (it sequences by offset and fills gaps from the event log).
+    All methods run on the loop; publish_* return once the message was handed to the
+    back end (or raise StorageError)."""
+
+    @abc.abstractmethod
+    async def start(self, node_uid: str, handler: BrokerHandler) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Receive this channel's messages (called when it gets its first local subscriber)."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, pub: Publication, epoch: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish_join_leave(self, channel: str, info: ClientInfo, join: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def publish_control(self, data: bytes, node_uid: str = "") -> None:
+        """To every other node ("") or to one node."""
