@@ -93,28 +93,38 @@ def _on_running_loop() -> bool:
 
 
 class _LoopInbox:
-    """A deque inbox that schedules its owner's drain when it becomes non-empty."""
+    """A deque inbox that schedules its owner's drain when it becomes non-empty.
 
-    __slots__ = ("_actor", "_items", "_lock")
+    On the loop thread no lock is needed: the drain runs on the same thread. From another
+    thread, `put` appends (atomic for a deque) and asks the loop to re-check, so a drain
+    that was just finishing cannot miss the message."""
+
+    __slots__ = ("_actor", "_items")
 
     def __init__(self, actor: LoopActor) -> None:
         self._actor = actor
         self._items: collections.deque[Any] = collections.deque()
-        self._lock = threading.Lock()
 
     def put(self, envelope: Any, /) -> None:
-        with self._lock:
-            was_empty = not self._items
-            self._items.append(envelope)
-        if was_empty:
-            self._actor._schedule_drain()
+        self._items.append(envelope)
+        actor = self._actor
+        if threading.get_ident() == actor._loop_thread:
+            if not actor._busy:
+                actor._busy = True
+                actor._loop.call_soon(actor._drain)
+        else:
+            actor._loop.call_soon_threadsafe(actor._schedule_drain)
 
     def get(self) -> Any:
-        with self._lock:
-            return self._items.popleft()
+        return self._items.popleft()
 
     def empty(self) -> bool:
         return not self._items
+
+
+_PYKKA_MESSAGES = frozenset(
+    {messages._ActorStop, messages.ProxyCall, messages.ProxyGetAttr, messages.ProxySetAttr}
+)
 
 
 class LoopActor(pykka.Actor):
@@ -140,7 +150,8 @@ class LoopActor(pykka.Actor):
     ) -> ActorRef[Self]:
         obj = cls(*args, **kwargs)
         obj._loop = loop or asyncio.get_running_loop()
-        obj._loop_thread = threading.get_ident()
+        # The loop's thread; re-read in _run_start, which always runs on the loop.
+        obj._loop_thread = threading.get_ident() if loop is None else -1
         obj._busy = True  # until on_start has run
         obj._registered = register
         if register:
@@ -165,6 +176,7 @@ class LoopActor(pykka.Actor):
         return threading.get_ident() == self._loop_thread
 
     def _run_start(self) -> None:
+        self._loop_thread = threading.get_ident()
         try:
             self.on_start()
         except Exception:
@@ -176,13 +188,17 @@ class LoopActor(pykka.Actor):
             self._loop.call_soon(self._drain)
 
     def _schedule_drain(self) -> None:
-        if self._busy:
-            return  # the running drain (or on_start) picks it up
-        if self._on_loop_thread():
+        """On the loop: start a drain unless one is running (or on_start has not run)."""
+        if not self._busy and not self.actor_inbox.empty():
             self._busy = True
             self._loop.call_soon(self._drain)
-        else:
-            self._loop.call_soon_threadsafe(self._schedule_drain)
+
+    def _handle_receive(self, message: Any) -> Any:
+        """pykka's own messages (stop, proxy calls) go to pykka; ours straight to
+        `on_receive`, skipping pykka's chain of isinstance checks on the hot path."""
+        if type(message) in _PYKKA_MESSAGES:
+            return super()._handle_receive(message)
+        return self.on_receive(message)
 
     def _drain(self) -> None:
         """Handle queued messages in order; hand over to a task at the first awaitable."""
@@ -198,7 +214,7 @@ class LoopActor(pykka.Actor):
             except Exception:
                 self._reply_failure(envelope)
                 continue
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 self._loop.create_task(self._finish_async(envelope, result))
                 return
             if envelope.reply_to is not None:

@@ -106,7 +106,8 @@ class ConnectionCore(LoopActor):
         self.subs: dict[str, Subscription] = {}
         self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
-        self._writer: asyncio.Task[None] | None = None
+        self._writing = False  # a flush is scheduled or waiting for the transport
+        self._loop = asyncio.get_running_loop()
         self._closing: tuple[int, str] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._pong_pending = False
@@ -260,27 +261,46 @@ class ConnectionCore(LoopActor):
             self._out_size = 0
             self.close(DisconnectCode.SLOW)
             return
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        if not self._writing:
+            self._writing = True
+            self._loop.call_soon(self._flush)
 
-    async def _write_loop(self) -> None:
+    def _flush(self) -> None:
+        """Write queued messages, up to MAX_MESSAGES_IN_FRAME per transport write; wait for
+        the transport between writes (a callback, not a task, on this hot path). Messages
+        queued meanwhile join the next write, so a busy connection batches."""
         out = self._out
-        try:
-            while out:
-                n = min(len(out), MAX_MESSAGES_IN_FRAME)
-                batch = [out.popleft() for _ in range(n)]
-                self._out_size -= sum(map(len, batch))
+        while out and self.state != "closed":
+            n = min(len(out), MAX_MESSAGES_IN_FRAME)
+            batch = [out.popleft() for _ in range(n)]
+            self._out_size -= sum(map(len, batch))
+            try:
                 pending = self.transport.write(batch)
-                if pending is not None:
-                    await pending
-        except Exception as exc:
-            log.debug("connection %s: write failed: %r", self.client_id, exc)
-            self._writer = None
-            self._terminate(None)
-            return
-        self._writer = None
-        if self._closing is not None:
+            except Exception as exc:
+                self._write_failed(exc)
+                return
+            if pending is not None:
+                future = asyncio.ensure_future(pending)
+                if not future.done():
+                    future.add_done_callback(self._write_done)
+                    return
+                if future.exception() is not None:
+                    self._write_failed(future.exception())
+                    return
+        self._writing = False
+        if self._closing is not None and self.state != "closed":
             self._finish_close()
+
+    def _write_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._write_failed(None if future.cancelled() else future.exception())
+        else:
+            self._flush()
+
+    def _write_failed(self, exc: BaseException | None) -> None:
+        log.debug("connection %s: write failed: %r", self.client_id, exc)
+        self._writing = False
+        self._terminate(None)
 
     # -- timers ---------------------------------------------------------------------------
 
@@ -396,7 +416,7 @@ class ConnectionCore(LoopActor):
             code=str(code),
         )
         self._cleanup()
-        if self._writer is None:
+        if not self._writing:
             self._finish_close()
 
     def _finish_close(self) -> None:
@@ -410,14 +430,11 @@ class ConnectionCore(LoopActor):
 
     def _terminate(self, code: int | None) -> None:
         """The connection is gone: release everything and stop the actor."""
-        if self.state == "closed" and self.actor_stopped.is_set():
+        if self.state == "closed":
             return
         self._cleanup()
         self.state = "closed"
         self._out.clear()
-        if self._writer is not None:
-            self._writer.cancel()
-            self._writer = None
         self.ctx.hub.remove_connection(self.client_id)
         self.actor_ref.stop(block=False)
 
