@@ -14,7 +14,7 @@ import os
 import signal
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +28,13 @@ from actors.hub import Hub, SessionsAdapter
 from engine.api import Executor
 from engine.auth import JWKSCache, TokenVerifier
 from engine.config import Config
-from engine.node import Node
+from engine.metrics import Metrics
+from engine.node import VERSION, Node
 from storage.factory import open_event_log
 from storage.presence_memory import MemoryPresence
 from storage.writer import GroupCommitWriter
 from transports.api_http import InFlight, api_routes
+from transports.consumers import Consumers, start_consumers
 from transports.websocket import WebSocketHandler
 
 log = logging.getLogger("centripy.server")
@@ -42,6 +44,49 @@ class HealthHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(b"{}")
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.metrics.render())
+
+
+def hub_gauges(hub: Hub) -> Callable[[], list[tuple[str, str, tuple[tuple[str, str], ...], float]]]:
+    def collect() -> list[tuple[str, str, tuple[tuple[str, str], ...], float]]:
+        stats = hub.stats()
+        return [
+            ("centrifugo_node_num_clients", "gauge", (), stats.num_clients),
+            ("centrifugo_node_num_users", "gauge", (), stats.num_users),
+            ("centrifugo_node_num_channels", "gauge", (), stats.num_channels),
+            ("centrifugo_node_num_subscriptions", "gauge", (), stats.num_subs),
+        ]
+
+    return collect
+
+
+def consumer_counters(
+    consumers: Consumers,
+) -> Callable[[], list[tuple[str, str, tuple[tuple[str, str], ...], float]]]:
+    """Per-consumer counters (applied, skipped, retries, errors) and Kafka lag."""
+
+    def collect() -> list[tuple[str, str, tuple[tuple[str, str], ...], float]]:
+        out: list[tuple[str, str, tuple[tuple[str, str], ...], float]] = []
+        for name, stats in consumers.stats().items():
+            labels = (("consumer", name), ("type", str(stats.get("type", ""))))
+            for key in ("applied", "skipped", "retries", "errors"):
+                value = stats.get(key)
+                if isinstance(value, int | float):
+                    out.append((f"centripy_consumer_{key}_total", "counter", labels, value))
+            lag = stats.get("lag")
+            if isinstance(lag, int | float):
+                out.append(("centripy_consumer_lag", "gauge", labels, lag))
+        return out
+
+    return collect
 
 
 async def _fetch(url: str) -> bytes:
@@ -61,6 +106,7 @@ class Services:
     inflight: InFlight
     servers: list[tornado.httpserver.HTTPServer] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
+    consumers: Consumers = field(default_factory=Consumers)
 
 
 def build_verifier(config: Config) -> TokenVerifier:
@@ -73,6 +119,14 @@ def client_routes(config: Config, ctx: ConnContext) -> list[Any]:
     routes: list[Any] = []
     if not config.websocket_disable:
         routes.append((config.websocket_handler_prefix, WebSocketHandler, {"ctx": ctx}))
+    from transports import emulation, uni  # each adds only the transports switched on
+
+    routes.extend(emulation.routes(config, ctx))
+    routes.extend(uni.routes(config, ctx))
+    if config.sockjs:
+        from transports.sockjs import sockjs_routes
+
+        routes.extend(sockjs_routes(config, ctx))
     return routes
 
 
@@ -82,6 +136,9 @@ def internal_routes(config: Config, services: Services) -> list[Any]:
         routes.extend(api_routes(services.executor, config, services.inflight))
     if config.health:
         routes.append((config.health_handler_prefix, HealthHandler))
+    if config.prometheus:
+        metrics = services.node.metrics
+        routes.append((config.prometheus_handler_prefix, MetricsHandler, {"metrics": metrics}))
     return routes
 
 
@@ -123,9 +180,13 @@ async def start(config: Config) -> Services:
     node = Node(config, event_log, writer.submit, MemoryPresence())
     hub = Hub()
     node.attach_fanout(hub)
+    node.metrics.collector(hub_gauges(hub))
+    node.metrics.set("centrifugo_node_build", 1, "Build info.", version=VERSION)
     ctx = ConnContext(config, node, hub, build_verifier(config))
     executor = Executor(node, SessionsAdapter(hub))
     services = Services(config, node, hub, writer, executor, InFlight())
+    services.consumers = await start_consumers(config, executor)
+    node.metrics.collector(consumer_counters(services.consumers))
     settings: dict[str, Any] = {
         "websocket_max_message_size": config.websocket_message_size_limit,
         "websocket_ping_interval": None,
@@ -155,6 +216,7 @@ async def stop(services: Services) -> None:
     services.node.shutting_down = True
     for server in services.servers:
         server.stop()
+    await services.consumers.stop()
     timeout = config.shutdown_timeout
     await services.hub.shutdown(min(timeout, 5.0))
     await services.inflight.wait_idle(timeout)

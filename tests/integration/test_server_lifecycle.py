@@ -220,8 +220,12 @@ async def test_metrics_endpoint(server_factory: ServerFactory) -> None:
         await ws.send(json.dumps({"id": 1, "connect": {}}))
         await ws.recv()
         server.api_result("publish", {"channel": "any", "data": {}})
-        with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        text = await asyncio.to_thread(_get, f"{server.http_url}/metrics")
     assert "centrifugo_node_num_clients 1" in text
     assert 'centrifugo_transport_connect_count{transport="websocket"} 1' in text
     assert 'centripy_api_commands_total{method="PublishRequest"} 1' in text
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())

@@ -1,0 +1,243 @@
+"""The Kafka consumer end to end against the Tansu broker: a real `centripy serve` process
+consumes a topic and a real centrifuge-python subscriber receives the publications
+(spec/server_api.md 4.3). Group timings are shortened for Tansu through
+CENTRIPY_KAFKA_SESSION_TIMEOUT_MS / CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.structs import TopicPartition
+
+from tests.integration.consumers_support import (
+    SERVER_CONFIG,
+    channel_name,
+    eventually,
+    history_data,
+    server_log,
+    subscriber,
+    unique,
+    wait_for_log,
+    wait_for_log_count,
+)
+from tests.support.server import ServerFactory, ServerProcess
+from tests.support.services import TansuBroker
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.timeout(30)]
+
+KAFKA_ENV = {
+    "CENTRIPY_KAFKA_SESSION_TIMEOUT_MS": "2000",
+    "CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+}
+WAIT = 15.0  # a group join on Tansu takes about session_timeout_ms / 2
+
+
+class Topic:
+    """A uniquely named topic on a broker; blocking kafka-python calls run in threads."""
+
+    def __init__(self, broker: TansuBroker, partitions: int = 1) -> None:
+        self.broker = broker
+        self.name = unique("topic")
+        self.group = unique("group")
+        self.partitions = partitions
+
+    def create(self) -> None:
+        admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap_servers)
+        try:
+            admin.create_topics([NewTopic(self.name, self.partitions, 1)])
+        finally:
+            admin.close()
+
+    def _send(self, values: list[tuple[bytes, int]]) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.broker.bootstrap_servers)
+        try:
+            for value, partition in values:
+                producer.send(self.name, value=value, partition=partition)
+            producer.flush(timeout=10)
+        finally:
+            producer.close()
+
+    async def send(self, values: list[bytes], partition: int = 0) -> None:
+        await asyncio.to_thread(self._send, [(v, partition) for v in values])
+
+    async def publish(self, channel: str, items: list[Any], partition: int = 0) -> None:
+        await self.send([command(channel, d) for d in items], partition)
+
+    def _committed(self) -> dict[int, int]:
+        admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap_servers)
+        try:
+            wanted = [TopicPartition(self.name, p) for p in range(self.partitions)]
+            offsets = admin.list_group_offsets({self.group: wanted})[self.group]
+        finally:
+            admin.close()
+        return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+    async def committed(self) -> dict[int, int]:
+        return await asyncio.to_thread(self._committed)
+
+    def config(self, name: str = "kafka_in", **options: Any) -> dict[str, Any]:
+        consumer = {
+            "name": name,
+            "type": "kafka",
+            "kafka": {
+                "brokers": [self.broker.bootstrap_servers],
+                "topics": [self.name],
+                "consumer_group": self.group,
+                **options,
+            },
+        }
+        return {**SERVER_CONFIG, "consumers": [consumer]}
+
+
+def command(channel: str, data: Any, *, as_string: bool = False) -> bytes:
+    payload: Any = {"channel": channel, "data": data}
+    if as_string:
+        payload = json.dumps(payload)
+    return json.dumps({"method": "publish", "payload": payload}).encode()
+
+
+@pytest.fixture
+def topic(tansu_broker: TansuBroker) -> Topic:
+    made = Topic(tansu_broker)
+    made.create()
+    return made
+
+
+def start(server_factory: ServerFactory, config: dict[str, Any]) -> ServerProcess:
+    return server_factory(config, env=KAFKA_ENV)
+
+
+async def test_records_are_delivered_in_order(server_factory: ServerFactory, topic: Topic) -> None:
+    server = start(server_factory, topic.config(max_poll_records=7))
+    channel = channel_name()
+    async with subscriber(server, channel) as sub:
+        await topic.publish(channel, list(range(30)))
+        assert await sub.wait_count(30, within=WAIT) == list(range(30))
+
+    async def all_committed() -> bool:
+        return await topic.committed() == {0: 30}
+
+    await eventually_committed(all_committed)
+
+
+async def eventually_committed(check: Any) -> None:
+    async with asyncio.timeout(WAIT):
+        while not await check():
+            await asyncio.sleep(0.1)
+
+
+async def test_each_partition_keeps_its_order(
+    server_factory: ServerFactory, tansu_broker: TansuBroker
+) -> None:
+    topic = Topic(tansu_broker, partitions=3)
+    topic.create()
+    server = start(server_factory, topic.config())
+    channels = [channel_name() for _ in range(3)]
+    async with (
+        subscriber(server, channels[0]) as s0,
+        subscriber(server, channels[1]) as s1,
+        subscriber(server, channels[2]) as s2,
+    ):
+        for partition, channel in enumerate(channels):
+            await topic.publish(channel, list(range(15)), partition=partition)
+        for sub in (s0, s1, s2):
+            assert await sub.wait_count(15, within=WAIT) == list(range(15))
+
+
+async def test_garbage_records_are_skipped_and_committed(
+    server_factory: ServerFactory, topic: Topic
+) -> None:
+    server = start(server_factory, topic.config())
+    channel = channel_name()
+    async with subscriber(server, channel) as sub:
+        await topic.send(
+            [
+                command(channel, 0),
+                b"not json",
+                b"[1, 2, 3]",
+                b'{"payload": {"channel": "x", "data": 1}}',  # no method
+                json.dumps({"method": "publish", "payload": {"channel": 7}}).encode(),
+                json.dumps({"method": "publish", "payload": {"data": 1}}).encode(),  # 107
+                json.dumps({"method": "nope", "payload": {}}).encode(),  # ignored
+                command(channel, 1),
+            ]
+        )
+        assert await sub.wait_count(2, within=WAIT) == [0, 1]
+
+    async def all_committed() -> bool:
+        return await topic.committed() == {0: 8}
+
+    await eventually_committed(all_committed)
+    log = server_log(server)
+    assert f"skipping malformed item at topic {topic.name} partition 0 offset 1" in log
+    assert f"skipping publish at topic {topic.name} partition 0 offset 5" in log
+
+
+async def test_payload_given_as_a_json_string(server_factory: ServerFactory, topic: Topic) -> None:
+    server = start(server_factory, topic.config())
+    channel = channel_name()
+    async with subscriber(server, channel) as sub:
+        await topic.send(
+            [command(channel, {"text": "as string"}, as_string=True), command(channel, "plain")]
+        )
+        assert await sub.wait_count(2, within=WAIT) == [{"text": "as string"}, "plain"]
+
+
+async def test_restart_continues_from_committed_offsets(
+    server_factory: ServerFactory, topic: Topic
+) -> None:
+    server = start(server_factory, topic.config())
+    channel = channel_name()
+    async with subscriber(server, channel) as sub:
+        await topic.publish(channel, [0, 1, 2, 3])
+        assert await sub.wait_count(4, within=WAIT) == [0, 1, 2, 3]
+    assert server.stop() == 0
+    assert await topic.committed() == {0: 4}
+    await topic.publish(channel, [4, 5])
+    server.start()
+    async with subscriber(server, channel) as sub:
+        await topic.publish(channel, [6])
+        await eventually(lambda: 6 in sub.data, within=WAIT)
+        assert sub.data == [4, 5, 6][-len(sub.data) :]
+    assert await history_data(server, channel) == list(range(7))
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A broker of this test alone (it is restarted; Tansu keeps data in memory only)."""
+    broker = TansuBroker(tmp_path / "tansu").start()
+    yield broker
+    broker.stop()
+
+
+async def test_broker_restart_is_survived(
+    server_factory: ServerFactory, private_broker: TansuBroker
+) -> None:
+    # Tansu keeps everything in memory: a restart loses the topic, its records and the
+    # group's offsets (a real Kafka keeps them). So "before" goes to partition 1 and the
+    # records after the restart to partition 0, whose position is still 0.
+    topic = Topic(private_broker, partitions=2)
+    topic.create()
+    server = start(server_factory, topic.config())
+    channel = channel_name()
+    assigned = f"assigned [('{topic.name}', 0), ('{topic.name}', 1)]"
+    async with subscriber(server, channel) as sub:
+        await topic.publish(channel, ["before"], partition=1)
+        assert await sub.wait_count(1, within=WAIT) == ["before"]
+        await asyncio.to_thread(private_broker.stop)
+        await wait_for_log(server, "ECONNREFUSED")  # the consumer noticed
+        await asyncio.to_thread(private_broker.start)
+        await asyncio.to_thread(topic.create)
+        await wait_for_log_count(server, assigned, 2, within=WAIT)  # the group was joined again
+        await topic.publish(channel, ["after-0", "after-1"], partition=0)
+        assert await sub.wait_count(3, within=WAIT) == ["before", "after-0", "after-1"]
+        await topic.publish(channel, ["after-2"], partition=1)
+        assert await sub.wait_count(4, within=WAIT) == ["before", "after-0", "after-1", "after-2"]
+    assert server.running

@@ -1,0 +1,126 @@
+"""Asynchronous consumers (spec/server_api.md 4): the PostgreSQL transactional outbox (also on
+a SQLite file) and Kafka topics, feeding consumed `{method, payload}` commands to the server
+API executor.
+
+`start_consumers(config, dispatcher)` is called once by the composition root on the event
+loop after the executor exists; it starts every enabled consumer and fails with
+`ConsumerStartError` (after stopping those already started) when one cannot reach its
+database or broker. `Consumers.stop()` runs on the loop during shutdown, before the hub shuts
+down, so batches in flight still reach their subscribers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from engine.config import Config, ConsumerConfig
+from transports.consumers.dispatch import ConsumerStartError, ConsumerStats, Dispatcher
+from transports.consumers.kafka import KafkaConsumerHandle, KafkaTuning
+from transports.consumers.outbox import OutboxConsumer, OutboxSettings, OutboxStore
+from transports.consumers.postgres_outbox import NotifyListener, PostgresOutboxStore
+from transports.consumers.sqlite_outbox import SqliteOutboxStore, is_sqlite_dsn
+
+log = logging.getLogger("centripy.consumers")
+
+__all__ = ["ConsumerStartError", "Consumers", "Dispatcher", "start_consumers"]
+
+
+class RunningConsumer(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def stats(self) -> dict[str, object]: ...
+
+
+class Consumers:
+    """The running consumers of a server; methods run on the event loop."""
+
+    def __init__(self, consumers: Sequence[RunningConsumer] = ()) -> None:
+        self._consumers = list(consumers)
+
+    def __len__(self) -> int:
+        return len(self._consumers)
+
+    async def stop(self) -> None:
+        """Stop every consumer (each finishes or commits what it was doing)."""
+        consumers, self._consumers = self._consumers, []
+        for consumer in reversed(consumers):
+            try:
+                await consumer.stop()
+            except Exception:
+                log.exception("consumer %s: error while stopping", consumer.name)
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        """Counters per consumer name: type, applied, skipped, retries, errors, lag."""
+        return {consumer.name: consumer.stats() for consumer in self._consumers}
+
+
+def build_outbox(consumer: ConsumerConfig, dispatcher: Dispatcher) -> OutboxConsumer:
+    """A PostgreSQL outbox consumer, or a SQLite one when its dsn is `sqlite:///...`."""
+    pg = consumer.postgresql
+    if pg is None:
+        raise ConsumerStartError(f"consumer {consumer.name}: postgresql settings missing")
+    settings = OutboxSettings(
+        num_partitions=pg.num_partitions,
+        select_limit=pg.partition_select_limit,
+        poll_interval=pg.partition_poll_interval,
+    )
+    store: OutboxStore
+    if is_sqlite_dsn(pg.dsn):
+        store = SqliteOutboxStore(consumer.name, pg.dsn, pg.outbox_table_name)
+        outbox = OutboxConsumer(consumer.name, store, dispatcher, settings, ConsumerStats("sqlite"))
+        if pg.partition_notification_channel:
+            log.warning(
+                "consumer %s: partition_notification_channel is ignored for SQLite (polling)",
+                consumer.name,
+            )
+        return outbox
+    pg_store = PostgresOutboxStore(consumer.name, pg.dsn, pg.outbox_table_name, pg.num_partitions)
+    outbox = OutboxConsumer(
+        consumer.name, pg_store, dispatcher, settings, ConsumerStats("postgresql")
+    )
+    if pg.partition_notification_channel:
+        outbox.waker = NotifyListener(
+            pg_store, pg.partition_notification_channel, pg.num_partitions,
+            outbox.wake, outbox.wake_all,
+        )  # fmt: skip
+    return outbox
+
+
+def build_consumer(
+    consumer: ConsumerConfig, dispatcher: Dispatcher, env: Mapping[str, str]
+) -> RunningConsumer:
+    if consumer.type == "postgresql":
+        return build_outbox(consumer, dispatcher)
+    if consumer.type == "kafka" and consumer.kafka is not None:
+        return KafkaConsumerHandle(
+            consumer.name, consumer.kafka, dispatcher, KafkaTuning.from_env(env)
+        )
+    raise ConsumerStartError(f"consumer {consumer.name}: unsupported type {consumer.type!r}")
+
+
+async def start_consumers(
+    config: Config, dispatcher: Dispatcher, env: Mapping[str, str] | None = None
+) -> Consumers:
+    """Start every enabled consumer of `config` (on the event loop). `env` defaults to the
+    process environment (read for the Kafka tuning variables)."""
+    environ = os.environ if env is None else env
+    started: list[RunningConsumer] = []
+    try:
+        for consumer in config.consumers:
+            if consumer.disabled:
+                log.info("consumer %s: disabled", consumer.name)
+                continue
+            running = build_consumer(consumer, dispatcher, environ)
+            await running.start()
+            started.append(running)
+    except BaseException:
+        await Consumers(started).stop()
+        raise
+    return Consumers(started)
