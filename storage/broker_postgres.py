@@ -1,0 +1,330 @@
+"""Cross-node fan-out on PostgreSQL alone: LISTEN/NOTIFY (engine `postgresql`).
+
+Two LISTEN channels per cluster: `<channel_prefix>_pub` carries publications, join and leave
+of every channel (each node drops those of channels it has no local subscriber for) and
+`<channel_prefix>_ctl` carries control messages (to all nodes, or addressed to one uid).
+
+A NOTIFY payload is text shorter than 8000 bytes, so a message body (the binary envelope of
+`storage.broker_redis`) is sent as `i<base64(body)>` when that fits in `inline_limit`
+characters, otherwise the body is inserted into `<table>(id bigserial, body bytea,
+created_at timestamptz)` and the NOTIFY (same transaction, so it is delivered only once the
+row is visible) carries `r["<id>","<origin>","<kind>","<channel or target>"]`; receivers that
+want it fetch the row. Rows are deleted after `gc_after` seconds by publishing nodes.
+
+One dedicated connection LISTENs (application_name `centripy-listen-<uid>`); a small pool
+sends NOTIFYs and fetches large bodies. Notifications are handled one at a time, in arrival
+(= commit) order, by one task on the node's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+
+from engine.types import ClientInfo, Publication
+from storage.base import Broker, BrokerHandler, StorageError
+from storage.broker_redis import (
+    KIND_CONTROL,
+    backoff_delay,
+    decode_message,
+    deliver_message,
+    encode_control,
+    encode_join_leave,
+    encode_publication,
+)
+
+log = logging.getLogger("centripy.broker.postgres")
+
+PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+NOTIFY_LIMIT = 7999  # PostgreSQL rejects payloads of 8000 bytes or more
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
+
+
+def asyncpg_dsn(url: str) -> str:
+    """`postgresql+asyncpg://...` (SQLAlchemy style) -> `postgresql://...` for asyncpg."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {url!r}")
+    return f"postgresql://{rest}"
+
+
+def check_identifier(name: str, what: str) -> str:
+    if not _IDENT.match(name):
+        raise ValueError(f"{what} {name!r} must match {_IDENT.pattern}")
+    return name
+
+
+class PostgresBroker(Broker):
+    """LISTEN/NOTIFY broker. All methods run on the node's event loop, and so do the
+    handler calls (from the notification task)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        channel_prefix: str = "centripy",
+        table: str = "centripy_broker_messages",
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        io_timeout: float = 5.0,
+        inline_limit: int = 7900,
+        gc_after: float = 60.0,
+        reconnect_backoff: tuple[float, float] = (0.05, 3.0),
+    ) -> None:
+        self._dsn = asyncpg_dsn(dsn)
+        prefix = check_identifier(channel_prefix, "channel_prefix")
+        self._pub_channel, self._ctl_channel = f"{prefix}_pub", f"{prefix}_ctl"
+        self._table = check_identifier(table, "table")
+        if not 16 <= inline_limit <= NOTIFY_LIMIT:
+            raise ValueError(f"inline_limit must be in 16..{NOTIFY_LIMIT}")
+        self._inline_limit = inline_limit
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._io_timeout = io_timeout
+        self._gc_after = gc_after
+        self._backoff = reconnect_backoff
+        self._uid = ""
+        self._handler: BrokerHandler | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._channels: set[str] = set()
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._first_attempt = asyncio.Event()
+        self._table_ready = False
+        self._last_gc = 0.0
+
+    # -- Broker ---------------------------------------------------------------------------
+
+    async def start(self, node_uid: str, handler: BrokerHandler) -> None:
+        """Create the pool (lazily connecting), start the listener and the notification
+        task and wait until the first LISTEN succeeded or failed. Never raises for an
+        unreachable database: the listener retries with backoff and publish raises
+        StorageError meanwhile."""
+        if not node_uid:
+            raise ValueError("node_uid must not be empty")
+        self._uid, self._handler = node_uid, handler
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            timeout=self._connect_timeout,
+            command_timeout=self._io_timeout,
+        )
+        self._first_attempt.clear()
+        self._tasks = [
+            asyncio.create_task(self._listen_loop()),
+            asyncio.create_task(self._notification_loop()),
+        ]
+        await self._first_attempt.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        pool, self._pool, self._handler = self._pool, None, None
+        if pool is not None:
+            await pool.close()
+
+    async def subscribe(self, channel: str) -> None:
+        """Deliver this channel's messages from now on (a local filter: nothing is sent)."""
+        self._channels.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+
+    async def publish(self, channel: str, pub: Publication, epoch: str) -> None:
+        body = encode_publication(self._uid, channel, pub, epoch)
+        await self._notify(self._pub_channel, body, "p", channel)
+
+    async def publish_join_leave(self, channel: str, info: ClientInfo, join: bool) -> None:
+        body = encode_join_leave(self._uid, channel, info, join)
+        await self._notify(self._pub_channel, body, "j" if join else "l", channel)
+
+    async def publish_control(self, data: bytes, node_uid: str = "") -> None:
+        """To every other node (""), or to `node_uid` only. A node never receives its own
+        control messages, even when addressed to itself."""
+        body = encode_control(self._uid, data, node_uid)
+        await self._notify(self._ctl_channel, body, KIND_CONTROL, node_uid)
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _notify(self, listen: str, body: bytes, kind: str, key: str) -> None:
+        payload = "i" + base64.b64encode(body).decode("ascii")
+        if len(payload) <= self._inline_limit:
+            await self._with_conn(lambda c: c.execute("SELECT pg_notify($1, $2)", listen, payload))
+            return
+        await self._ensure_table()
+        await self._with_conn(lambda c: self._notify_stored(c, listen, body, kind, key))
+        await self._maybe_gc()
+
+    async def _notify_stored(
+        self, conn: asyncpg.Connection, listen: str, body: bytes, kind: str, key: str
+    ) -> None:
+        async with conn.transaction():
+            row_id = await conn.fetchval(
+                f"INSERT INTO {self._table} (body) VALUES ($1) RETURNING id", body
+            )
+            ref = "r" + orjson.dumps([str(row_id), self._uid, kind, key]).decode()
+            if len(ref) > NOTIFY_LIMIT:
+                raise StorageError("channel name too long for a NOTIFY reference")
+            await conn.execute("SELECT pg_notify($1, $2)", listen, ref)
+
+    async def _with_conn(self, action: Callable[[asyncpg.Connection], Any]) -> Any:
+        """Run `action` on a pooled connection; one retry on a connection that turns out to
+        be dead; StorageError on any database failure."""
+        pool = self._pool
+        if pool is None or self._handler is None:
+            raise StorageError("postgres broker is not running")
+        for attempt in (0, 1):
+            try:
+                async with pool.acquire(timeout=self._connect_timeout) as conn:
+                    return await action(conn)
+            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError) as exc:
+                if attempt == 1:
+                    raise StorageError(f"postgres broker: {exc}") from exc
+            except PG_ERRORS as exc:
+                raise StorageError(f"postgres broker: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _ensure_table(self) -> None:
+        if self._table_ready:
+            return
+        ddl = (
+            f"CREATE TABLE IF NOT EXISTS {self._table} (id bigserial PRIMARY KEY, "
+            "body bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        try:
+            await self._with_conn(lambda c: c.execute(ddl))
+        except StorageError as exc:
+            # two nodes racing on CREATE TABLE IF NOT EXISTS: the loser sees a duplicate
+            cause = exc.__cause__
+            if not isinstance(cause, asyncpg.UniqueViolationError | asyncpg.DuplicateTableError):
+                raise
+        self._table_ready = True
+
+    async def _maybe_gc(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gc < min(10.0, self._gc_after):
+            return
+        self._last_gc = now
+        sql = f"DELETE FROM {self._table} WHERE created_at < now() - make_interval(secs => $1)"
+        try:
+            await self._with_conn(lambda c: c.execute(sql, float(self._gc_after)))
+        except StorageError as exc:
+            log.warning("postgres broker: garbage collection failed: %s", exc)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        """One LISTEN session after another until close(); after a lost session (or a
+        failed first attempt) the next one calls handler.on_reconnect() once LISTENing."""
+        attempt, lost = 0, False
+        while True:
+            established = False
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._connect_timeout,
+                    command_timeout=self._io_timeout,
+                    server_settings={"application_name": self.listener_name()},
+                )
+                try:
+                    established = await self._listen_session(conn, lost)
+                finally:
+                    conn.terminate()
+            except PG_ERRORS as exc:
+                if attempt == 0:
+                    log.warning("postgres broker: listener connection failed: %r", exc)
+            finally:
+                self._first_attempt.set()
+            lost = True
+            attempt = 0 if established else attempt + 1
+            await asyncio.sleep(backoff_delay(attempt, *self._backoff))
+
+    def listener_name(self) -> str:
+        """The application_name of the listening connection (tests terminate it by name)."""
+        return f"centripy-listen-{self._uid}"[:63]
+
+    async def _listen_session(self, conn: asyncpg.Connection, lost: bool) -> bool:
+        closed = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: closed.set())
+        await conn.add_listener(self._pub_channel, self._on_notify)
+        await conn.add_listener(self._ctl_channel, self._on_notify)
+        self._first_attempt.set()
+        if lost:
+            log.warning("postgres broker: listener reconnected")
+            self._call(lambda h: h.on_reconnect())
+        while not closed.is_set() and not conn.is_closed():
+            try:
+                await asyncio.wait_for(closed.wait(), max(0.5, self._io_timeout / 2))
+            except TimeoutError:
+                try:
+                    await conn.fetchval("SELECT 1", timeout=self._io_timeout)
+                except PG_ERRORS as exc:
+                    log.warning("postgres broker: listener keep-alive failed: %r", exc)
+                    break
+        log.warning("postgres broker: listener connection lost, reconnecting")
+        return True
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._queue.put_nowait(payload)
+
+    async def _notification_loop(self) -> None:
+        while True:
+            payload = await self._queue.get()
+            try:
+                await self._handle(payload)
+            except StorageError as exc:
+                log.warning("postgres broker: could not fetch a stored message: %s", exc)
+            except (ValueError, TypeError) as exc:
+                log.warning("postgres broker: dropped a malformed notification: %s", exc)
+
+    async def _handle(self, payload: str) -> None:
+        if payload.startswith("r"):
+            row_id, origin, kind, key = orjson.loads(payload[1:])
+            if not self._wanted(origin, kind, key):
+                return
+            body = await self._with_conn(
+                lambda c: c.fetchval(f"SELECT body FROM {self._table} WHERE id = $1", int(row_id))
+            )
+            if body is None:
+                log.warning("postgres broker: stored message %s already collected", row_id)
+                return
+        elif payload.startswith("i"):
+            body = base64.b64decode(payload[1:], validate=True)
+        else:
+            raise ValueError(f"unknown notification prefix {payload[:1]!r}")
+        msg = decode_message(body)
+        key = msg.target if msg.kind == KIND_CONTROL else msg.channel
+        if not self._wanted(msg.origin, msg.kind, key):
+            return
+        if msg.kind == KIND_CONTROL:
+            data = msg.data
+            self._call(lambda h: h.on_control(data))
+        else:
+            deliver_message(self._call, msg)
+
+    def _wanted(self, origin: str, kind: str, key: str) -> bool:
+        if origin == self._uid:
+            return False
+        if kind == KIND_CONTROL:
+            return key in ("", self._uid)
+        return key in self._channels
+
+    def _call(self, fn: Callable[[BrokerHandler], None]) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            fn(handler)
+        except Exception:
+            log.exception("postgres broker: handler failed")

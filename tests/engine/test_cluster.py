@@ -1,0 +1,236 @@
+"""Control protocol between nodes: encode/decode round trips, bad input, the node registry
+with a fake clock, and apply_command's dispatch to Sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.channels import SubscribeOverride
+from engine.cluster import (
+    HEARTBEAT_INTERVAL,
+    NODE_EXPIRE_AFTER,
+    ControlError,
+    ControlMessage,
+    DisconnectCommand,
+    NodeInfo,
+    NodeRegistry,
+    RefreshCommand,
+    UnsubscribeCommand,
+    apply_command,
+    decode_control,
+    encode_control,
+)
+from engine.sessions import NodeStats, ServerSubscribe
+from engine.types import StreamPosition
+
+MESSAGES: list[ControlMessage] = [
+    NodeInfo("u1", "host_8000", "5.2.2", 3, 2, 4, 5, 12, {"chat:a": 2, "news": 1}),
+    NodeInfo("u2", "n", "5.2.2"),
+    ServerSubscribe("42", "news"),
+    ServerSubscribe(
+        user="42",
+        channel="chat:x",
+        info=b'{"role":"x"}',
+        data=b"\x00\xffbinary",
+        client="c1",
+        session="s1",
+        expire_at=1735689600,
+        recover_since=StreamPosition(10, "xZyQ"),
+        override=SubscribeOverride(presence=True, join_leave=False, force_recovery=None),
+    ),
+    UnsubscribeCommand("42", "news", "c1", "s1"),
+    UnsubscribeCommand("", ""),
+    DisconnectCommand("42", 4000, "banned", whitelist=("keep-1", "keep-2")),
+    RefreshCommand("42", expired=True),
+    RefreshCommand("42", "c", "s", False, 1735689600, b'{"name":"A"}'),
+    RefreshCommand("42", info=b""),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: ControlMessage) -> None:
+    assert decode_control(encode_control(msg)) == msg
+
+
+def test_refresh_keeps_none_and_empty_info_apart() -> None:
+    none = decode_control(encode_control(RefreshCommand("u")))
+    empty = decode_control(encode_control(RefreshCommand("u", info=b"")))
+    assert isinstance(none, RefreshCommand) and none.info is None
+    assert isinstance(empty, RefreshCommand) and empty.info == b""
+
+
+def test_unknown_keys_are_ignored() -> None:
+    data = orjson.dumps({"v": 1, "t": "unsubscribe", "user": "u", "channel": "c", "new": 1})
+    assert decode_control(data) == UnsubscribeCommand("u", "c")
+
+
+def _raw(**fields: Any) -> bytes:
+    return orjson.dumps({"v": 1, **fields})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[1,2]",
+        orjson.dumps({"t": "node", "uid": "x"}),  # no version
+        _raw(t="nope"),
+        _raw(t="node"),  # uid required
+        _raw(t="node", uid="u", num_clients="3"),
+        _raw(t="node", uid="u", num_clients=True),
+        _raw(t="node", uid="u", channels={"a": "1"}),
+        _raw(t="subscribe", user="u"),  # channel required
+        _raw(t="subscribe", channel="c", info="***"),
+        _raw(t="subscribe", channel="c", recover_since=[1]),
+        _raw(t="subscribe", channel="c", override={"presence": 1}),
+        _raw(t="disconnect", user="u", code=4000, whitelist=[1]),
+        _raw(t="refresh", user=None),
+    ],
+)
+def test_malformed_messages_raise_control_error(data: bytes) -> None:
+    with pytest.raises(ControlError):
+        decode_control(data)
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+FIELDS = ["uid", "name", "num_clients", "uptime", "channels", "user", "channel", "info",
+          "data", "client", "session", "expire_at", "recover_since", "override", "code",
+          "reason", "whitelist", "expired"]  # fmt: skip
+MESSAGE_LIKE = st.builds(
+    lambda t, fields: orjson.dumps({"v": 1, "t": t, **fields}),
+    st.sampled_from(["node", "subscribe", "unsubscribe", "disconnect", "refresh"]) | JSON,
+    st.dictionaries(st.sampled_from(FIELDS), JSON),
+)
+
+
+@given(st.binary(max_size=200) | MESSAGE_LIKE)
+def test_decoder_returns_a_message_or_raises_control_error(data: bytes) -> None:
+    try:
+        msg = decode_control(data)
+    except ControlError:
+        return
+    assert isinstance(
+        msg,
+        NodeInfo | ServerSubscribe | UnsubscribeCommand | DisconnectCommand | RefreshCommand,
+    )
+
+
+def test_node_info_of_stats() -> None:
+    info = NodeInfo.of("u", "n", "5.2.2", NodeStats(1, 2, 3, 4), 9.7, {"a": 1})
+    assert info == NodeInfo("u", "n", "5.2.2", 1, 2, 3, 4, 9, {"a": 1})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_registry_expires_silent_nodes_but_not_itself() -> None:
+    clock = Clock()
+    reg = NodeRegistry("me", now=clock)
+    assert reg.update(NodeInfo("me", "a", "5.2.2")) is True
+    assert reg.update(NodeInfo("other", "b", "5.2.2")) is True
+    assert reg.update(NodeInfo("other", "b", "5.2.2", num_clients=1)) is False
+    assert [n.uid for n in reg.nodes()] == ["me", "other"]
+    assert reg.nodes()[1].num_clients == 1
+    clock.t += NODE_EXPIRE_AFTER
+    assert len(reg) == 2  # exactly 7 s: still alive
+    clock.t += 0.5
+    assert reg.prune() == ["other"]
+    assert [n.uid for n in reg.nodes()] == ["me"]
+    assert reg.update(NodeInfo("other", "b", "5.2.2")) is True  # came back
+
+
+def test_registry_heartbeats_keep_a_node_alive() -> None:
+    clock = Clock()
+    reg = NodeRegistry("me", now=clock)
+    for _ in range(10):
+        reg.update(NodeInfo("other", "b", "5.2.2"))
+        clock.t += HEARTBEAT_INTERVAL
+        assert len(reg) == 1
+
+
+def test_registry_aggregates_channels_of_live_nodes() -> None:
+    clock = Clock()
+    reg = NodeRegistry("me", now=clock)
+    reg.update(NodeInfo("me", "a", "v", channels={"x": 1, "y": 2}))
+    reg.update(NodeInfo("n2", "b", "v", channels={"x": 3}))
+    clock.t += 5
+    reg.update(NodeInfo("n3", "c", "v", channels={"z": 4}))
+    assert reg.channels() == {"x": 4, "y": 2, "z": 4}
+    clock.t += 3  # n2 silent for 8 s
+    assert reg.channels() == {"x": 1, "y": 2, "z": 4}
+    reg.remove("n3")
+    assert reg.channels() == {"x": 1, "y": 2}
+
+
+class RecordingSessions:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def subscribe(self, cmd: ServerSubscribe) -> None:
+        self.calls.append(("subscribe", cmd))
+
+    async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
+        self.calls.append(("unsubscribe", user, channel, client, session))
+
+    async def disconnect(
+        self,
+        user: str,
+        code: int,
+        reason: str,
+        client: str,
+        session: str,
+        whitelist: Sequence[str],
+    ) -> None:
+        self.calls.append(("disconnect", user, code, reason, client, session, tuple(whitelist)))
+
+    async def refresh(
+        self,
+        user: str,
+        client: str,
+        session: str,
+        expired: bool,
+        expire_at: int,
+        info: bytes | None,
+    ) -> None:
+        self.calls.append(("refresh", user, client, session, expired, expire_at, info))
+
+    def channels(self) -> dict[str, int]:
+        return {}
+
+    def stats(self) -> NodeStats:
+        return NodeStats(0, 0, 0, 0)
+
+
+async def test_apply_command_dispatches_to_sessions() -> None:
+    sessions = RecordingSessions()
+    sub = ServerSubscribe("u", "ch", info=b"{}")
+    await apply_command(sessions, sub)
+    await apply_command(sessions, UnsubscribeCommand("u", "ch", "c", "s"))
+    await apply_command(sessions, DisconnectCommand("u", 3503, "force", whitelist=("k",)))
+    await apply_command(sessions, RefreshCommand("u", expire_at=5, info=b"{}"))
+    assert sessions.calls == [
+        ("subscribe", sub),
+        ("unsubscribe", "u", "ch", "c", "s"),
+        ("disconnect", "u", 3503, "force", "", "", ("k",)),
+        ("refresh", "u", "", "", False, 5, b"{}"),
+    ]
