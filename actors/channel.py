@@ -8,7 +8,9 @@ commit order, so subscribers receive offsets in increasing order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -16,8 +18,11 @@ from pykka import ActorDeadError, ActorRef
 
 from actors.base import LoopActor
 from actors.transport import Format, protobuf_codec
+from engine.node import Node
 from engine.protocol import json_codec
-from engine.types import ClientInfo, Publication
+from engine.protocol.codes import Error, ErrorCode
+from engine.sequencer import ChannelSequencer
+from engine.types import ClientInfo, Publication, StreamPosition
 
 log = logging.getLogger("centripy.channel")
 
@@ -107,6 +112,25 @@ class JoinLeave(NamedTuple):
     encoded: Encoded | None = None
 
 
+class Init(NamedTuple):
+    """Asked once by the hub after the broker subscription: position the sequencer."""
+
+
+class Resync(NamedTuple):
+    """Messages from other nodes may have been lost: re-read the log since the position."""
+
+
+class Insufficient(NamedTuple):
+    """To a connection: this channel's stream cannot be continued (epoch change, or offsets
+    lost from the log); positioned subscriptions must resubscribe."""
+
+    channel: str
+
+
+class _GapCheck(NamedTuple):
+    pass
+
+
 class ChannelActor(LoopActor):
     """Runs on the loop. Subscribers are added and removed by the hub (`actors.hub`)."""
 
@@ -160,3 +184,97 @@ __all__ = [
     "JoinLeave",
     "RemoveSubscriber",
 ]
+
+
+class SequencedChannelActor(ChannelActor):
+    """On several nodes: publications arrive from this node and from the broker in any
+    order; a `ChannelSequencer` releases them strictly increasing and gap-free, reading this
+    node's event log for what is late or lost (engine/sequencer.py explains the recipe)."""
+
+    def __init__(self, channel: str, node: Node) -> None:
+        super().__init__(channel)
+        self.node = node
+        self.sequencer = ChannelSequencer(on_insufficient=self._insufficient)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def on_receive(self, message: Any) -> Any:
+        kind = type(message)
+        if kind is Deliver:
+            self._release(self.sequencer.offer(message.pub, message.epoch), message.epoch)
+            return None
+        if kind is Init:
+            return self._init()
+        if kind is _GapCheck:
+            self._timer = None
+            return self._fill_gap()
+        if kind is Resync:
+            return self._resync()
+        return super().on_receive(message)
+
+    def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _history_enabled(self) -> bool:
+        try:
+            return self.node.resolve(self.channel).options.history_enabled
+        except Error:
+            return False
+
+    async def _init(self) -> None:
+        if self.sequencer.position is not None or not self._history_enabled():
+            return
+        top = await self.node.stream_top(self.channel)
+        self._release(self.sequencer.reset(top), top.epoch)
+
+    def _release(self, pubs: list[Publication], epoch: str) -> None:
+        for pub in pubs:
+            self._deliver(Deliver(self.channel, pub, epoch))
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.sequencer.next_deadline()
+        if deadline is None or self._timer is not None:
+            return
+        delay = max(deadline - time.monotonic(), 0.0)
+        self._timer = asyncio.get_running_loop().call_later(
+            delay, _tell_alive, self.actor_ref, _GapCheck()
+        )
+
+    async def _fill_gap(self) -> None:
+        gap = self.sequencer.missing()
+        if gap is None:
+            self._arm()
+            return
+        position = self.sequencer.position
+        since = StreamPosition(gap[0], position.epoch) if position else None
+        await self._read_and_fill(since)
+
+    async def _resync(self) -> None:
+        if self._history_enabled():
+            await self._read_and_fill(self.sequencer.position)
+
+    async def _read_and_fill(self, since: StreamPosition | None) -> None:
+        try:
+            res = await self.node.history(self.channel, limit=-1, since=since)
+        except Error as err:
+            if err.code != ErrorCode.UNRECOVERABLE_POSITION:
+                log.warning("channel %s: log read failed (%s); retrying", self.channel, err)
+                self._arm()
+                return
+            res = await self.node.history(self.channel, limit=-1)
+        epoch = res.position.epoch
+        self._release(self.sequencer.fill(res.publications, epoch), epoch)
+
+    def _insufficient(self, reason: str) -> None:
+        log.info("channel %s: insufficient state (%s)", self.channel, reason)
+        for conn, _ in list(self.subscribers.values()):
+            try:
+                conn.tell(Insufficient(self.channel))
+            except ActorDeadError:
+                continue
+
+
+def _tell_alive(ref: ActorRef[Any], message: Any) -> None:
+    if ref.is_alive():
+        ref.tell(message)

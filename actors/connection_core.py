@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from actors.base import LoopActor
-from actors.channel import NOT_JSON, Deliver, JoinLeave
+from actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
 from actors.context import ConnContext
 from actors.hub import (
     ServerDisconnectMsg,
@@ -156,6 +156,11 @@ class ConnectionCore(LoopActor):
             return None
         if kind is _Timer:
             return self._on_timer(message.kind)
+        if kind is Insufficient:
+            sub = self.subs.get(message.channel)
+            if sub is not None and sub.positioned and self.state == "connected":
+                self._insufficient_state(message.channel, sub)
+            return None
         if kind is UniConnect:
             return self.uni_connect(message.request)
         return self._on_server_message(message)

@@ -9,14 +9,27 @@ on the loop thread, synchronously, so its maps never race). It implements the en
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from pykka import ActorDeadError, ActorRef
 
-from actors.channel import AddSubscriber, ChannelActor, Deliver, JoinLeave, RemoveSubscriber
+from actors.channel import (
+    AddSubscriber,
+    ChannelActor,
+    Deliver,
+    Init,
+    JoinLeave,
+    RemoveSubscriber,
+    Resync,
+    SequencedChannelActor,
+)
+from engine.cluster import NodeInfo
+from engine.node import VERSION, Node
 from engine.sessions import NodeStats, ServerSubscribe
 from engine.types import ClientInfo, Publication
+from storage.base import Broker
 
 # -- messages to connection actors (defined here so the hub needs no connection import) ----
 
@@ -52,12 +65,20 @@ class _Conn(NamedTuple):
 
 
 class Hub:
-    def __init__(self) -> None:
-        self._channels: dict[str, ActorRef[ChannelActor]] = {}
+    """`node` and `broker` are given on several nodes: channels are then subscribed on the
+    broker while they have local subscribers, and their actors sequence publications from
+    every node (reading the node's log to fill gaps)."""
+
+    def __init__(self, node: Node | None = None, broker: Broker | None = None) -> None:
+        self._node = node
+        self._broker = broker
+        self._broker_locks: dict[str, asyncio.Lock] = {}
+        self._channels: dict[str, ActorRef[Any]] = {}
         self._channel_subs: dict[str, int] = {}
         self._conns: dict[str, _Conn] = {}
         self._users: dict[str, set[str]] = {}
         self._sessions: dict[str, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- connections ----------------------------------------------------------------------
 
@@ -97,13 +118,33 @@ class Hub:
     ) -> None:
         """Add a subscriber; returns once the channel actor has it, so that every
         publication fanned out after this returns reaches the subscriber."""
-        ref = self._channels.get(channel)
+        ref: ActorRef[Any] | None = self._channels.get(channel)
         if ref is None:
-            ref = ChannelActor.start(channel, register=False)
+            if self._broker is not None and self._node is not None:
+                ref = SequencedChannelActor.start(channel, self._node, register=False)
+            else:
+                ref = ChannelActor.start(channel, register=False)
             self._channels[channel] = ref
             self._channel_subs[channel] = 0
         self._channel_subs[channel] += 1
+        if self._broker is not None:
+            await self._sync_broker(channel)
+            await ref.ask(Init(), block=False)  # reads the stream top after the broker sub
         await ref.ask(AddSubscriber(client_id, conn, join_leave), block=False)
+
+    async def _sync_broker(self, channel: str) -> None:
+        """Make the broker subscription match whether the channel has local subscribers;
+        serialised per channel so a quick unsubscribe/subscribe cannot end unsubscribed."""
+        assert self._broker is not None
+        lock = self._broker_locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            wanted = channel in self._channels
+            if wanted:
+                await self._broker.subscribe(channel)
+            else:
+                await self._broker.unsubscribe(channel)
+        if channel not in self._channels and not lock.locked():
+            self._broker_locks.pop(channel, None)
 
     def unsubscribe(self, channel: str, client_id: str) -> None:
         ref = self._channels.get(channel)
@@ -117,6 +158,10 @@ class Hub:
         del self._channels[channel]
         del self._channel_subs[channel]
         ref.stop(block=False)
+        if self._broker is not None:
+            task = asyncio.get_running_loop().create_task(self._sync_broker(channel))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # -- Fanout ---------------------------------------------------------------------------
 
@@ -134,6 +179,11 @@ class Hub:
         ref = self._channels.get(channel)
         if ref is not None:
             ref.tell(JoinLeave(channel, info, False))
+
+    def resync(self) -> None:
+        """Messages from other nodes may have been lost: every channel re-reads its log."""
+        for ref in self._channels.values():
+            ref.tell(Resync())
 
     # -- Sessions -------------------------------------------------------------------------
 
@@ -204,10 +254,12 @@ class Hub:
 
 
 class SessionsAdapter:
-    """The engine's `Sessions` protocol over a hub (method names as the protocol wants)."""
+    """The engine's `Sessions` protocol over a hub (method names as the protocol wants),
+    for a single node."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, node: Node) -> None:
         self._hub = hub
+        self._node = node
 
     async def subscribe(self, cmd: ServerSubscribe) -> None:
         await self._hub.subscribe_user(cmd)
@@ -242,3 +294,8 @@ class SessionsAdapter:
 
     def stats(self) -> NodeStats:
         return self._hub.stats()
+
+    def nodes(self) -> list[NodeInfo]:
+        node = self._node
+        uptime = time.time() - node.started_at
+        return [NodeInfo.of(node.uid, node.name, VERSION, self.stats(), uptime, self.channels())]

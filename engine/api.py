@@ -24,7 +24,6 @@ import binascii
 import functools
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -32,7 +31,7 @@ from typing import Final
 import orjson
 
 from engine.channels import ChannelName, SubscribeOverride
-from engine.node import VERSION, Node
+from engine.node import Node
 from engine.protocol.codes import Error
 from engine.sessions import ServerSubscribe, Sessions
 from engine.types import ClientInfo, Publication, StreamPosition
@@ -726,20 +725,21 @@ class Executor:
         }
 
     def _info(self) -> Result:
-        stats = self._sessions.stats()
-        node: Result = {
-            "uid": self._node.uid,
-            "name": self._node.name,
-            "version": VERSION,
-            "num_clients": stats.num_clients,
-            "num_users": stats.num_users,
-            "num_channels": stats.num_channels,
-            "num_subs": stats.num_subs,
-        }
-        uptime = int(time.time() - self._node.started_at)
-        if uptime > 0:
-            node["uptime"] = uptime
-        return {"nodes": [node]}
+        nodes: list[Result] = []
+        for info in self._sessions.nodes():
+            node: Result = {
+                "uid": info.uid,
+                "name": info.name,
+                "version": info.version,
+                "num_clients": info.num_clients,
+                "num_users": info.num_users,
+                "num_channels": info.num_channels,
+                "num_subs": info.num_subs,
+            }
+            if info.uptime > 0:
+                node["uptime"] = info.uptime
+            nodes.append(node)
+        return {"nodes": nodes}
 
     def _channels(self, pattern: str) -> Result:
         try:

@@ -137,6 +137,8 @@ class Config:
     gomaxprocs: int = 0
     database_url: str = "sqlite+aiosqlite:///centripy.db"
     idempotent_result_ttl: float = 300.0
+    reuse_port: bool = False  # centripy: SO_REUSEPORT, so several processes share a port
+    postgresql_prefix: str = "centripy"  # centripy: engine postgresql channel/table prefix
     # listening, API, admin
     address: str = ""
     port: int = 8000
@@ -866,6 +868,12 @@ def _validate_core(c: Config) -> None:
     for key, kind in _kinds(Config).items():
         if kind == "int" and getattr(c, key) < 0:
             raise ConfigError(key, "must not be negative")
+    if c.engine != "memory" and not c.database_url.startswith(("postgresql", "postgres")):
+        raise ConfigError(
+            "database_url",
+            f'engine "{c.engine}" runs several nodes, which must share one event log: '
+            "point database_url at PostgreSQL (a SQLite file is local to one node)",
+        )
     if c.tls and not ((c.tls_cert or c.tls_cert_pem) and (c.tls_key or c.tls_key_pem)):
         key = "tls_cert" if not (c.tls_cert or c.tls_cert_pem) else "tls_key"
         raise ConfigError(

@@ -10,6 +10,7 @@ All methods run on the server's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from engine.types import ClientInfo, Publication, StreamPosition
 from storage.base import (
     AppendRequest,
     AppendResult,
+    Broker,
     EventLog,
     HistoryQuery,
     HistoryResult,
@@ -78,11 +80,17 @@ class Node:
         self.name = config.name or f"centripy_{config.port}"
         self.started_at = time.time()
         self._fanouts: list[Fanout] = []
+        self._broker: Broker | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         self.metrics = Metrics()
 
     def attach_fanout(self, fanout: Fanout) -> None:
         self._fanouts.append(fanout)
+
+    def attach_broker(self, broker: Broker) -> None:
+        """Several nodes: committed publications and join/leave also go to the others."""
+        self._broker = broker
 
     # -- channels -------------------------------------------------------------------------
 
@@ -116,6 +124,7 @@ class Node:
         if not keep and not idempotency_key:
             pub = Publication(data=data, info=info, tags=dict(tag_pairs))
             self._deliver(channel, pub, "")
+            await self._broadcast(channel, pub, "")
             return PublishResult()
         request = AppendRequest(
             channel=channel,
@@ -135,6 +144,7 @@ class Node:
             raise Error.of(ErrorCode.INTERNAL) from exc
         if not result.suppressed:
             self._deliver(channel, result.publication, result.epoch)
+            await self._broadcast(channel, result.publication, result.epoch)
         return PublishResult(result.publication.offset, result.epoch, result.suppressed)
 
     def _deliver(self, channel: str, pub: Publication, epoch: str) -> None:
@@ -144,13 +154,41 @@ class Node:
         for fanout in self._fanouts:
             fanout.deliver(channel, pub, epoch)
 
+    async def _broadcast(self, channel: str, pub: Publication, epoch: str) -> None:
+        """To the other nodes. A failure is only logged: the publication is durable and
+        other nodes fill the gap from the log (history channels)."""
+        if self._broker is None:
+            return
+        try:
+            await self._broker.publish(channel, pub, epoch)
+        except StorageError as exc:
+            log.warning("publication to %r not sent to other nodes: %s", channel, exc)
+
     def join(self, channel: str, info: ClientInfo) -> None:
         for fanout in self._fanouts:
             fanout.join(channel, info)
+        self._join_leave_remote(channel, info, True)
 
     def leave(self, channel: str, info: ClientInfo) -> None:
         for fanout in self._fanouts:
             fanout.leave(channel, info)
+        self._join_leave_remote(channel, info, False)
+
+    def _join_leave_remote(self, channel: str, info: ClientInfo, join: bool) -> None:
+        if self._broker is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._send_join_leave(self._broker, channel, info, join)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _send_join_leave(broker: Broker, channel: str, info: ClientInfo, join: bool) -> None:
+        try:
+            await broker.publish_join_leave(channel, info, join)
+        except StorageError as exc:
+            log.warning("join/leave in %r not sent to other nodes: %s", channel, exc)
 
     # -- history --------------------------------------------------------------------------
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.channels import SubscribeOverride
 from engine.types import StreamPosition
+
+if TYPE_CHECKING:
+    from engine.cluster import NodeInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +69,7 @@ class Sessions(Protocol):
         ...
 
     def stats(self) -> NodeStats: ...
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every live node (this one included) with its counts, for the `info` API."""
+        ...

@@ -23,6 +23,7 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.web
 
+from actors.cluster import ClusterLink, ClusterSessions
 from actors.context import ConnContext
 from actors.hub import Hub, SessionsAdapter
 from engine.api import Executor
@@ -30,8 +31,14 @@ from engine.auth import JWKSCache, TokenVerifier
 from engine.config import Config
 from engine.metrics import Metrics
 from engine.node import VERSION, Node
+from engine.sessions import Sessions
+from storage.base import Broker, PresenceManager
+from storage.broker_postgres import PostgresBroker
+from storage.broker_redis import RedisBroker
 from storage.factory import open_event_log
 from storage.presence_memory import MemoryPresence
+from storage.presence_postgres import PostgresPresence
+from storage.presence_redis import RedisPresence
 from storage.writer import GroupCommitWriter
 from transports.api_http import InFlight, api_routes
 from transports.consumers import Consumers, start_consumers
@@ -107,6 +114,32 @@ class Services:
     servers: list[tornado.httpserver.HTTPServer] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     consumers: Consumers = field(default_factory=Consumers)
+    link: ClusterLink | None = None
+
+
+def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
+    """`engine`: memory (one node), redis (Redis PUB/SUB + presence), postgresql
+    (LISTEN/NOTIFY + a presence table on the event log's database)."""
+    if config.engine == "redis":
+        redis_kw: dict[str, Any] = {
+            "prefix": config.redis_prefix,
+            "db": config.redis_db,
+            "user": config.redis_user,
+            "password": config.redis_password,
+            "connect_timeout": config.redis_connect_timeout,
+            "io_timeout": config.redis_io_timeout,
+        }
+        return (
+            RedisBroker(config.redis_address, **redis_kw),
+            RedisPresence(config.redis_address, **redis_kw),
+        )
+    if config.engine == "postgresql":
+        prefix = config.postgresql_prefix
+        broker = PostgresBroker(
+            config.database_url, channel_prefix=prefix, table=f"{prefix}_broker_messages"
+        )
+        return broker, PostgresPresence(config.database_url, table=f"{prefix}_presence")
+    return None, MemoryPresence()
 
 
 def build_verifier(config: Config) -> TokenVerifier:
@@ -177,14 +210,22 @@ async def start(config: Config) -> Services:
     await event_log.start()
     writer = GroupCommitWriter(event_log)
     await writer.start()
-    node = Node(config, event_log, writer.submit, MemoryPresence())
-    hub = Hub()
+    broker, presence = build_engine(config)
+    node = Node(config, event_log, writer.submit, presence)
+    hub = Hub(node, broker)
     node.attach_fanout(hub)
+    sessions: Sessions = SessionsAdapter(hub, node)
+    link = None
+    if broker is not None:
+        node.attach_broker(broker)
+        link = ClusterLink(node, hub, broker)
+        await link.start()
+        sessions = ClusterSessions(link)
     node.metrics.collector(hub_gauges(hub))
     node.metrics.set("centrifugo_node_build", 1, "Build info.", version=VERSION)
     ctx = ConnContext(config, node, hub, build_verifier(config))
-    executor = Executor(node, SessionsAdapter(hub))
-    services = Services(config, node, hub, writer, executor, InFlight())
+    executor = Executor(node, sessions)
+    services = Services(config, node, hub, writer, executor, InFlight(), link=link)
     services.consumers = await start_consumers(config, executor)
     node.metrics.collector(consumer_counters(services.consumers))
     settings: dict[str, Any] = {
@@ -202,7 +243,9 @@ async def start(config: Config) -> Services:
         app = tornado.web.Application(routes, **settings)
         use_tls = tls if (not config.tls_external or routes is external) else None
         server = tornado.httpserver.HTTPServer(app, ssl_options=use_tls, xheaders=True)
-        sockets = tornado.netutil.bind_sockets(int(port), address or None)
+        sockets = tornado.netutil.bind_sockets(
+            int(port), address or None, reuse_port=config.reuse_port
+        )
         server.add_sockets(sockets)
         services.servers.append(server)
         services.ports.append(sockets[0].getsockname()[1])
@@ -221,6 +264,8 @@ async def stop(services: Services) -> None:
     await services.hub.shutdown(min(timeout, 5.0))
     await services.inflight.wait_idle(timeout)
     await services.writer.close()
+    if services.link is not None:
+        await services.link.close()
     await services.node.event_log.close()
     await services.node.presence_manager.close()
     for server in services.servers:

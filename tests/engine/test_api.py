@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from engine.api import (
     decode_request,
 )
 from engine.channels import SubscribeOverride
+from engine.cluster import NodeInfo
 from engine.config import Config
 from engine.node import VERSION, Node
 from engine.options import ChannelOptions, Namespace
@@ -63,6 +65,7 @@ class RecordingSessions:
     active: int = 0
     max_active: int = 0
     finished: list[str] = field(default_factory=list)
+    node: Node | None = None
 
     async def subscribe(self, cmd: ServerSubscribe) -> None:
         self.calls.append(("subscribe", cmd))
@@ -104,6 +107,11 @@ class RecordingSessions:
     def stats(self) -> NodeStats:
         return self.node_stats
 
+    def nodes(self) -> list[NodeInfo]:
+        assert self.node is not None
+        uptime = time.time() - self.node.started_at
+        return [NodeInfo.of(self.node.uid, self.node.name, VERSION, self.node_stats, uptime, {})]
+
 
 @dataclass
 class Env:
@@ -124,7 +132,7 @@ async def env() -> AsyncIterator[Env]:
     node = Node(CONFIG, log, writer.submit, presence)
     fanout = RecordingFanout()
     node.attach_fanout(fanout)
-    sessions = RecordingSessions()
+    sessions = RecordingSessions(node=node)
     yield Env(Executor(node, sessions), node, sessions, fanout, presence)
     await writer.close()
     await log.close()

@@ -493,3 +493,15 @@ def test_example_config_is_valid() -> None:
     chat = config.namespace("chat")
     assert chat is not None and chat.history_enabled and chat.force_recovery
     assert config.allow_anonymous_connect_without_token and config.api_key == "demo-api-key"
+
+
+def test_several_nodes_on_a_sqlite_log_are_refused() -> None:
+    from engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {}, {"engine": "redis"})
+    assert err.value.key == "database_url" and "PostgreSQL" in str(err.value)
+    config, _ = load_config(
+        None, {}, {"engine": "redis", "database_url": "postgresql://postgres@127.0.0.1/test"}
+    )
+    assert config.engine == "redis"
