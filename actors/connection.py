@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from actors.connection_core import ConnectionCore, Subscription
+from actors.hub import ServerDisconnectMsg
 from engine import auth, channels, recovery
 from engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
 from engine.node import VERSION
@@ -88,9 +89,9 @@ class ConnectionActor(ConnectionCore):
         self.state = "connected"
         hub.add_connection(self.client_id, self.user, self.session, self.actor_ref)
         if config.user_personal_single_connection and self.user:
+            others = [c for c in hub.matching(self.user, "", "") if c.client_id != self.client_id]
             code = DisconnectCode.CONNECTION_LIMIT
-            reason = Disconnect.of(code).reason
-            await hub.disconnect_user(self.user, code, reason, "", "", [self.client_id])
+            hub.tell(others, ServerDisconnectMsg(code, Disconnect.of(code).reason))
         transport = self.transport
         return self.codec.connect_result_obj(
             client=self.client_id,

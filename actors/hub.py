@@ -187,7 +187,8 @@ class Hub:
 
     # -- Sessions -------------------------------------------------------------------------
 
-    def _matching(self, user: str, client: str, session: str) -> list[_Conn]:
+    def matching(self, user: str, client: str, session: str) -> list[_Conn]:
+        """Connections of `user` (or the one `client`), limited to `session` if given."""
         if client:
             conn = self._conns.get(client)
             found = [conn] if conn is not None and (not user or conn.user == user) else []
@@ -195,44 +196,12 @@ class Hub:
             found = [self._conns[c] for c in self._users.get(user, ())]
         return [c for c in found if not session or c.session == session]
 
-    def _tell(self, conns: Sequence[_Conn], message: Any) -> None:
+    def tell(self, conns: Sequence[_Conn], message: Any) -> None:
         for conn in conns:
             try:
                 conn.ref.tell(message)
             except ActorDeadError:
                 continue
-
-    async def subscribe_user(self, cmd: ServerSubscribe) -> None:
-        self._tell(self._matching(cmd.user, cmd.client, cmd.session), ServerSubscribeMsg(cmd))
-
-    async def unsubscribe_user(self, user: str, channel: str, client: str, session: str) -> None:
-        self._tell(self._matching(user, client, session), ServerUnsubscribeMsg(channel))
-
-    async def disconnect_user(
-        self,
-        user: str,
-        code: int,
-        reason: str,
-        client: str,
-        session: str,
-        whitelist: Sequence[str],
-    ) -> None:
-        keep = set(whitelist)
-        conns = [c for c in self._matching(user, client, session) if c.client_id not in keep]
-        self._tell(conns, ServerDisconnectMsg(code, reason))
-
-    async def refresh_user(
-        self,
-        user: str,
-        client: str,
-        session: str,
-        expired: bool,
-        expire_at: int,
-        info: bytes | None,
-    ) -> None:
-        self._tell(
-            self._matching(user, client, session), ServerRefreshMsg(expired, expire_at, info)
-        )
 
     def channels(self) -> dict[str, int]:
         return dict(self._channel_subs)
@@ -247,7 +216,7 @@ class Hub:
 
     async def shutdown(self, grace: float) -> None:
         """Tell every connection to disconnect with 3001 and wait (bounded) until gone."""
-        self._tell(list(self._conns.values()), Shutdown())
+        self.tell(list(self._conns.values()), Shutdown())
         deadline = asyncio.get_running_loop().time() + grace
         while self._conns and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
@@ -262,10 +231,12 @@ class SessionsAdapter:
         self._node = node
 
     async def subscribe(self, cmd: ServerSubscribe) -> None:
-        await self._hub.subscribe_user(cmd)
+        hub = self._hub
+        hub.tell(hub.matching(cmd.user, cmd.client, cmd.session), ServerSubscribeMsg(cmd))
 
     async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
-        await self._hub.unsubscribe_user(user, channel, client, session)
+        hub = self._hub
+        hub.tell(hub.matching(user, client, session), ServerUnsubscribeMsg(channel))
 
     async def disconnect(
         self,
@@ -276,7 +247,9 @@ class SessionsAdapter:
         session: str,
         whitelist: Sequence[str],
     ) -> None:
-        await self._hub.disconnect_user(user, code, reason, client, session, whitelist)
+        keep = set(whitelist)
+        conns = [c for c in self._hub.matching(user, client, session) if c.client_id not in keep]
+        self._hub.tell(conns, ServerDisconnectMsg(code, reason))
 
     async def refresh(
         self,
@@ -287,7 +260,9 @@ class SessionsAdapter:
         expire_at: int,
         info: bytes | None,
     ) -> None:
-        await self._hub.refresh_user(user, client, session, expired, expire_at, info)
+        hub = self._hub
+        message = ServerRefreshMsg(expired, expire_at, info)
+        hub.tell(hub.matching(user, client, session), message)
 
     def channels(self) -> dict[str, int]:
         return self._hub.channels()

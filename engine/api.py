@@ -32,9 +32,10 @@ import orjson
 
 from engine.channels import ChannelName, SubscribeOverride
 from engine.node import Node
+from engine.protocol import json_codec
 from engine.protocol.codes import Error
 from engine.sessions import ServerSubscribe, Sessions
-from engine.types import ClientInfo, Publication, StreamPosition
+from engine.types import Publication, StreamPosition
 
 log = logging.getLogger("centripy.api")
 
@@ -464,27 +465,12 @@ def _glob_class(pattern: str, i: int) -> tuple[str, int]:
 # --- result encoding -----------------------------------------------------------------------
 
 
-def _raw(payload: bytes) -> orjson.Fragment:
-    return orjson.Fragment(payload or b"null")
-
-
-def client_info_dict(info: ClientInfo) -> Result:
-    out: Result = {"user": info.user, "client": info.client}
-    if info.conn_info:
-        out["conn_info"] = _raw(info.conn_info)
-    if info.chan_info:
-        out["chan_info"] = _raw(info.chan_info)
-    return out
-
-
 def publication_dict(pub: Publication) -> Result:
-    out: Result = {"data": _raw(pub.data)}
-    if pub.info is not None:
-        out["info"] = client_info_dict(pub.info)
-    if pub.offset:
-        out["offset"] = pub.offset
-    if pub.tags:
-        out["tags"] = dict(pub.tags)
+    """The client protocol's publication object, except that the server API always has
+    `data` (Go's encoder writes a nil raw payload as `null`)."""
+    out = json_codec.publication_obj(pub)
+    if "data" not in out:
+        return {"data": orjson.Fragment(b"null"), **out}
     return out
 
 
@@ -649,7 +635,9 @@ class Executor:
                 return {}
             case PresenceRequest():
                 presence = await self._node.presence(_channel(req.channel))
-                return {"presence": {cid: client_info_dict(i) for cid, i in presence.items()}}
+                return {
+                    "presence": {cid: json_codec.client_info_obj(i) for cid, i in presence.items()}
+                }
             case PresenceStatsRequest():
                 stats = await self._node.presence_stats(_channel(req.channel))
                 return {"num_clients": stats.num_clients, "num_users": stats.num_users}

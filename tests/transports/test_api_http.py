@@ -86,6 +86,7 @@ async def start() -> AsyncIterator[Start]:
         await writer.start()
         node = Node(config, log, writer.submit, MemoryPresence())
         sessions = sessions or RecordingSessions()
+        sessions.node = node
         inflight = InFlight()
         app = Application(api_routes(Executor(node, sessions), config, inflight))
         sock, port = bind_unused_port()
