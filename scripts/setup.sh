@@ -51,6 +51,20 @@ if [ ! -f "$py_stamp" ] || [ "$(cat "$py_stamp")" != "$py_hash" ] \
   echo "$py_hash" >"$py_stamp"
 fi
 
+# --- Chromium (tests/integration/test_browser_chat.py drives Debian's, headless) ----------
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup.sh: installing chromium with apt-get (for the browser test)" >&2
+    if ! { quietly apt-get update && quietly env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y chromium; }; then
+      [ "${CI:-}" = "true" ] && fail "apt-get install chromium failed"
+      echo "setup.sh: could not install chromium; the browser test will be skipped" >&2
+    fi
+  elif [ "${CI:-}" = "true" ]; then
+    fail "/usr/bin/chromium is missing (install Debian's chromium package as root)"
+  fi
+fi
+
 # --- Node (centrifuge-js for the integration tests) ---------------------------------------
 if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
   if [ "${CI:-}" = "true" ]; then
