@@ -263,7 +263,7 @@ async def start(config: Config) -> Services:
         use_tls = tls if (not config.tls_external or routes is external) else None
         server = tornado.httpserver.HTTPServer(app, ssl_options=use_tls)
         sockets = tornado.netutil.bind_sockets(
-            int(port), address or None, reuse_port=config.reuse_port
+            int(port), address or None, backlog=4096, reuse_port=config.reuse_port
         )
         server.add_sockets(sockets)
         services.servers.append(server)
