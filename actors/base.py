@@ -139,6 +139,7 @@ class LoopActor(pykka.Actor):
     _loop_thread: int
     _busy: bool
     _registered: bool
+    draining = False  # True while messages are being handled synchronously by _drain
 
     @classmethod
     def start(
@@ -201,13 +202,25 @@ class LoopActor(pykka.Actor):
         return self.on_receive(message)
 
     def _drain(self) -> None:
-        """Handle queued messages in order; hand over to a task at the first awaitable."""
+        """Handle queued messages in order; hand over to a task at the first awaitable.
+        `on_drained` runs once the messages handled synchronously here are done."""
         self._busy = True
+        self.draining = True
+        try:
+            if self._drain_messages():
+                self._busy = False
+        finally:
+            self.draining = False
+            self.on_drained()
+        if self.actor_stopped.is_set():
+            self._fail_pending()
+
+    def _drain_messages(self) -> bool:
+        """True when the inbox was emptied; False when an async handler took over."""
         inbox = self.actor_inbox
         while not inbox.empty():
             if self.actor_stopped.is_set():
-                self._fail_pending()
-                return
+                return True
             envelope = inbox.get()
             try:
                 result = self._handle_receive(envelope.message)
@@ -216,12 +229,14 @@ class LoopActor(pykka.Actor):
                 continue
             if result is not None and inspect.isawaitable(result):
                 self._loop.create_task(self._finish_async(envelope, result))
-                return
+                return False
             if envelope.reply_to is not None:
                 envelope.reply_to.set(result)
-        self._busy = False
-        if self.actor_stopped.is_set():
-            self._fail_pending()
+        return True
+
+    def on_drained(self) -> None:
+        """Hook: called on the loop after each run of synchronously handled messages (so a
+        subclass can batch work, e.g. one write for all the pushes just queued)."""
 
     async def _finish_async(self, envelope: Any, awaitable: Awaitable[Any]) -> None:
         try:

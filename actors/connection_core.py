@@ -266,9 +266,15 @@ class ConnectionCore(LoopActor):
             self._out_size = 0
             self.close(DisconnectCode.SLOW)
             return
-        if not self._writing:
+        if not self._writing and not self.draining:
             self._writing = True
             self._loop.call_soon(self._flush)
+
+    def on_drained(self) -> None:
+        """After a run of messages (e.g. a burst of publications): one write for them all."""
+        if self._out and not self._writing and self.state != "closed":
+            self._writing = True
+            self._flush()
 
     def _flush(self) -> None:
         """Write queued messages, up to MAX_MESSAGES_IN_FRAME per transport write; wait for
@@ -421,8 +427,9 @@ class ConnectionCore(LoopActor):
             code=str(code),
         )
         self._cleanup()
-        if not self._writing:
-            self._finish_close()
+        if not self._writing:  # flush what is queued (the flush then closes the transport)
+            self._writing = True
+            self._flush()
 
     def _finish_close(self) -> None:
         assert self._closing is not None
