@@ -12,6 +12,7 @@ All methods run on the event loop.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import logging
@@ -115,17 +116,21 @@ class ConnectionCore(LoopActor):
 
     # -- implemented by ConnectionActor (actors/connection.py) ----------------------------
 
+    @abc.abstractmethod
     async def handle_command(self, cmd: Command) -> None:
-        raise NotImplementedError
+        """Handle one decoded client command (replies go to the outbound queue)."""
 
+    @abc.abstractmethod
     async def uni_connect(self, req: ConnectRequest) -> None:
-        raise NotImplementedError
+        """Unidirectional transports: connect with a bare request, answer with a push."""
 
+    @abc.abstractmethod
     async def server_subscribe(self, cmd: ServerSubscribe) -> None:
-        raise NotImplementedError
+        """Server API subscribe of this connection."""
 
+    @abc.abstractmethod
     def server_refresh(self, expired: bool, expire_at: int, info: bytes | None) -> None:
-        raise NotImplementedError
+        """Server API refresh of this connection."""
 
     # -- actor plumbing -------------------------------------------------------------------
 
