@@ -35,7 +35,6 @@ from actors.hub import (
 from actors.transport import Format, Transport
 from engine import recovery
 from engine.channels import ChannelName
-from engine.protocol import json_codec
 from engine.protocol.codes import (
     UNSUBSCRIBE_REASONS,
     Disconnect,
@@ -485,5 +484,4 @@ __all__ = [
     "Subscription",
     "TransportClosed",
     "UniConnect",
-    "json_codec",
 ]

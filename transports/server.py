@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import tornado.httpclient
 import tornado.httpserver
 import tornado.web
@@ -346,4 +345,4 @@ def run(config: Config) -> int:
         return 1
 
 
-__all__ = ["Services", "orjson", "run", "ssl_context", "start", "stop"]
+__all__ = ["Services", "run", "ssl_context", "start", "stop"]
