@@ -287,3 +287,9 @@ class LoopActor(pykka.Actor):
                 envelope.reply_to.set_exception(
                     (pykka.ActorDeadError, pykka.ActorDeadError(f"{self} stopped"), None)
                 )
+
+
+def tell_if_alive(ref: ActorRef[Any], message: Any) -> None:
+    """Tell `message` unless the actor has stopped (for timer callbacks)."""
+    if ref.is_alive():
+        ref.tell(message)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from pykka import ActorDeadError, ActorRef
 
-from actors.base import LoopActor
+from actors.base import LoopActor, tell_if_alive
 from actors.transport import Format, protobuf_codec
 from engine.node import Node
 from engine.protocol import json_codec
@@ -238,7 +238,7 @@ class SequencedChannelActor(ChannelActor):
             return
         delay = max(deadline - time.monotonic(), 0.0)
         self._timer = asyncio.get_running_loop().call_later(
-            delay, _tell_alive, self.actor_ref, _GapCheck()
+            delay, tell_if_alive, self.actor_ref, _GapCheck()
         )
 
     async def _fill_gap(self) -> None:
@@ -273,8 +273,3 @@ class SequencedChannelActor(ChannelActor):
                 conn.tell(Insufficient(self.channel))
             except ActorDeadError:
                 continue
-
-
-def _tell_alive(ref: ActorRef[Any], message: Any) -> None:
-    if ref.is_alive():
-        ref.tell(message)

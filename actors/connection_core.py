@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from actors.base import LoopActor
+from actors.base import LoopActor, tell_if_alive
 from actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
 from actors.context import ConnContext
 from actors.hub import (
@@ -325,7 +325,7 @@ class ConnectionCore(LoopActor):
             old.cancel()
         ref = self.actor_ref
         self._timers[kind] = asyncio.get_running_loop().call_later(
-            max(delay, 0.0), _tell_alive, ref, _Timer(kind)
+            max(delay, 0.0), tell_if_alive, ref, _Timer(kind)
         )
 
     def _start_timers(self) -> None:
@@ -471,11 +471,6 @@ class ConnectionCore(LoopActor):
 
     def encode_reply(self, cmd_id: int, key: str, result: dict[str, Any]) -> bytes:
         return cast(bytes, self.codec.encode_reply(cmd_id, key, result))
-
-
-def _tell_alive(ref: Any, message: Any) -> None:
-    if ref.is_alive():
-        ref.tell(message)
 
 
 __all__ = [
