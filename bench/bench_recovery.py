@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,10 +40,9 @@ from common import (
     emit,
     load_average,
     median_summary,
-    pg_reachable,
     profile_summary,
     py_spy,
-    raise_nofile_limit,
+    run_backends,
     run_id,
 )
 
@@ -360,17 +358,7 @@ def main() -> None:
     args = parser.parse_args()
     args.variants = args.variants.split(",")
     args.missed = [int(m) for m in args.missed.split(",")]
-    raise_nofile_limit()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.procs, mp_context=context) as pool:
-        list(pool.map(warm_worker, range(args.procs)))
-        for backend in args.backends.split(","):
-            if backend == "postgres":
-                reason = pg_reachable(args.pg_url)
-                if reason:
-                    emit({"backend": backend, "skipped": f"PostgreSQL unreachable: {reason}"})
-                    continue
-            run_backend(args, pool, backend)
+    run_backends(args, warm_worker, run_backend)
 
 
 if __name__ == "__main__":

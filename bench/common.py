@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import multiprocessing
 import os
 import resource
 import shutil
@@ -22,6 +23,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -246,3 +248,20 @@ def profile_summary(path: Path, top: int = 25) -> dict[str, Any]:
         "top_self": share(own) if total else [],
         "top_inclusive": share(inclusive) if total else [],
     }
+
+
+def run_backends(args: Any, warm_worker: Any, run_backend: Any) -> None:
+    """The shared main loop of the server benchmarks: a pool of `args.procs` spawned client
+    processes (warmed up), then `run_backend(args, pool, backend)` for each of
+    `args.backends` (comma-separated); PostgreSQL is skipped with a line when unreachable."""
+    raise_nofile_limit()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.procs, mp_context=context) as pool:
+        list(pool.map(warm_worker, range(args.procs)))
+        for backend in args.backends.split(","):
+            if backend == "postgres":
+                reason = pg_reachable(args.pg_url)
+                if reason:
+                    emit({"backend": backend, "skipped": f"PostgreSQL unreachable: {reason}"})
+                    continue
+            run_backend(args, pool, backend)
