@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """fanout.py: the project's PUB/SUB fan-out load generator (loopback only).
 
-N WebSocket subscribers, spread over --procs client processes, subscribe to C channels
-(subscriber j is on channel j % C and connects to --ws-url number j % len(--ws-url)). When all
+N subscribers, spread over --procs client processes, subscribe to C channels (subscriber j is
+on channel j % C and connects to --ws-url number j % len(--ws-url)). --proto picks the
+transport: WebSocket (centrifugo, socketio) or Centrifugo's HTTP emulation
+(centrifugo-http-stream, centrifugo-sse; ws:// in --ws-url then means http://). When all
 are subscribed, M publications go through `POST /api/publish` (X-API-Key, {"channel", "data"};
 several --api-url are used in turn) at --rate per second, or with --rate 0 as fast as the
 acknowledgements allow, --inflight requests outstanding. Publication i goes to channel i % C;
@@ -38,7 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 import procs
-from protocols import PROTOCOLS, Adapter, make_adapter
+from protocols import PROTOCOLS, Adapter, Link, make_adapter
 
 now_ns = time.monotonic_ns
 
@@ -105,19 +107,14 @@ class Tally:
                 self.all_done.set()
 
 
-async def read_loop(
-    ws: aiohttp.ClientWebSocketResponse, sub: Subscriber, tally: Tally, adapter: Adapter
-) -> None:
-    """One subscriber's reader task: every delivery is accounted until the socket closes."""
-    text_type = aiohttp.WSMsgType.TEXT
+async def read_loop(link: Link, sub: Subscriber, tally: Tally, adapter: Adapter) -> None:
+    """One subscriber's reader task: every delivery is accounted until the link closes."""
     try:
-        async for msg in ws:
+        while (text := await link.receive()) is not None:
             t = now_ns()
-            if msg.type != text_type:
-                continue
-            pubs, reply = adapter.parse(msg.data)
+            pubs, reply = adapter.parse(text)
             if reply is not None:
-                await ws.send_str(reply)
+                await link.send(reply)
             for data in pubs:
                 tally.record(sub, data.get("seq"), t - data.get("ts", t))
             if pubs:
@@ -158,32 +155,26 @@ async def child_main(idx: int, args: argparse.Namespace, conn: Connection) -> No
     connector = aiohttp.TCPConnector(limit=0, local_addr=(source, 0) if source else None)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
     sem = asyncio.Semaphore(args.connect_concurrency)
-    sockets: list[aiohttp.ClientWebSocketResponse] = []
+    links: list[Link] = []
     readers: list[asyncio.Task[None]] = []
     per_chan = [0] * args.channels
 
     async def connect(j: int) -> None:
         chan = j % args.channels
-        url = args.ws_url[j % len(args.ws_url)].rstrip("/") + adapter.path
+        url = args.ws_url[j % len(args.ws_url)]
+        name = chan_name(args.channel_prefix, args.channels, chan)
         async with sem:
             try:
                 async with asyncio.timeout(args.handshake_timeout):
-                    ws = await session.ws_connect(url, autoping=True, compress=0, max_msg_size=0)
-                    try:
-                        await adapter.handshake(
-                            ws, chan_name(args.channel_prefix, args.channels, chan)
-                        )
-                    except BaseException:
-                        await ws.close()
-                        raise
+                    link = await adapter.open(session, url, name)
             except Exception as exc:
                 tally.error(exc)
                 return
-        sockets.append(ws)
+        links.append(link)
         tally.nsubs += 1
         per_chan[chan] += 1
         sub = Subscriber(chan, args.messages, args.channels)
-        readers.append(asyncio.create_task(read_loop(ws, sub, tally, adapter)))
+        readers.append(asyncio.create_task(read_loop(link, sub, tally, adapter)))
 
     mine = range(idx, args.subscribers, args.procs)
     t0 = now_ns()
@@ -220,7 +211,7 @@ async def child_main(idx: int, args: argparse.Namespace, conn: Connection) -> No
     conn.send(("result", result, tally.lat.tobytes(), tally.uniq.tobytes()))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(10):
-            await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+            await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
     for task in readers:
         task.cancel()
     await session.close()
@@ -357,7 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ws-url",
         action="append",
         help="ws://host:port (repeatable); the "
-        "protocol's path is appended (default ws://127.0.0.1:8000)",
+        "protocol's path is appended (default ws://127.0.0.1:8000); the HTTP emulation "
+        "protocols use http:// in its place",
     )
     ap.add_argument(
         "--api-url",

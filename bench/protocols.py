@@ -1,6 +1,7 @@
-"""Protocol adapters of fanout.py: the harness owns each WebSocket (aiohttp); an adapter does
-the handshake (connect + subscribe to one channel) and turns every incoming text message into
-the publication payloads it carries plus an optional reply (a ping's pong).
+"""Protocol adapters of fanout.py. An adapter opens one subscriber's link (`open`: connect +
+subscribe to one channel, over the aiohttp session the harness owns) and turns every incoming
+text message into the publication payloads it carries plus an optional reply (a ping's pong),
+which the harness sends back over the link.
 
 - `centrifugo`: Centrifugo client protocol v2, JSON. `connect` (anonymous, or with a token) and
   `subscribe` go in one frame, as centrifuge-js sends them; replies and pushes may come several
@@ -8,13 +9,20 @@ the publication payloads it carries plus an optional reply (a ping's pong).
 - `socketio`: Socket.IO 5 over Engine.IO 4, WebSocket transport only, default namespace. The
   client emits "subscribe" <channel> with an ack; each publication arrives as event
   "publication" whose single argument is the published data.
+- `centrifugo-http-stream`, `centrifugo-sse`: Centrifugo's bidirectional emulation (spec 5.2),
+  JSON. `open` POSTs the connect command (http_stream) or GETs `?cf_connect=` (sse) and
+  keeps the streamed response; subscribe and pongs go by `POST /emulation` with the session
+  and node of the connect result, whose replies come down the stream. `parse` is `centrifugo`'s.
 
-Add a protocol by writing one class with `path`, `handshake` and `parse` and listing it in
-PROTOCOLS. Everything here runs on a client process's event loop.
+Add a protocol by writing one class with `name`, `open` and `parse` and listing it in
+PROTOCOLS (`open_ws` does a WebSocket one's connection).
+Everything here runs on a client process's event loop.
 """
 
 from __future__ import annotations
 
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -27,19 +35,81 @@ class Disconnected(Exception):
     """The server refused the handshake, closed the session or answered with an error."""
 
 
+class Link(Protocol):
+    """One subscriber's open, subscribed connection."""
+
+    async def receive(self) -> str | None:
+        """The next text message, or None once the server closed the link."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Send `text` (a reply that `parse` returned) to the server."""
+        ...
+
+    async def close(self) -> None:
+        """Close the link (idempotent)."""
+        ...
+
+
 class Adapter(Protocol):
     """What fanout.py needs from a protocol."""
 
     name: str
-    path: str  # the WebSocket path, appended to ws://host:port
 
-    async def handshake(self, ws: aiohttp.ClientWebSocketResponse, channel: str) -> None:
-        """Connect and subscribe to `channel`; raises Disconnected if the server refuses."""
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        """Connect to the server at `base_url` (ws://host:port or http://host:port) and
+        subscribe to `channel`; raises Disconnected if the server refuses."""
         ...
 
     def parse(self, text: str) -> tuple[list[Any], str | None]:
         """(publication payloads in the message, a reply to send or None)."""
         ...
+
+
+class WsLink:
+    """A Link over an aiohttp WebSocket: text messages only (control frames are aiohttp's)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def receive(self) -> str | None:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == TEXT:
+                text: str = msg.data
+                return text
+            if msg.type in _CLOSED:
+                return None
+
+    async def send(self, text: str) -> None:
+        await self.ws.send_str(text)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+_CLOSED = (
+    aiohttp.WSMsgType.CLOSE,
+    aiohttp.WSMsgType.CLOSING,
+    aiohttp.WSMsgType.CLOSED,
+    aiohttp.WSMsgType.ERROR,
+)
+
+
+async def open_ws(
+    session: aiohttp.ClientSession,
+    url: str,
+    handshake: Callable[[aiohttp.ClientWebSocketResponse, str], Awaitable[None]],
+    channel: str,
+) -> Link:
+    """ws_connect to `url`, then `handshake(ws, channel)`; the socket is closed if that fails."""
+    ws = await session.ws_connect(url, autoping=True, compress=0, max_msg_size=0)
+    try:
+        await handshake(ws, channel)
+    except BaseException:
+        await ws.close()
+        raise
+    return WsLink(ws)
 
 
 async def _receive_text(ws: aiohttp.ClientWebSocketResponse) -> str:
@@ -57,11 +127,14 @@ class Centrifugo:
     path = "/connection/websocket"
 
     def __init__(self, token: str = "") -> None:
-        self._connect = orjson.dumps({"id": 1, "connect": {"token": token} if token else {}})
+        self.connect_command = orjson.dumps({"id": 1, "connect": {"token": token} if token else {}})
+
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        return await open_ws(session, base_url.rstrip("/") + self.path, self.handshake, channel)
 
     async def handshake(self, ws: aiohttp.ClientWebSocketResponse, channel: str) -> None:
         subscribe = orjson.dumps({"id": 2, "subscribe": {"channel": channel}})
-        await ws.send_str((self._connect + b"\n" + subscribe).decode())
+        await ws.send_str((self.connect_command + b"\n" + subscribe).decode())
         replies: dict[int, dict[str, Any]] = {}
         while 2 not in replies:
             for line in (await _receive_text(ws)).split("\n"):
@@ -116,6 +189,9 @@ class SocketIO:
                 return text
             await ws.send_str("3")  # engine.io ping -> pong
 
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        return await open_ws(session, base_url.rstrip("/") + self.path, self.handshake, channel)
+
     async def handshake(self, ws: aiohttp.ClientWebSocketResponse, channel: str) -> None:
         if not (await self._receive(ws)).startswith("0"):
             raise Disconnected("no engine.io open packet")
@@ -139,14 +215,176 @@ class SocketIO:
         return [], None
 
 
-PROTOCOLS: dict[str, type[Centrifugo] | type[SocketIO]] = {
-    "centrifugo": Centrifugo,
-    "socketio": SocketIO,
-}
-
-
 def make_adapter(name: str, token: str = "") -> Adapter:
     """The adapter called `name`; ValueError names the known ones otherwise."""
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}: choose from {sorted(PROTOCOLS)}")
     return PROTOCOLS[name](token)
+
+
+# --- bidirectional emulation (spec 5.2) -----------------------------------------------------
+
+
+def take_lines(buf: bytearray) -> str | None:
+    """Cut the complete `\\n`-terminated lines off the front of `buf` (an http_stream body)
+    and return them newline-joined; None while no line is complete."""
+    end = buf.rfind(b"\n")
+    if end < 0:
+        return None
+    text = buf[:end].decode()
+    del buf[: end + 1]
+    return text
+
+
+def take_sse(buf: bytearray) -> str | None:
+    """Cut the complete events (ended by a blank line) off the front of `buf` (an SSE body)
+    and return their `data:` payloads newline-joined; None while no event is complete.
+    Other lines (the leading `\\r\\n`, comments, `event:`/`id:` fields) are dropped."""
+    end = buf.rfind(b"\n\n")
+    if end < 0:
+        return None
+    block = buf[:end].decode()
+    del buf[: end + 2]
+    datas = [ln[5:].removeprefix(" ") for ln in block.split("\n") if ln.startswith("data:")]
+    return "\n".join(datas)
+
+
+def http_base(url: str) -> str:
+    """http(s)://host:port for a ws(s):// or http(s):// URL (no trailing slash)."""
+    url = url.rstrip("/")
+    if url.startswith("ws://"):
+        return "http://" + url[5:]
+    if url.startswith("wss://"):
+        return "https://" + url[6:]
+    return url
+
+
+class EmulationLink:
+    """A Link over one streamed HTTP response plus `POST /emulation` for what goes up."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        response: aiohttp.ClientResponse,
+        emulation_url: str,
+        take: Callable[[bytearray], str | None],
+    ) -> None:
+        self.session = session
+        self.response = response
+        self.emulation_url = emulation_url
+        self.take = take
+        self.buf = bytearray()
+        self.ids: dict[str, str] = {}  # session, node: set from the connect result
+
+    async def receive(self) -> str | None:
+        while True:
+            text = self.take(self.buf)
+            if text:
+                return text
+            if text is None:
+                chunk = await self.response.content.readany()
+                if not chunk:
+                    return None
+                self.buf += chunk
+
+    async def send(self, text: str) -> None:
+        body = orjson.dumps({**self.ids, "data": text})
+        async with self.session.post(
+            self.emulation_url,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=EMULATION_TIMEOUT,
+        ) as response:
+            await response.read()
+            if response.status != 204:
+                raise Disconnected(f"/emulation answered HTTP {response.status}")
+
+    async def close(self) -> None:
+        self.response.close()
+
+
+EMULATION_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+async def open_emulation(
+    session: aiohttp.ClientSession,
+    response: aiohttp.ClientResponse,
+    base: str,
+    take: Callable[[bytearray], str | None],
+    channel: str,
+) -> Link:
+    """Finish an emulation handshake on a started stream `response`: its connect reply gives
+    the session and node; subscribe by `POST /emulation`; its reply comes down the stream.
+    The stream is closed if anything fails."""
+    link = EmulationLink(session, response, base + "/emulation", take)
+    try:
+        if response.status != 200:
+            raise Disconnected(f"{response.url.path}: HTTP {response.status}")
+        connect = await _stream_reply(link, 1)
+        result = connect.get("connect")
+        if not result or "session" not in result or "node" not in result:
+            raise Disconnected(f"connect: {connect}")
+        link.ids = {"session": result["session"], "node": result["node"]}
+        await link.send(orjson.dumps({"id": 2, "subscribe": {"channel": channel}}).decode())
+        reply = await _stream_reply(link, 2)
+        if "subscribe" not in reply:
+            raise Disconnected(f"subscribe: {reply}")
+    except BaseException:
+        await link.close()
+        raise
+    return link
+
+
+async def _stream_reply(link: EmulationLink, reply_id: int) -> dict[str, Any]:
+    """Read the stream until the reply `reply_id`, answering pings (pong by /emulation)."""
+    while True:
+        text = await link.receive()
+        if text is None:
+            raise Disconnected(f"stream closed before reply {reply_id}")
+        for line in text.split("\n"):
+            msg = orjson.loads(line) if line else None
+            if msg == {} and link.ids:
+                await link.send("{}")
+            elif isinstance(msg, dict) and msg.get("id") == reply_id:
+                return msg
+
+
+class CentrifugoHttpStream(Centrifugo):
+    """`POST /connection/http_stream`, body = the connect command; JSON lines come back."""
+
+    name = "centrifugo-http-stream"
+
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        base = http_base(base_url)
+        response = await session.post(
+            base + "/connection/http_stream",
+            data=self.connect_command,
+            headers={"Content-Type": "application/json"},
+        )
+        return await open_emulation(session, response, base, take_lines, channel)
+
+
+class CentrifugoSse(Centrifugo):
+    """`GET /connection/sse?cf_connect=<connect command>`; `data: <json>` events come back."""
+
+    name = "centrifugo-sse"
+
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        base = http_base(base_url)
+        query = urllib.parse.quote(self.connect_command.decode(), safe="")
+        response = await session.get(
+            f"{base}/connection/sse?cf_connect={query}", headers={"Accept": "text/event-stream"}
+        )
+        ctype = response.headers.get("Content-Type", "")
+        if response.status == 200 and not ctype.startswith("text/event-stream"):
+            response.close()
+            raise Disconnected(f"sse: Content-Type {ctype!r}")
+        return await open_emulation(session, response, base, take_sse, channel)
+
+
+PROTOCOLS: dict[str, Callable[[str], Adapter]] = {
+    "centrifugo": Centrifugo,
+    "socketio": SocketIO,
+    "centrifugo-http-stream": CentrifugoHttpStream,
+    "centrifugo-sse": CentrifugoSse,
+}

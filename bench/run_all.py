@@ -61,6 +61,12 @@ class Scenario:
     targets: tuple[str, ...] = ALL_TARGETS
     nodes: int = 1
     engine: str = "memory"
+    proto: str = ""  # fanout.py --proto; "" = the target's own (centrifugo or socketio)
+    emulation: bool = False  # centripy also serves http_stream and sse
+
+
+EMULATION_SHAPE = ("-n", "500", "-m", "1000", "-r", "0")
+EMULATION_QUICK = ("-n", "100", "-m", "100", "-r", "0")
 
 
 AFAP_1K = ("-n", "1000", "-m", "2000", "-r", "0")
@@ -113,6 +119,37 @@ SCENARIOS = (
         ("centripy",),
         2,
         "redis",
+    ),
+    Scenario(
+        "s1-ws",
+        "500 subscribers x 1,000 msgs over WebSocket (the s1-sse/s1-http_stream reference)",
+        "fanout.py",
+        EMULATION_SHAPE,
+        EMULATION_QUICK,
+        ("centripy",),
+        proto="centrifugo",
+        emulation=True,
+    ),
+    Scenario(
+        "s1-sse",
+        "500 subscribers x 1,000 msgs over SSE emulation (/connection/sse + /emulation)",
+        "fanout.py",
+        EMULATION_SHAPE,
+        EMULATION_QUICK,
+        ("centripy",),
+        proto="centrifugo-sse",
+        emulation=True,
+    ),
+    Scenario(
+        "s1-http_stream",
+        "500 subscribers x 1,000 msgs over HTTP-streaming emulation "
+        "(/connection/http_stream + /emulation)",
+        "fanout.py",
+        EMULATION_SHAPE,
+        EMULATION_QUICK,
+        ("centripy",),
+        proto="centrifugo-http-stream",
+        emulation=True,
     ),
 )
 
@@ -187,6 +224,8 @@ def centripy_command(project_python: Path) -> list[str]:
 
 def centripy_config(scenario: Scenario, pg_url: str, tag: str) -> dict[str, Any]:
     config: dict[str, Any] = {"client_insecure": True, "api_key": API_KEY, "log_level": "warn"}
+    if scenario.emulation:
+        config.update({"http_stream": True, "sse": True})
     if scenario.engine == "redis":
         config.update(
             {
@@ -284,7 +323,7 @@ def tool_command(scenario: Scenario, run: Running, args: argparse.Namespace) -> 
     if scenario.tool == "connections.py":
         ports = ["--port", str(run.ports[0]), "--api-port", str(run.api_ports[0])]
         return [*command, *ports, "--server-pid", str(run.pids[0])]
-    command += ["--proto", run.proto]
+    command += ["--proto", scenario.proto or run.proto]
     for url in run.ws_urls:
         command += ["--ws-url", url]
     for url in run.api_urls:

@@ -23,6 +23,7 @@ pytest.importorskip("orjson")
 import connections  # noqa: E402
 import fanout  # noqa: E402
 import procs  # noqa: E402
+import protocols  # noqa: E402
 import run_all  # noqa: E402
 
 # --- framing ----------------------------------------------------------------------------------
@@ -232,3 +233,66 @@ def test_wait_message_returns_none_when_the_parent_is_silent() -> None:
     assert asyncio.run(procs.wait_message(theirs, 0.05)) is None
     mine.send(("go", {}))
     assert asyncio.run(procs.wait_message(theirs, 5)) == ("go", {})
+
+
+# --- Centrifugo's bidirectional emulation (http_stream, sse) ----------------------------------
+
+
+def test_stream_framing_keeps_incomplete_lines_and_events() -> None:
+    buf = bytearray(b'{"id":1}\n{}\n{"pu')
+    assert protocols.take_lines(buf) == '{"id":1}\n{}'
+    assert buf == bytearray(b'{"pu')
+    assert protocols.take_lines(buf) is None
+    sse = bytearray(b'\r\ndata: {"id":1}\n\ndata: {}\n\ndata: {"x"')
+    assert protocols.take_sse(sse) == '{"id":1}\n{}'
+    assert sse == bytearray(b'data: {"x"')
+    assert protocols.take_sse(bytearray(b"\r\n: comment\n\n")) == ""
+    assert protocols.http_base("ws://127.0.0.1:9/") == "http://127.0.0.1:9"
+
+
+def test_emulation_scenarios_switch_the_transports_on_and_pick_the_protocol() -> None:
+    args = run_all.parse_args(["--quick", "--scenarios", "s1-sse,s1-http_stream,s1-ws"])
+    args.bench_python = Path(sys.executable)
+    run = run_all.Running(proto="centrifugo", ws_urls=["ws://a"], api_urls=["http://a/api"])
+    protos = {}
+    for scenario in run_all.SCENARIOS:
+        if scenario.key in args.scenario_keys:
+            config = run_all.centripy_config(scenario, args.pg_url, "t")
+            assert config["http_stream"] is True and config["sse"] is True
+            command = run_all.tool_command(scenario, run, args)
+            protos[scenario.key] = command[command.index("--proto") + 1]
+    assert protos == {
+        "s1-ws": "centrifugo",
+        "s1-sse": "centrifugo-sse",
+        "s1-http_stream": "centrifugo-http-stream",
+    }
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("proto", ["centrifugo-sse", "centrifugo-http-stream"])
+def test_fanout_over_emulation_against_centripy(tmp_path: Path, proto: str) -> None:
+    from tests.support.server import ServerProcess
+
+    config = {"client_insecure": True, "api_key": "bench", "http_stream": True, "sse": True}
+    server = ServerProcess(config, tmp_path).start()
+    try:
+        command = [
+            sys.executable,
+            str(BENCH / "fanout.py"),
+            "--proto",
+            proto,
+            "--ws-url",
+            server.http_url,
+            "--api-url",
+            f"{server.http_url}/api/publish",
+            *("-n", "6", "-c", "2", "-m", "40", "--drain", "2", "--settle", "0.2"),
+            *("--max-seconds", "40", "--server-pid", str(server.pid)),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
+    finally:
+        server.stop()
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["connections"] == 6 and record["connect_errors"] == {}
+    assert record["publish_acked"] == 40 and record["deliveries_received"] == 6 * 20
+    assert (record["lost"], record["duplicated"], record["reordered"]) == (0, 0, 0)
+    assert record["client_errors"] == {} and record["disconnects"] == 0
