@@ -10,12 +10,15 @@ import pytest
 from tests.integration.test_websocket_sdks import (
     CONFIG,
     PyConnect,
+    js_of,
+    js_results,
+    js_scenario,
     py_connect,  # noqa: F401  (fixture)
 )
 from tests.support.server import ServerFactory
 
 if TYPE_CHECKING:
-    from tests.integration.conftest import TokenMaker
+    from tests.integration.conftest import JsClient, TokenMaker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -58,3 +61,23 @@ async def test_protobuf_bad_token_is_terminal(
     conn = await py_connect(server, "bad-token", wait=False, use_protobuf=True)
     disconnected = await conn.events.wait_for("disconnected")
     assert disconnected.code == 3500
+
+
+def test_js_protobuf_build_publishes_and_receives(
+    server_factory: ServerFactory, make_token: TokenMaker, js_client: JsClient
+) -> None:
+    server = server_factory(CONFIG)
+    steps = [
+        {"op": "connect"},
+        {"op": "subscribe", "channel": "chat:jspb"},
+        {"op": "api", "method": "publish", "payload": {"channel": "chat:jspb", "data": {"n": 1}}},
+        {"op": "publish", "channel": "chat:jspb", "data": {"n": 2}},
+        {"op": "waitPublications", "channel": "chat:jspb", "count": 2},
+        {"op": "presenceStats", "channel": "chat:jspb"},
+    ]
+    scenario = js_scenario(server, steps, token=make_token("jspb"), protobuf=True)
+    events = js_client(scenario)
+    pubs = js_of(events, "publication", channel="chat:jspb")
+    assert [(p["data"], p["offset"]) for p in pubs] == [({"n": 1}, 1), ({"n": 2}, 2)]
+    (stats,) = js_results(events, "presenceStats")
+    assert stats["numClients"] == 1

@@ -10,6 +10,7 @@
 //    "token": "...", "tokens": ["...", ...],                       // tokens: served in order by getToken
 //    "data": {...}, "name": "js", "options": {...},                // more Centrifuge options
 //    "apiUrl": "http://127.0.0.1:PORT/api", "apiKey": "...",       // for the "api" step
+//    "protobuf": true,                                              // centrifuge-js protobuf build
 //    "timeoutMs": 30000,                                            // whole scenario
 //    "steps": [{"op": "connect"}, ...]}
 //
@@ -123,12 +124,26 @@ async function makeClient(scenario) {
     }
   }
   if (!endpoint) throw new Error('scenario needs "endpoint" or "transports"');
+  if (scenario.protobuf) {
+    // centrifuge-js's protobuf build: subprotocol centrifuge-protobuf, payloads are bytes.
+    const pb = await import('centrifuge/build/protobuf');
+    return new pb.Centrifuge(endpoint, options);
+  }
   return new Centrifuge(endpoint, options);
+}
+
+// Protobuf payloads arrive as bytes: show them as the JSON they carry.
+function payload(data) {
+  if (data instanceof Uint8Array) {
+    const text = new TextDecoder().decode(data);
+    try { return JSON.parse(text); } catch { return text; }
+  }
+  return data;
 }
 
 function publicationEvent(ctx, source) {
   return {
-    event: 'publication', source, channel: ctx.channel, data: ctx.data,
+    event: 'publication', source, channel: ctx.channel, data: payload(ctx.data),
     offset: ctx.offset ?? 0, info: ctx.info ?? null, tags: ctx.tags ?? null,
   };
 }
@@ -220,7 +235,10 @@ async function runStep(client, scenario, step, timeoutMs) {
       subscription(client, step.channel).unsubscribe();
       return undefined;
     case 'publish':
-      return client.publish(step.channel, step.data);
+      return client.publish(
+        step.channel,
+        scenario.protobuf ? new TextEncoder().encode(JSON.stringify(step.data)) : step.data,
+      );
     case 'presence':
       return client.presence(step.channel);
     case 'presenceStats':
