@@ -121,6 +121,26 @@ SCENARIOS = (
         "redis",
     ),
     Scenario(
+        "s5-pg-1node",
+        "scale-out: 1 node, engine postgresql (LISTEN/NOTIFY), PostgreSQL log",
+        "fanout.py",
+        AFAP_1K,
+        ("-n", "200", "-m", "200", "-r", "0"),
+        ("centripy",),
+        1,
+        "postgresql",
+    ),
+    Scenario(
+        "s5-pg-2nodes",
+        "scale-out: 2 nodes, engine postgresql (LISTEN/NOTIFY), PostgreSQL log",
+        "fanout.py",
+        AFAP_1K,
+        ("-n", "200", "-m", "200", "-r", "0"),
+        ("centripy",),
+        2,
+        "postgresql",
+    ),
+    Scenario(
         "s1-ws",
         "500 subscribers x 1,000 msgs over WebSocket (the s1-sse/s1-http_stream reference)",
         "fanout.py",
@@ -234,6 +254,10 @@ def centripy_config(scenario: Scenario, pg_url: str, tag: str) -> dict[str, Any]
                 "redis_prefix": f"bench{tag}",
                 "database_url": pg_url,
             }
+        )
+    elif scenario.engine == "postgresql":
+        config.update(
+            {"engine": "postgresql", "postgresql_prefix": f"bench{tag}", "database_url": pg_url}
         )
     return config
 
@@ -353,13 +377,12 @@ def run_tool(command: list[str], timeout: float) -> tuple[dict[str, Any] | None,
 
 
 def requirement_problem(scenario: Scenario) -> str:
-    if scenario.engine != "redis":
+    if scenario.engine == "memory":
         return ""
-    missing = [
-        name
-        for name, port in (("Redis", 6379), ("PostgreSQL", 5432))
-        if not procs.port_accepts(port)
-    ]
+    services: tuple[tuple[str, int], ...] = (("Redis", 6379), ("PostgreSQL", 5432))
+    if scenario.engine == "postgresql":
+        services = (("PostgreSQL", 5432),)
+    missing = [name for name, port in services if not procs.port_accepts(port)]
     return f"{' and '.join(missing)} not reachable on 127.0.0.1" if missing else ""
 
 
