@@ -27,7 +27,6 @@ import base64
 import contextlib
 import hashlib
 import http.client
-import multiprocessing as mp
 import os
 import socket
 import sys
@@ -419,23 +418,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"RLIMIT_NOFILE below the {need} a client process needs: use more --procs")
     started = time.monotonic()
     deadline = started + args.max_seconds + 30
-    ctx = mp.get_context("fork")
-    pipes: list[Connection] = []
-    children = []
-    for p in range(args.procs):
-        mine, theirs = ctx.Pipe()
-        proc = ctx.Process(target=child, args=(p, args, theirs), daemon=True)
-        proc.start()
-        theirs.close()
-        pipes.append(mine)
-        children.append(proc)
-    try:
-        record = orchestrate(args, pipes, children, deadline)
-    finally:
-        for conn in pipes:
-            with contextlib.suppress(OSError):
-                conn.send(("close", {}))
-        procs.end_children(children, 30)
+    record = procs.run_children(
+        args.procs, child, args, orchestrate, deadline, close_message=("close", {}), end_timeout=30
+    )
     record["wall_s"] = round(time.monotonic() - started, 1)
     line = orjson.dumps(record).decode()
     print(line, flush=True)

@@ -29,7 +29,6 @@ import argparse
 import array
 import asyncio
 import contextlib
-import multiprocessing as mp
 import resource
 import sys
 import time
@@ -423,20 +422,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"RLIMIT_NOFILE below the {need} a client process needs: use more --procs")
     started = time.monotonic()
     deadline = started + args.max_seconds + 30
-    ctx = mp.get_context("fork")  # forked before any event loop exists here
-    pipes: list[Connection] = []
-    children = []
-    for p in range(args.procs):
-        mine, theirs = ctx.Pipe()
-        proc = ctx.Process(target=child, args=(p, args, theirs), daemon=True)
-        proc.start()
-        theirs.close()
-        pipes.append(mine)
-        children.append(proc)
-    try:
-        record = orchestrate(args, pipes, children, deadline)
-    finally:
-        procs.end_children(children)
+    record = procs.run_children(args.procs, child, args, orchestrate, deadline)
     record["wall_s"] = round(time.monotonic() - started, 1)
     line = orjson.dumps(record).decode()
     print(line, flush=True)

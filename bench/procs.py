@@ -8,7 +8,9 @@ venv exists. Everything here is synchronous and runs in the calling process's ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -17,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -276,3 +278,37 @@ def run_loop(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+def run_children(
+    count: int,
+    child: Callable[..., None],
+    args: Any,
+    orchestrate: Callable[..., dict[str, Any]],
+    deadline: float,
+    *,
+    close_message: Any = None,
+    end_timeout: float = 15.0,
+) -> dict[str, Any]:
+    """Fork `count` client processes running `child(index, args, pipe)` (before any event
+    loop exists here), let `orchestrate(args, pipes, children, deadline)` drive them over
+    their pipes, then (optionally send `close_message` and) end them by PID."""
+    ctx = mp.get_context("fork")
+    pipes: list[Connection] = []
+    children = []
+    for index in range(count):
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=child, args=(index, args, theirs), daemon=True)
+        proc.start()
+        theirs.close()
+        pipes.append(mine)
+        children.append(proc)
+    try:
+        record: dict[str, Any] = orchestrate(args, pipes, children, deadline)
+        return record
+    finally:
+        if close_message is not None:
+            for conn in pipes:
+                with contextlib.suppress(OSError):
+                    conn.send(close_message)
+        end_children(children, end_timeout)
