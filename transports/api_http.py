@@ -16,7 +16,7 @@ import contextlib
 import hmac
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -225,33 +225,84 @@ async def legacy_reply(executor: Executor, command: LegacyCommand) -> bytes:
     return orjson.dumps(reply)
 
 
-# --- handlers --------------------------------------------------------------------------------
+# --- the answer both HTTP paths give ----------------------------------------------------------
+
+Answer = tuple[int, bytes, str]  # status, body, Content-Type ('' = none)
+
+
+class ApiEndpoint:
+    """Answers a `POST` to the API: what `ApiMethodHandler`/`ApiLegacyHandler` (Tornado's
+    request handlers) and `transports.api_lean` (the lean keep-alive path) both send. The
+    caller has already answered anything but POST with 405."""
+
+    def __init__(self, executor: Executor, config: Config, inflight: InFlight | None = None):
+        self.executor = executor
+        self.config = config
+        self.inflight = inflight or InFlight()
+
+    def authorized(self, header: Callable[[str], str], query: str) -> bool:
+        """`header(name)` is the first value of a request header ('' when absent)."""
+        return self.config.api_insecure or api_key_valid(
+            self.config.api_key, header("X-API-Key"), header("Authorization"), query
+        )
+
+    async def answer(
+        self, method: str | None, body: bytes, header: Callable[[str], str], query: str
+    ) -> Answer:
+        """`method` is the path below the prefix; None for the legacy `POST <prefix>`."""
+        if not self.authorized(header, query):
+            return 401, b"", ""
+        if method is None:
+            return await self._legacy(body)
+        if method not in METHODS:
+            return 404, NOT_FOUND, TEXT_TYPE
+        transport = (
+            self.config.api_error_mode == "transport" or header(ERROR_MODE_HEADER) == "transport"
+        )
+        with self.inflight.track():
+            try:
+                status, out = await answer_method(self.executor, method, body, transport)
+            except DecodeError:
+                return 400, BAD_REQUEST, TEXT_TYPE
+        return status, out, JSON_TYPE
+
+    async def _legacy(self, body: bytes) -> Answer:
+        """Newline-delimited legacy commands, replies joined by `\\n`."""
+        if self.executor.node.shutting_down:
+            return 503, b"", ""
+        with self.inflight.track():
+            try:
+                if not body:
+                    raise DecodeError("empty request body")
+                commands = decode_legacy(body)
+            except DecodeError:
+                return 400, BAD_REQUEST, TEXT_TYPE
+            replies = [await legacy_reply(self.executor, c) for c in commands]
+        return 200, b"\n".join(replies), JSON_TYPE
+
+
+# --- Tornado handlers ------------------------------------------------------------------------
 
 
 class _ApiHandler(RequestHandler):
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
-    def initialize(
-        self, executor: Executor, config: Config, inflight: InFlight | None = None
-    ) -> None:
-        self.executor = executor
-        self.config = config
-        self.inflight = inflight or InFlight()
+    def initialize(self, endpoint: ApiEndpoint) -> None:
+        self.endpoint = endpoint
 
     def prepare(self) -> None:
         if self.request.method != "POST":
             self._answer(405)
-        elif not self.config.api_insecure and not self._authorized():
-            self._answer(401)
 
-    def _authorized(self) -> bool:
-        headers = self.request.headers
-        return api_key_valid(
-            self.config.api_key,
-            _first(headers.get_list("X-API-Key")),
-            _first(headers.get_list("Authorization")),
-            self.request.query,
+    def _header(self, name: str) -> str:
+        values = self.request.headers.get_list(name)
+        return values[0] if values else ""
+
+    async def _post(self, method: str | None) -> None:
+        answer = await self.endpoint.answer(
+            method, self.request.body, self._header, self.request.query
         )
+        self._answer(*answer)
 
     def _answer(self, status: int, body: bytes = b"", content_type: str = "") -> None:
         self.set_status(status)
@@ -270,49 +321,18 @@ class _ApiHandler(RequestHandler):
             self.finish()
 
 
-def _first(values: list[str]) -> str:
-    return values[0] if values else ""
-
-
 class ApiMethodHandler(_ApiHandler):
     """`POST <prefix>/<method>`."""
 
     async def post(self, method: str) -> None:
-        if method not in METHODS:
-            self._answer(404, NOT_FOUND, TEXT_TYPE)
-            return
-        transport = (
-            self.config.api_error_mode == "transport"
-            or self.request.headers.get(ERROR_MODE_HEADER) == "transport"
-        )
-        with self.inflight.track():
-            try:
-                status, body = await answer_method(
-                    self.executor, method, self.request.body, transport
-                )
-            except DecodeError:
-                self._answer(400, BAD_REQUEST, TEXT_TYPE)
-                return
-        self._answer(status, body, JSON_TYPE)
+        await self._post(method)
 
 
 class ApiLegacyHandler(_ApiHandler):
-    """`POST <prefix>`: newline-delimited legacy commands, replies joined by `\\n`."""
+    """`POST <prefix>`: the deprecated newline-delimited format."""
 
     async def post(self) -> None:
-        if self.executor.node.shutting_down:
-            self._answer(503)
-            return
-        with self.inflight.track():
-            try:
-                if not self.request.body:
-                    raise DecodeError("empty request body")
-                commands = decode_legacy(self.request.body)
-            except DecodeError:
-                self._answer(400, BAD_REQUEST, TEXT_TYPE)
-                return
-            replies = [await legacy_reply(self.executor, c) for c in commands]
-        self._answer(200, b"\n".join(replies), JSON_TYPE)
+        await self._post(None)
 
 
 def api_routes(
@@ -321,11 +341,7 @@ def api_routes(
     """Tornado rules for the API under `api_handler_prefix` (legacy route first). Pass the
     composition root's `InFlight` to wait for in-progress calls on shutdown."""
     prefix = re.escape(config.api_handler_prefix.rstrip("/"))
-    kwargs: dict[str, Any] = {
-        "executor": executor,
-        "config": config,
-        "inflight": inflight or InFlight(),
-    }
+    kwargs: dict[str, Any] = {"endpoint": ApiEndpoint(executor, config, inflight)}
     return [
         (prefix or "/", ApiLegacyHandler, kwargs),
         (prefix + "/(.*)", ApiMethodHandler, kwargs),

@@ -41,6 +41,7 @@ from storage.presence_postgres import PostgresPresence
 from storage.presence_redis import RedisPresence
 from storage.writer import GroupCommitWriter
 from transports.api_http import InFlight, api_routes
+from transports.api_lean import LeanHTTPServer
 from transports.consumers import Consumers, start_consumers
 from transports.websocket import WebSocketHandler
 
@@ -128,7 +129,7 @@ class Services:
     writer: GroupCommitWriter
     executor: Executor
     inflight: InFlight
-    servers: list[tornado.httpserver.HTTPServer] = field(default_factory=list)
+    servers: list[LeanHTTPServer] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     consumers: Consumers = field(default_factory=Consumers)
     link: ClusterLink | None = None
@@ -260,7 +261,7 @@ async def start(config: Config) -> Services:
     for routes, port, address in listeners:
         app = tornado.web.Application(routes, **settings)
         use_tls = tls if (not config.tls_external or routes is external) else None
-        server = tornado.httpserver.HTTPServer(app, ssl_options=use_tls)
+        server = LeanHTTPServer(app, lean_api=True, ssl_options=use_tls)
         sockets = tornado.netutil.bind_sockets(
             int(port), address or None, backlog=4096, reuse_port=config.reuse_port
         )

@@ -29,6 +29,7 @@ from storage.presence_memory import MemoryPresence
 from storage.writer import GroupCommitWriter
 from tests.engine.test_api import RecordingSessions
 from transports.api_http import InFlight, api_key_valid, api_routes
+from transports.api_lean import LeanHTTPServer
 
 KEY = "secret"
 NAMESPACES = (
@@ -74,8 +75,11 @@ async def request(
 Start = Callable[..., Awaitable[Server]]
 
 
-@pytest.fixture
-async def start() -> AsyncIterator[Start]:
+@pytest.fixture(params=["tornado", "lean"])
+async def start(request: pytest.FixtureRequest) -> AsyncIterator[Start]:
+    """Servers of Tornado's own HTTPServer, or of LeanHTTPServer (API requests answered
+    on its lean path): every test runs on both."""
+    lean = request.param == "lean"
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
     async def _start(sessions: RecordingSessions | None = None, **overrides: Any) -> Server:
@@ -90,7 +94,7 @@ async def start() -> AsyncIterator[Start]:
         inflight = InFlight()
         app = Application(api_routes(Executor(node, sessions), config, inflight))
         sock, port = bind_unused_port()
-        http = HTTPServer(app)
+        http = LeanHTTPServer(app, lean_api=True) if lean else HTTPServer(app)
         http.add_sockets([sock])
 
         async def stop() -> None:

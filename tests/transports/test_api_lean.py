@@ -1,0 +1,230 @@
+"""The lean API path of `LeanHTTPServer`: which requests it answers itself, and that every
+other request (and the rest of a connection after one) reaches Tornado unchanged. Raw
+HTTP/1.x over asyncio streams against a real server on a free port. Tornado's responses
+carry `Server: TornadoServer/..`; the lean path's do not, which tells the two apart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+import pytest
+import tornado.web
+from tornado.testing import bind_unused_port
+
+from engine.api import Executor
+from engine.config import Config
+from engine.node import Node
+from storage.memory import MemoryEventLog
+from storage.presence_memory import MemoryPresence
+from storage.writer import GroupCommitWriter
+from tests.engine.test_api import RecordingSessions
+from transports.api_http import api_routes
+from transports.api_lean import LeanHTTPServer, parse_head, response_bytes
+
+KEY = "secret"
+
+
+class Echo(tornado.web.RequestHandler):
+    """A non-API route: answers GET and POST with the request body's length."""
+
+    def get(self) -> None:
+        self.finish({"get": True})
+
+    def post(self) -> None:
+        self.finish({"length": len(self.request.body)})
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def lean(self) -> bool:
+        return "server" not in self.headers
+
+    def json(self) -> object:
+        return orjson.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Response(status, headers, body)
+
+
+def post(path: str, body: bytes, extra: str = "", version: str = "HTTP/1.1") -> bytes:
+    head = f"POST {path} {version}\r\nHost: x\r\nX-API-Key: {KEY}\r\n{extra}"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    config = Config(api_key=KEY)
+    log = MemoryEventLog()
+    await log.start()
+    writer = GroupCommitWriter(log, max_delay=0.0)
+    await writer.start()
+    node = Node(config, log, writer.submit, MemoryPresence())
+    sessions = RecordingSessions()
+    sessions.node = node
+    routes = [(r"/echo", Echo), *api_routes(Executor(node, sessions), config)]
+    server = LeanHTTPServer(tornado.web.Application(routes), lean_api=True)
+    sock, number = bind_unused_port()
+    server.add_sockets([sock])
+    yield number
+    server.stop()
+    await server.close_all_connections()
+    await writer.close()
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_keep_alive_api_calls_stay_on_the_lean_path(port: int) -> None:
+    reader, writer = await connect(port)
+    for i in range(3):
+        writer.write(post("/api/publish", b'{"channel":"a","data":%d}' % i))
+        response = await read_response(reader)
+        assert (response.status, response.json(), response.lean) == (200, {"result": {}}, True)
+        assert response.headers["content-type"] == "application/json"
+        assert "date" in response.headers
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(post("/api/info", b"{}") + post("/api/nope", b"{}") + post("/api/info", b"[1"))
+    statuses = [(await read_response(reader)).status for _ in range(3)]
+    assert statuses == [200, 404, 400]
+    writer.close()
+
+
+async def test_a_non_api_request_hands_the_connection_to_tornado(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(post("/api/info", b"{}"))
+    assert (await read_response(reader)).lean
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = await read_response(reader)
+    assert (response.status, response.json(), response.lean) == (200, {"get": True}, False)
+    # the rest of the connection is Tornado's, API calls included
+    writer.write(post("/api/info", b"{}") + post("/echo", b"12345"))
+    first, second = await read_response(reader), await read_response(reader)
+    assert (first.status, first.lean, second.json()) == (200, False, {"length": 5})
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["Transfer-Encoding: chunked\r\n", "Expect: 100-continue\r\n"],
+)
+async def test_what_tornado_implements_goes_to_tornado(port: int, extra: str) -> None:
+    reader, writer = await connect(port)
+    body = b'{"channel":"a","data":1}'
+    if "chunked" in extra:
+        raw = f"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n{extra}\r\n".encode()
+        raw += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        writer.write(raw)
+    else:
+        writer.write(post("/api/publish", b"", extra)[: -len(b"Content-Length: 0\r\n\r\n")])
+        writer.write(f"Content-Length: {len(body)}\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+        writer.write(body)
+    response = await read_response(reader)
+    assert (response.status, response.json(), response.lean) == (200, {"result": {}}, False)
+    writer.close()
+
+
+async def test_http10_closes_unless_keep_alive(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(post("/api/info", b"{}", version="HTTP/1.0"))
+    response = await read_response(reader)
+    assert (response.status, response.lean) == (200, True)
+    assert await reader.read() == b""  # closed by the server
+    reader, writer = await connect(port)
+    writer.write(post("/api/info", b"{}", "Connection: keep-alive\r\n", "HTTP/1.0") * 2)
+    for _ in range(2):
+        response = await read_response(reader)
+        assert response.headers["connection"] == "keep-alive"
+    writer.close()
+
+
+async def test_connection_close_is_honoured(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(post("/api/info", b"{}", "Connection: close\r\n"))
+    assert (await read_response(reader)).status == 200
+    assert await reader.read() == b""
+
+
+async def test_bad_key_and_oversized_head(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(b"POST /api/info HTTP/1.1\r\nX-API-Key: no\r\nContent-Length: 2\r\n\r\n{}")
+    response = await read_response(reader)
+    assert (response.status, response.body, response.lean) == (401, b"", True)
+    writer.write(b"POST /api/info HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert await reader.read() == b""  # beyond 64 KiB of head: closed, as Tornado does
+    writer.close()
+
+
+async def test_close_all_connections_closes_idle_lean_connections(port: int) -> None:
+    reader, writer = await connect(port)
+    writer.write(post("/api/info", b"{}"))
+    assert (await read_response(reader)).lean
+    # the fixture's teardown must not hang on this idle keep-alive connection
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"GET /api/info HTTP/1.1\r\n\r\n", "not POST"),
+        (b"POST /api/info HTTP/2.0\r\n\r\n", "version"),
+        (b"POST http://x/api/info HTTP/1.1\r\n\r\n", "absolute form"),
+        (b"POST /api/%69nfo HTTP/1.1\r\n\r\n", "percent-encoded"),
+        (b"POST /api/info HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+        (b"POST /api/info HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", "upgrade"),
+        (b"POST /api/info HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "two"),
+        (b"POST /api/info HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "negative length"),
+        (b"POST /api/info HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", "obs-fold"),
+        (b"POST /api/info HTTP/1.1\r\nBad Name: 1\r\n\r\n", "space in a name"),
+        (b"POST /api/info HTTP/1.1\r\nNoColon\r\n\r\n", "no colon"),
+    ],
+)
+def test_parse_head_leaves_the_unusual_to_tornado(head: bytes, why: str) -> None:
+    assert parse_head(head) is None, why
+
+
+def test_parse_head_reads_a_plain_post() -> None:
+    head = b"POST /api/publish?api_key=k HTTP/1.1\r\nX-API-Key: a\r\nx-api-key: b\r\n"
+    request = parse_head(head + b"Content-Length: 12\r\nConnection: Close\r\n\r\n")
+    assert request is not None
+    assert (request.path, request.query, request.content_length) == (
+        "/api/publish",
+        "api_key=k",
+        12,
+    )
+    assert request.header("X-API-Key") == "a"  # the first value counts
+    assert (request.keep_alive, request.http10) == (False, False)
+    request = parse_head(b"POST /api HTTP/1.0\r\n\r\n")
+    assert request is not None and (request.content_length, request.keep_alive) == (0, False)
+
+
+def test_response_bytes() -> None:
+    raw = response_bytes(404, b"x\n", "text/plain", b"Thu, 01 Jan 1970 00:00:00 GMT")
+    assert raw == (
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+        b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n\r\nx\n"
+    )
+    assert b"Content-Type" not in response_bytes(401, b"", "", b"d")
