@@ -63,7 +63,7 @@ async def run(subs: int, msgs: int) -> dict[str, float]:
     log = MemoryEventLog()
     writer = GroupCommitWriter(log)
     await writer.start()
-    node = Node(config, log, writer.submit, MemoryPresence())
+    node = Node(config, log, writer.submit_many, MemoryPresence())
     hub = Hub()
     node.attach_fanout(hub)
     ctx = ConnContext(config, node, hub, TokenVerifier(config))

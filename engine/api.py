@@ -24,14 +24,14 @@ import binascii
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import orjson
 
 from engine.channels import ChannelName, SubscribeOverride
-from engine.node import Node
+from engine.node import Node, PublishItem
 from engine.protocol import json_codec
 from engine.protocol.codes import Error
 from engine.sessions import ServerSubscribe, Sessions
@@ -62,6 +62,7 @@ BATCH_ORDER: Final = (
     "publish", "broadcast", "subscribe", "unsubscribe", "disconnect", "history",
     "history_remove", "presence", "presence_stats", "info", "rpc", "refresh", "channels",
 )  # fmt: skip
+_BATCH_RANK: Final = {method: rank for rank, method in enumerate(BATCH_ORDER)}
 # Methods the async consumers may call; others are ignored.
 DISPATCH_METHODS: Final = frozenset(
     {"publish", "broadcast", "subscribe", "unsubscribe", "disconnect", "history_remove", "refresh"}
@@ -113,16 +114,21 @@ def error_body(error: Error) -> Result:
 _ABSENT: Final = object()
 
 
+def _path(where: tuple[object, ...]) -> str:
+    """The JSON path of a decoding error (kept in parts until an error needs it)."""
+    return "".join(map(str, where))
+
+
 class _Obj:
     """A JSON object read like Go's encoding/json fills a struct (see the module doc)."""
 
     __slots__ = ("_fields", "_where")
 
-    def __init__(self, value: object, where: str) -> None:
+    def __init__(self, value: object, where: tuple[object, ...]) -> None:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise DecodeError(f"{where}: expected a JSON object")
+            raise DecodeError(f"{_path(where)}: expected a JSON object")
         self._fields = {str(k).lower(): v for k, v in value.items()}
         self._where = where
 
@@ -130,7 +136,7 @@ class _Obj:
         return self._fields.get(key)
 
     def _bad(self, key: str, expected: str) -> DecodeError:
-        return DecodeError(f"{self._where}.{key}: expected {expected}")
+        return DecodeError(f"{_path(self._where)}.{key}: expected {expected}")
 
     def text(self, key: str) -> str:
         value = self._get(key)
@@ -170,7 +176,7 @@ class _Obj:
 
     def obj(self, key: str) -> _Obj | None:
         value = self._get(key)
-        return None if value is None else _Obj(value, f"{self._where}.{key}")
+        return None if value is None else _Obj(value, (*self._where, ".", key))
 
     def texts(self, key: str) -> tuple[str, ...]:
         value = self._get(key)
@@ -363,13 +369,15 @@ def _batch(o: _Obj) -> BatchRequest:
 def _batch_command(value: object, index: int) -> tuple[str, Request] | None:
     """Decode every known key (a type error anywhere fails the whole batch, as in Go);
     the first set key in BATCH_ORDER is the command."""
-    cmd = _Obj(value, f"commands[{index}]")
+    cmd = _Obj(value, ("commands[", index, "]"))
     chosen: tuple[str, Request] | None = None
-    for method in BATCH_ORDER:
-        inner = cmd._get(method)
-        if inner is not None:
-            decoded = _DECODERS[method](_Obj(inner, f"commands[{index}].{method}"))
-            chosen = chosen or (method, decoded)
+    best = len(BATCH_ORDER)
+    for method, inner in cmd._fields.items():
+        rank = _BATCH_RANK.get(method)
+        if rank is not None and inner is not None:
+            decoded = _DECODERS[method](_Obj(inner, (*cmd._where, ".", method)))
+            if rank < best:
+                chosen, best = (method, decoded), rank
     return chosen
 
 
@@ -399,7 +407,7 @@ def decode_request(method: str, value: object) -> Request:
     decoder = _DECODERS.get(method)
     if decoder is None:
         raise api_error(104)
-    return decoder(_Obj(value, method))
+    return decoder(_Obj(value, (method,)))
 
 
 # --- channel patterns (gobwas/glob without separators) -------------------------------------
@@ -521,19 +529,26 @@ class Executor:
 
     async def execute(self, req: Request) -> Result:
         """Run a decoded request; an unexpected exception becomes Error 100 (and is logged)."""
-        self.node.metrics.inc(
-            "centripy_api_commands_total", "Server API commands run.", method=type(req).__name__
-        )
+        self._count(req)
         try:
             return await self._run(req)
         except Error as err:
-            self.node.metrics.inc(
-                "centripy_api_command_errors_total", "Server API errors.", code=str(err.code)
-            )
+            self._count_error(err)
             raise
         except Exception:
             log.exception("server API %s failed", type(req).__name__)
             raise api_error(100) from None
+
+    def _count(self, req: Request, amount: int = 1) -> None:
+        self.node.metrics.inc(
+            "centripy_api_commands_total", "Server API commands run.", amount,
+            method=type(req).__name__,
+        )  # fmt: skip
+
+    def _count_error(self, err: Error) -> None:
+        self.node.metrics.inc(
+            "centripy_api_command_errors_total", "Server API errors.", code=str(err.code)
+        )
 
     async def publish(self, request: Mapping[str, object]) -> Result:
         return await self.call("publish", request)
@@ -669,27 +684,47 @@ class Executor:
         return _position_dict(result.offset, result.epoch)
 
     async def _broadcast_results(self, req: BroadcastRequest) -> list[Result | Error]:
-        """Per-channel results or errors, in `channels` order; channels run concurrently."""
+        """Per-channel results or errors, in `channels` order; the channels that go to the
+        log are committed in one transaction."""
         if not req.channels:
             raise api_error(107)
         data = _payload(req.body)
-        gate = asyncio.Semaphore(MAX_CONCURRENCY)
+        return await self._publish_many([(channel, data, req.body) for channel in req.channels])
 
-        async def one(channel: str) -> Result | Error:
-            async with gate:
-                try:
-                    return await self._publish_to(
-                        self._node.resolve(_channel(channel)), data, req.body
-                    )
-                except Error as exc:
-                    return exc
-                except Exception:
-                    log.exception("broadcast to %r failed", channel)
-                    return api_error(100)
-
-        if len(req.channels) == 1:
-            return [await one(req.channels[0])]
-        return list(await asyncio.gather(*(one(c) for c in req.channels)))
+    async def _publish_many(
+        self, publications: Sequence[tuple[str, bytes, PublishBody]]
+    ) -> list[Result | Error]:
+        """Publish (channel, data, body) triples with `Node.publish_many`: a position dict
+        or the Error per triple, in order."""
+        out: list[Result | Error] = [{}] * len(publications)
+        items: list[PublishItem] = []
+        where: list[int] = []
+        for i, (channel, data, body) in enumerate(publications):
+            try:
+                name = self._node.resolve(_channel(channel))
+            except Error as exc:
+                out[i] = exc
+                continue
+            items.append(
+                PublishItem(
+                    name,
+                    data,
+                    tags=body.tags or None,
+                    skip_history=body.skip_history,
+                    idempotency_key=body.idempotency_key,
+                )
+            )
+            where.append(i)
+        try:
+            results = await self._node.publish_many(items)
+        except Exception:
+            log.exception("publishing %d publications failed", len(items))
+            results = [api_error(100) for _ in items]
+        for i, result in zip(where, results, strict=True):
+            out[i] = (
+                result if isinstance(result, Error) else _position_dict(result.offset, result.epoch)
+            )
+        return out
 
     async def _subscribe(self, req: ServerSubscribe) -> Result:
         self._node.resolve(_channel(req.channel))
@@ -743,17 +778,51 @@ class Executor:
         }
 
     async def _batch(self, req: BatchRequest) -> Result:
+        """Sequential, or with `parallel` concurrently (<= MAX_CONCURRENCY in flight); in a
+        parallel batch the publish commands are published together (`_publish_many`: the
+        ones with history in one transaction)."""
         if not req.commands:
             return {}
         if not req.parallel:
             return {"replies": [await self._batch_reply(c) for c in req.commands]}
+        replies: list[Result] = [{}] * len(req.commands)
+        publishes: list[tuple[int, PublishRequest]] = []
+        others: list[int] = []
+        for i, cmd in enumerate(req.commands):
+            if cmd is not None and isinstance(cmd[1], PublishRequest):
+                publishes.append((i, cmd[1]))
+            else:
+                others.append(i)
         gate = asyncio.Semaphore(MAX_CONCURRENCY)
 
-        async def one(cmd: tuple[str, Request] | None) -> Result:
+        async def one(i: int) -> None:
             async with gate:
-                return await self._batch_reply(cmd)
+                replies[i] = await self._batch_reply(req.commands[i])
 
-        return {"replies": list(await asyncio.gather(*(one(c) for c in req.commands)))}
+        await asyncio.gather(self._batch_publishes(publishes, replies), *(one(i) for i in others))
+        return {"replies": replies}
+
+    async def _batch_publishes(
+        self, publishes: Sequence[tuple[int, PublishRequest]], replies: list[Result]
+    ) -> None:
+        """The publish commands of a parallel batch: replies[i] for each (i, request)."""
+        ready: list[tuple[str, bytes, PublishBody]] = []
+        where: list[int] = []
+        if publishes:
+            self._count(publishes[0][1], len(publishes))
+        for i, req in publishes:
+            try:
+                ready.append((_channel(req.channel), _payload(req.body), req.body))
+                where.append(i)
+            except Error as exc:
+                self._count_error(exc)
+                replies[i] = {"error": error_body(exc)}
+        for i, result in zip(where, await self._publish_many(ready), strict=True):
+            if isinstance(result, Error):
+                self._count_error(result)
+                replies[i] = {"error": error_body(result)}
+            else:
+                replies[i] = {"publish": result}
 
     async def _batch_reply(self, cmd: tuple[str, Request] | None) -> Result:
         if cmd is None:

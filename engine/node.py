@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,7 +51,8 @@ class Fanout(Protocol):
     def leave(self, channel: str, info: ClientInfo) -> None: ...
 
 
-Submit = Callable[[AppendRequest], Awaitable[AppendResult]]
+# Commit several append requests in one transaction (the group-commit writer's submit_many).
+SubmitMany = Callable[[Sequence[AppendRequest]], Awaitable[list[AppendResult]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,18 @@ class PublishResult:
     suppressed: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class PublishItem:
+    """One publication of `Node.publish_many` (the arguments of `Node.publish`)."""
+
+    name: ChannelName
+    data: bytes
+    info: ClientInfo | None = None
+    tags: Mapping[str, str] | None = None
+    skip_history: bool = False
+    idempotency_key: str = ""
+
+
 class Node:
     """One centripy node: config, event log (through its group-commit writer), presence."""
 
@@ -68,13 +81,13 @@ class Node:
         self,
         config: Config,
         event_log: EventLog,
-        submit: Submit,
+        submit_many: SubmitMany,
         presence: PresenceManager,
         uid: str | None = None,
     ) -> None:
         self.config = config
         self.event_log = event_log
-        self._submit = submit
+        self._submit_many = submit_many
         self.presence_manager = presence
         self.uid = uid or str(uuid.uuid4())
         self.name = config.name or f"centripy_{config.port}"
@@ -118,34 +131,63 @@ class Node:
         then fan it out. Returns only after the commit. Fan-out happens synchronously after
         the awaited commit, so local delivery order equals commit order."""
         name = name or self.resolve(channel)
-        opts = name.options
-        keep = opts.history_enabled and not skip_history
-        tag_pairs = tuple(sorted(tags.items())) if tags else ()
-        if not keep and not idempotency_key:
-            pub = Publication(data=data, info=info, tags=dict(tag_pairs))
-            self._deliver(channel, pub, "")
-            await self._broadcast(channel, pub, "")
-            return PublishResult()
-        request = AppendRequest(
-            channel=channel,
-            data=data,
-            info=info,
-            tags=tag_pairs,
+        item = PublishItem(name, data, info, tags, skip_history, idempotency_key)
+        result = (await self.publish_many((item,)))[0]
+        if isinstance(result, Error):
+            raise result
+        return result
+
+    async def publish_many(self, items: Sequence[PublishItem]) -> list[PublishResult | Error]:
+        """`publish` for several publications: the ones that go to the log are committed
+        in one transaction, then each is fanned out in order. Results in `items` order; a
+        failed commit gives every logged item Error 100 (the others were delivered)."""
+        results: list[PublishResult | Error] = [PublishResult()] * len(items)
+        requests: list[AppendRequest] = []
+        logged: list[int] = []
+        for i, item in enumerate(items):
+            request = self._append_request(item)
+            if request is None:
+                tags = dict(sorted(item.tags.items())) if item.tags else {}
+                pub = Publication(data=item.data, info=item.info, tags=tags)
+                self._deliver(item.name.channel, pub, "")
+                await self._broadcast(item.name.channel, pub, "")
+            else:
+                requests.append(request)
+                logged.append(i)
+        if not requests:
+            return results
+        try:
+            appended = await self._submit_many(requests)
+        except StorageError as exc:
+            log.error("publish to %r failed: %s", requests[0].channel, exc)
+            for i in logged:
+                results[i] = Error.of(ErrorCode.INTERNAL)
+            return results
+        for i, result in zip(logged, appended, strict=True):
+            if not result.suppressed:
+                channel = items[i].name.channel
+                self._deliver(channel, result.publication, result.epoch)
+                await self._broadcast(channel, result.publication, result.epoch)
+            results[i] = PublishResult(result.publication.offset, result.epoch, result.suppressed)
+        return results
+
+    def _append_request(self, item: PublishItem) -> AppendRequest | None:
+        """What the log must store for `item`; None when nothing (no history, no key)."""
+        opts = item.name.options
+        keep = opts.history_enabled and not item.skip_history
+        if not keep and not item.idempotency_key:
+            return None
+        return AppendRequest(
+            channel=item.name.channel,
+            data=item.data,
+            info=item.info,
+            tags=tuple(sorted(item.tags.items())) if item.tags else (),
             history_size=opts.history_size if keep else 0,
             history_ttl=opts.history_ttl if keep else 0.0,
-            meta_ttl=self.meta_ttl(name),
-            idempotency_key=idempotency_key,
+            meta_ttl=self.meta_ttl(item.name),
+            idempotency_key=item.idempotency_key,
             idempotent_ttl=self.config.idempotent_result_ttl,
         )
-        try:
-            result = await self._submit(request)
-        except StorageError as exc:
-            log.error("publish to %r failed: %s", channel, exc)
-            raise Error.of(ErrorCode.INTERNAL) from exc
-        if not result.suppressed:
-            self._deliver(channel, result.publication, result.epoch)
-            await self._broadcast(channel, result.publication, result.epoch)
-        return PublishResult(result.publication.offset, result.epoch, result.suppressed)
 
     def _deliver(self, channel: str, pub: Publication, epoch: str) -> None:
         self.metrics.inc(

@@ -8,6 +8,8 @@ Batching rule: one batch is in flight at a time; requests arriving while it comm
 next batch. Before committing, the writer yields to the loop while new requests keep
 arriving (callers woken by the previous batch resubmit within an iteration or two), but no
 longer than `max_delay` after the oldest request and never beyond `max_batch` requests.
+`submit_many` queues several requests as one unit: they share a batch (one transaction),
+however many they are.
 A failed batch fails every waiter of that batch with StorageError (the log's transaction
 applied none of it). Duplicate idempotency keys inside one batch behave as sequential
 calls: the log's `append_many` handles them.
@@ -19,6 +21,7 @@ import asyncio
 import collections
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from storage.base import AppendRequest, AppendResult, EventLog, StorageError
@@ -29,8 +32,8 @@ log = logging.getLogger("centripy.storage.writer")
 
 @dataclass(slots=True)
 class _Pending:
-    request: AppendRequest
-    future: asyncio.Future[AppendResult]
+    requests: Sequence[AppendRequest]  # committed in one batch
+    future: asyncio.Future[list[AppendResult]]
     at: float  # loop.time() when submitted
 
 
@@ -45,7 +48,7 @@ class GroupCommitWriter:
     """Owns the batching task. `start`, `submit` and `close` run on the server's event loop.
     The writer neither starts nor closes `log`; its owner does (close the writer first)."""
 
-    def __init__(self, log: EventLog, max_batch: int = 100, max_delay: float = 0.002) -> None:
+    def __init__(self, log: EventLog, max_batch: int = 500, max_delay: float = 0.002) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not math.isfinite(max_delay) or max_delay < 0:
@@ -54,6 +57,7 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._pending: collections.deque[_Pending] = collections.deque()
+        self._queued = 0  # requests in self._pending
         self._wake = asyncio.Event()  # set when work arrives or on close
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -70,14 +74,23 @@ class GroupCommitWriter:
         """Queue `request` and wait until its batch commits. Invalid requests raise
         ValueError here and never reach a batch. A caller cancelled after its batch was
         taken still has its publication stored (the transaction is not undone)."""
-        check_append(request)
+        return (await self.submit_many((request,)))[0]
+
+    async def submit_many(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
+        """`submit` for several requests at once: they are committed in one batch, in
+        order (as `append_many` would), and their results come back in the same order."""
+        for request in requests:
+            check_append(request)
         if self._closing:
             raise StorageError("writer is closed")
         if self._task is None:
             raise StorageError("writer is not started")
+        if not requests:
+            return []
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[AppendResult] = loop.create_future()
-        self._pending.append(_Pending(request, future, loop.time()))
+        future: asyncio.Future[list[AppendResult]] = loop.create_future()
+        self._pending.append(_Pending(requests, future, loop.time()))
+        self._queued += len(requests)
         if len(self._pending) == 1:
             self._wake.set()
         return await future
@@ -92,7 +105,7 @@ class GroupCommitWriter:
     @property
     def pending(self) -> int:
         """Requests submitted and not yet taken into a batch."""
-        return len(self._pending)
+        return self._queued
 
     async def _run(self) -> None:
         try:
@@ -114,27 +127,36 @@ class GroupCommitWriter:
         new request ends the wait (nobody else is coming now: do not add latency)."""
         loop = asyncio.get_running_loop()
         deadline = self._pending[0].at + self._max_delay
-        while len(self._pending) < self._max_batch and not self._closing:
+        while self._queued < self._max_batch and not self._closing:
             if loop.time() >= deadline:
                 return
-            before = len(self._pending)
+            before = self._queued
             await asyncio.sleep(0)
-            if len(self._pending) == before:
+            if self._queued == before:
                 return
 
     def _take(self) -> list[_Pending]:
+        """Units of work up to `max_batch` requests (a larger unit goes alone)."""
         batch: list[_Pending] = []
-        while self._pending and len(batch) < self._max_batch:
+        rows = 0
+        while self._pending and (
+            not rows or rows + len(self._pending[0].requests) <= self._max_batch
+        ):
             item = self._pending.popleft()
+            self._queued -= len(item.requests)
             if not item.future.done():  # skip callers cancelled while waiting
                 batch.append(item)
+                rows += len(item.requests)
         return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        requests = [request for item in batch for request in item.requests]
         try:
-            results = await self._log.append_many([item.request for item in batch])
-            if len(results) != len(batch):
-                raise StorageError(f"append_many returned {len(results)} results for {len(batch)}")
+            results = await self._log.append_many(requests)
+            if len(results) != len(requests):
+                raise StorageError(
+                    f"append_many returned {len(results)} results for {len(requests)}"
+                )
         except asyncio.CancelledError:
             for item in batch:
                 if not item.future.done():
@@ -147,12 +169,16 @@ class GroupCommitWriter:
                 if not item.future.done():
                     item.future.set_exception(batch_error(exc))
             return
-        for item, result in zip(batch, results, strict=True):
+        start = 0
+        for item in batch:
+            end = start + len(item.requests)
             if not item.future.done():
-                item.future.set_result(result)
+                item.future.set_result(results[start:end])
+            start = end
 
     def _fail_all(self, exc: StorageError) -> None:
         while self._pending:
             item = self._pending.popleft()
+            self._queued -= len(item.requests)
             if not item.future.done():
                 item.future.set_exception(batch_error(exc))

@@ -229,7 +229,7 @@ async def start(config: Config) -> Services:
     writer = GroupCommitWriter(event_log)
     await writer.start()
     broker, presence = build_engine(config)
-    node = Node(config, event_log, writer.submit, presence)
+    node = Node(config, event_log, writer.submit_many, presence)
     hub = Hub(node, broker)
     node.attach_fanout(hub)
     sessions: Sessions = SessionsAdapter(hub, node)

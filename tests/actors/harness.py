@@ -137,7 +137,7 @@ class Harness:
         self.config = config
         self.log = MemoryEventLog()
         self.writer = GroupCommitWriter(self.log)
-        self.node = Node(config, self.log, self.writer.submit, MemoryPresence())
+        self.node = Node(config, self.log, self.writer.submit_many, MemoryPresence())
         self.hub = Hub()
         self.node.attach_fanout(self.hub)
         self.ctx = ConnContext(config, self.node, self.hub, TokenVerifier(config))

@@ -9,6 +9,7 @@ import base64
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -129,7 +130,7 @@ async def env() -> AsyncIterator[Env]:
     writer = GroupCommitWriter(log, max_delay=0.0)
     await writer.start()
     presence = MemoryPresence()
-    node = Node(CONFIG, log, writer.submit, presence)
+    node = Node(CONFIG, log, writer.submit_many, presence)
     fanout = RecordingFanout()
     node.attach_fanout(fanout)
     sessions = RecordingSessions(node=node)
@@ -141,10 +142,10 @@ async def env() -> AsyncIterator[Env]:
 def failing_executor(sessions: RecordingSessions | None = None) -> Executor:
     """An executor whose event log write always fails (StorageError)."""
 
-    async def submit(request: AppendRequest) -> AppendResult:
+    async def submit_many(requests: Sequence[AppendRequest]) -> list[AppendResult]:
         raise StorageError("database is down")
 
-    node = Node(CONFIG, MemoryEventLog(), submit, MemoryPresence())
+    node = Node(CONFIG, MemoryEventLog(), submit_many, MemoryPresence())
     return Executor(node, sessions or RecordingSessions())
 
 
@@ -658,6 +659,49 @@ async def test_batch_parallel_runs_concurrently_and_keeps_reply_order(env: Env) 
             {"error": {"code": 108, "message": "not available"}},
         ]
     }
+
+
+async def test_batch_parallel_publishes_commit_together(env: Env) -> None:
+    appended: list[int] = []
+    append_many = env.node.event_log.append_many
+
+    async def spy(requests: Sequence[AppendRequest]) -> list[AppendResult]:
+        appended.append(len(requests))
+        return await append_many(requests)
+
+    env.node.event_log.append_many = spy  # type: ignore[method-assign]
+    commands = [
+        {"publish": {"channel": "chat:a", "data": 1}},
+        {"publish": {"channel": "", "data": 1}},
+        {"publish": {"channel": "plain:x", "data": 2}},
+        {"presence_stats": {"channel": "plain:x"}},
+        {"publish": {"channel": "nope:a", "data": 1}},
+        {"publish": {"channel": "chat:a", "data": 3, "idempotency_key": "k"}},
+        {"publish": {"channel": "chat:b", "b64data": "!"}},
+        {"publish": {"channel": "chat:a", "data": 4, "idempotency_key": "k"}},
+    ]
+    result = plain(await env.api.batch({"commands": commands, "parallel": True}))
+    assert result == {
+        "replies": [
+            {"publish": {"offset": 1, "epoch": ANY}},
+            {"error": {"code": 107, "message": "bad request"}},
+            {"publish": {}},
+            {"error": {"code": 108, "message": "not available"}},
+            {"error": {"code": 102, "message": "unknown channel"}},
+            {"publish": {"offset": 2, "epoch": ANY}},
+            {"error": {"code": 107, "message": "bad request"}},
+            {"publish": {"offset": 2, "epoch": ANY}},  # the same key: the first call's position
+        ]
+    }
+    assert appended == [3]  # the three publications for the log in one transaction
+    assert [(c, p.offset) for c, p, _ in env.fanout.delivered] == [
+        ("plain:x", 0),
+        ("chat:a", 1),
+        ("chat:a", 2),
+    ]
+    metrics = env.node.metrics
+    assert metrics.value("centripy_api_commands_total", method="PublishRequest") == 7
+    assert metrics.value("centripy_api_command_errors_total", code="107") == 2
 
 
 async def test_decode_request_unknown_method_is_104() -> None:

@@ -233,3 +233,35 @@ async def test_writer_on_real_backends(logs: LogFactory) -> None:
         assert offsets == list(range(1, 11))
         history = await log.history(HistoryQuery(channel, limit=-1))
         assert [p.offset for p in history.publications] == offsets
+
+
+async def test_submit_many_shares_one_batch_in_order(spy: SpyLog) -> None:
+    writer = await started(spy, max_batch=10, max_delay=0.05)
+    spy.gate = asyncio.Event()
+    first = asyncio.ensure_future(writer.submit(req(n=0)))
+    await asyncio.wait_for(spy.entered.wait(), 5)
+    units = [
+        asyncio.ensure_future(writer.submit_many([req(n=i) for i in range(1, 4)])),
+        asyncio.ensure_future(writer.submit_many([req("big", n=i) for i in range(25)])),
+        asyncio.ensure_future(writer.submit(req(n=4))),
+        asyncio.ensure_future(writer.submit_many([])),
+    ]
+    await asyncio.sleep(0)
+    assert writer.pending == 29
+    spy.gate.set()
+    small, big, single, empty = await asyncio.gather(*units)
+    await first
+    await writer.close()
+    # a unit is never split; one beyond max_batch goes alone; later units keep their order
+    assert [len(b) for b in spy.batches] == [1, 3, 25, 1]
+    assert [r.publication.offset for r in small] == [2, 3, 4]
+    assert [r.publication.offset for r in big] == list(range(1, 26))
+    assert (single.publication.offset, empty) == (5, [])
+
+
+async def test_submit_many_checks_every_request_first(spy: SpyLog) -> None:
+    writer = await started(spy)
+    with pytest.raises(ValueError, match="channel"):
+        await writer.submit_many([req(n=1), AppendRequest("", b"x")])
+    await writer.close()
+    assert spy.batches == []

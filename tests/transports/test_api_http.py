@@ -88,7 +88,7 @@ async def start(request: pytest.FixtureRequest) -> AsyncIterator[Start]:
         await log.start()
         writer = GroupCommitWriter(log, max_delay=0.0)
         await writer.start()
-        node = Node(config, log, writer.submit, MemoryPresence())
+        node = Node(config, log, writer.submit_many, MemoryPresence())
         sessions = sessions or RecordingSessions()
         sessions.node = node
         inflight = InFlight()

@@ -76,7 +76,7 @@ async def port() -> AsyncIterator[int]:
     await log.start()
     writer = GroupCommitWriter(log, max_delay=0.0)
     await writer.start()
-    node = Node(config, log, writer.submit, MemoryPresence())
+    node = Node(config, log, writer.submit_many, MemoryPresence())
     sessions = RecordingSessions()
     sessions.node = node
     routes = [(r"/echo", Echo), *api_routes(Executor(node, sessions), config)]
