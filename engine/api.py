@@ -201,7 +201,9 @@ class _Obj:
         return None if o is None else StreamPosition(o.integer("offset", _UINT64), o.text("epoch"))
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class PublishBody:
     data: bytes | None  # raw JSON; None when absent
     b64data: str
@@ -210,7 +212,9 @@ class PublishBody:
     idempotency_key: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class PublishRequest:
     channel: str
     body: PublishBody

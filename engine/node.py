@@ -55,14 +55,18 @@ class Fanout(Protocol):
 SubmitMany = Callable[[Sequence[AppendRequest]], Awaitable[list[AppendResult]]]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class PublishResult:
     offset: int = 0
     epoch: str = ""
     suppressed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class PublishItem:
     """One publication of `Node.publish_many` (the arguments of `Node.publish`)."""
 

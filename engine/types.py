@@ -33,7 +33,9 @@ class StreamPosition:
 EMPTY_TAGS: Mapping[str, str] = {}
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class Publication:
     """One publication. `offset` is 0 for channels without history."""
 

@@ -32,7 +32,9 @@ class UnrecoverablePosition(StorageError):
     """`since.epoch` does not match the stream's current epoch (client error 112)."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class AppendRequest:
     """One publication to append to `channel`.
 
@@ -52,7 +54,9 @@ class AppendRequest:
     idempotent_ttl: float = 300.0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
+# this is built for every publication. Treat it as immutable.
+@dataclass(slots=True)
 class AppendResult:
     publication: Publication  # with the assigned offset (0 when not stored)
     epoch: str  # "" when not stored
