@@ -27,7 +27,7 @@ import logging
 import sys
 import threading
 from collections.abc import Awaitable, Generator
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import pykka
 from pykka import ActorRef, ActorRegistry, Future, messages
@@ -120,6 +120,55 @@ class _LoopInbox:
 
     def empty(self) -> bool:
         return not self._items
+
+
+class _Told(NamedTuple):
+    """A told message in a LoopActor's inbox (what pykka's Envelope holds for a tell)."""
+
+    message: Any
+    reply_to: Any = None
+
+
+class DrainBatch:
+    """`tell` for a burst of messages to many actors (a channel's fan-out): a LoopActor of
+    this loop thread gets the message in its inbox, and `schedule` starts the drains of all
+    the actors that were idle with ONE loop callback, where `ActorRef.tell` would schedule
+    one callback per actor. Each actor still handles its messages in order in its own drain.
+    Use on the loop thread only."""
+
+    __slots__ = ("_actors", "_thread")
+
+    def __init__(self) -> None:
+        self._actors: list[LoopActor] = []
+        self._thread = threading.get_ident()
+
+    def tell(self, ref: ActorRef[Any], message: Any) -> None:
+        """As `ActorRef.tell` (ActorDeadError for a stopped actor)."""
+        if ref.actor_stopped.is_set():
+            raise pykka.ActorDeadError(f"{ref} not found")
+        inbox = ref.actor_inbox
+        if type(inbox) is not _LoopInbox or inbox._actor._loop_thread != self._thread:
+            ref.tell(message)
+            return
+        inbox._items.append(_Told(message))
+        actor = inbox._actor
+        if not actor._busy:
+            actor._busy = True
+            self._actors.append(actor)
+
+    def schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the collected drains (soon, on `loop`); the batch may then be reused."""
+        if self._actors:
+            loop.call_soon(_drain_all, self._actors)
+            self._actors = []
+
+
+def _drain_all(actors: list[LoopActor]) -> None:
+    for actor in actors:
+        try:
+            actor._drain()
+        except Exception:
+            log.exception("drain of %s failed", actor)
 
 
 _PYKKA_MESSAGES = frozenset(

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from pykka import ActorDeadError, ActorRef
 
-from actors.base import LoopActor, tell_if_alive
+from actors.base import DrainBatch, LoopActor, tell_if_alive
 from actors.transport import Format, protobuf_codec
 from engine.node import Node
 from engine.protocol import json_codec
@@ -155,11 +155,13 @@ class ChannelActor(LoopActor):
     def _deliver(self, message: Deliver) -> None:
         push = message._replace(encoded=encoded_pub(self.channel, message.pub))
         dead = []
+        batch = DrainBatch()
         for client_id, (conn, _) in self.subscribers.items():
             try:
-                conn.tell(push)
+                batch.tell(conn, push)
             except ActorDeadError:
                 dead.append(client_id)
+        batch.schedule(self._loop)
         for client_id in dead:
             del self.subscribers[client_id]
 
@@ -167,12 +169,14 @@ class ChannelActor(LoopActor):
         push = message._replace(
             encoded=encoded_join_leave(self.channel, message.info, message.join)
         )
+        batch = DrainBatch()
         for conn, join_leave in list(self.subscribers.values()):
             if join_leave:
                 try:
-                    conn.tell(push)
+                    batch.tell(conn, push)
                 except ActorDeadError:
                     continue
+        batch.schedule(self._loop)
 
 
 __all__ = [

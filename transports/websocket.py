@@ -43,6 +43,23 @@ def frame(opcode: int, data: bytes) -> bytes:
     return header + data
 
 
+def send(stream: tornado.iostream.IOStream, data: bytes) -> Awaitable[None] | None:
+    """Write `data` to `stream`; None when it is all written already. On a plain TCP stream
+    with nothing queued, one `send` on the socket usually takes it all, without the
+    future and buffer bookkeeping of `IOStream.write` (~20% of a fan-out's CPU); what the
+    socket does not take (or an error) goes through `IOStream.write`, which queues it and
+    handles errors as always."""
+    if type(stream) is tornado.iostream.IOStream and not stream.writing() and not stream.closed():
+        try:
+            sent = stream.socket.send(data)
+        except OSError:  # BlockingIOError (buffer full), or an error IOStream will raise
+            sent = 0
+        if sent == len(data):
+            return None
+        data = data[sent:]
+    return stream.write(data)
+
+
 class _WebSocketTransport:
     name = "websocket"
     emulation = False
@@ -67,7 +84,7 @@ class _WebSocketTransport:
             return self._handler.write_message(data, binary=protobuf)
         # Straight to the stream: Tornado's write_message wraps each write in a new task,
         # which cost ~10% of a fan-out. Server frames are unmasked, so this is all it does.
-        return stream.write(frame(0x2 if protobuf else 0x1, data))
+        return send(stream, frame(0x2 if protobuf else 0x1, data))
 
     def close(self, code: int, reason: str) -> None:
         self._handler.close(code, reason)
