@@ -144,14 +144,14 @@ class DrainBatch:
 
     def tell(self, ref: ActorRef[Any], message: Any) -> None:
         """As `ActorRef.tell` (ActorDeadError for a stopped actor)."""
-        if ref.actor_stopped.is_set():
-            raise pykka.ActorDeadError(f"{ref} not found")
         inbox = ref.actor_inbox
         if type(inbox) is not _LoopInbox or inbox._actor._loop_thread != self._thread:
             ref.tell(message)
             return
-        inbox._items.append(_Told(message))
         actor = inbox._actor
+        if actor._stopped:
+            raise pykka.ActorDeadError(f"{ref} not found")
+        inbox._items.append(_Told(message))
         if not actor._busy:
             actor._busy = True
             self._actors.append(actor)
@@ -189,6 +189,7 @@ class LoopActor(pykka.Actor):
     _busy: bool
     _registered: bool
     draining = False  # True while messages are being handled synchronously by _drain
+    _stopped = False  # actor_stopped.is_set(), as a plain attribute for DrainBatch
 
     @classmethod
     def start(
@@ -309,10 +310,12 @@ class LoopActor(pykka.Actor):
     def _handle_failure(self, *exc_info: Any) -> None:
         log.error("unhandled exception in %s", self, exc_info=exc_info)
         self._unregister()
+        self._stopped = True
         self.actor_stopped.set()
 
     def _stop(self) -> None:
         self._unregister()
+        self._stopped = True
         self.actor_stopped.set()
         try:
             self.on_stop()

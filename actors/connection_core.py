@@ -286,9 +286,13 @@ class ConnectionCore(LoopActor):
         queued meanwhile join the next write, so a busy connection batches."""
         out = self._out
         while out and self.state != "closed":
-            n = min(len(out), MAX_MESSAGES_IN_FRAME)
-            batch = [out.popleft() for _ in range(n)]
-            self._out_size -= sum(map(len, batch))
+            if len(out) == 1:  # the common case of a fan-out: one message
+                batch = [out.popleft()]
+                self._out_size -= len(batch[0])
+            else:
+                n = min(len(out), MAX_MESSAGES_IN_FRAME)
+                batch = [out.popleft() for _ in range(n)]
+                self._out_size -= sum(map(len, batch))
             try:
                 pending = self.transport.write(batch)
             except Exception as exc:

@@ -69,6 +69,7 @@ class _WebSocketTransport:
     def __init__(self, handler: WebSocketHandler, fmt: Format) -> None:
         self._handler = handler
         self.format = fmt
+        self._compress = handler.ctx.config.websocket_compression
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         protobuf = self.format == Format.PROTOBUF
@@ -80,7 +81,7 @@ class _WebSocketTransport:
         stream: tornado.iostream.IOStream | None = getattr(conn, "stream", None)
         if conn is None or stream is None or conn.is_closing():
             raise tornado.websocket.WebSocketClosedError()
-        if self._handler.ctx.config.websocket_compression:
+        if self._compress:
             return self._handler.write_message(data, binary=protobuf)
         # Straight to the stream: Tornado's write_message wraps each write in a new task,
         # which cost ~10% of a fan-out. Server frames are unmasked, so this is all it does.
