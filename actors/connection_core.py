@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextvars
 import logging
 import random
 import time
@@ -67,6 +68,13 @@ class TransportClosed(NamedTuple):
 
 class _Timer(NamedTuple):
     kind: str  # "ping", "pong", "stale", "expire", "tick"
+
+
+# One message object per timer kind, and one context for every timer callback (asyncio
+# copies the current context for each TimerHandle otherwise): thousands of connections each
+# keep two or three timers, and every object they hold is one more for the cyclic GC to scan.
+_TIMERS: dict[str, _Timer] = {}
+_TIMER_CONTEXT = contextvars.Context()
 
 
 @dataclass(slots=True)
@@ -328,8 +336,9 @@ class ConnectionCore(LoopActor):
         if old is not None:
             old.cancel()
         ref = self.actor_ref
+        message = _TIMERS.get(kind) or _TIMERS.setdefault(kind, _Timer(kind))
         self._timers[kind] = asyncio.get_running_loop().call_later(
-            max(delay, 0.0), tell_if_alive, ref, _Timer(kind)
+            max(delay, 0.0), tell_if_alive, ref, message, context=_TIMER_CONTEXT
         )
 
     def _start_timers(self) -> None:
