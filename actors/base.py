@@ -106,14 +106,23 @@ class _LoopInbox:
         self._items: collections.deque[Any] = collections.deque()
 
     def put(self, envelope: Any, /) -> None:
-        self._items.append(envelope)
         actor = self._actor
         if threading.get_ident() == actor._loop_thread:
-            if not actor._busy:
-                actor._busy = True
+            if self.append_on_loop(envelope):
                 actor._loop.call_soon(actor._drain)
         else:
+            self._items.append(envelope)
             actor._loop.call_soon_threadsafe(actor._schedule_drain)
+
+    def append_on_loop(self, envelope: Any) -> bool:
+        """On the loop thread: queue `envelope`; True when the owner was idle (it is now
+        marked busy) and the caller must start its drain."""
+        self._items.append(envelope)
+        actor = self._actor
+        if actor._busy:
+            return False
+        actor._busy = True
+        return True
 
     def get(self) -> Any:
         return self._items.popleft()
@@ -151,9 +160,7 @@ class DrainBatch:
         actor = inbox._actor
         if actor._stopped:
             raise pykka.ActorDeadError(f"{ref} not found")
-        inbox._items.append(_Told(message))
-        if not actor._busy:
-            actor._busy = True
+        if inbox.append_on_loop(_Told(message)):
             self._actors.append(actor)
 
     def schedule(self, loop: asyncio.AbstractEventLoop) -> None:

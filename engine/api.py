@@ -30,7 +30,7 @@ from typing import Final
 
 import orjson
 
-from engine.channels import ChannelName, SubscribeOverride
+from engine.channels import SubscribeOverride
 from engine.node import Node, PublishItem
 from engine.protocol import json_codec
 from engine.protocol.codes import Error
@@ -675,17 +675,10 @@ class Executor:
                 return await self._batch(req)
 
     async def _publish(self, req: PublishRequest) -> Result:
-        _channel(req.channel)
-        data = _payload(req.body)
-        name = self._node.resolve(req.channel)
-        return await self._publish_to(name, data, req.body)
-
-    async def _publish_to(self, name: ChannelName, data: bytes, body: PublishBody) -> Result:
-        result = await self._node.publish(
-            name.channel, data, tags=body.tags or None, skip_history=body.skip_history,
-            idempotency_key=body.idempotency_key, name=name,
-        )  # fmt: skip
-        return _position_dict(result.offset, result.epoch)
+        (result,) = await self._publish_many([(req.channel, _payload(req.body), req.body)])
+        if isinstance(result, Error):
+            raise result
+        return result
 
     async def _broadcast_results(self, req: BroadcastRequest) -> list[Result | Error]:
         """Per-channel results or errors, in `channels` order; the channels that go to the
@@ -816,7 +809,7 @@ class Executor:
             self._count(publishes[0][1], len(publishes))
         for i, req in publishes:
             try:
-                ready.append((_channel(req.channel), _payload(req.body), req.body))
+                ready.append((req.channel, _payload(req.body), req.body))
                 where.append(i)
             except Error as exc:
                 self._count_error(exc)
