@@ -116,8 +116,10 @@ class Hub:
     async def subscribe(
         self, channel: str, client_id: str, conn: ActorRef[Any], join_leave: bool
     ) -> None:
-        """Add a subscriber; returns once the channel actor has it, so that every
-        publication fanned out after this returns reaches the subscriber."""
+        """Add a subscriber: every publication fanned out after this returns reaches it
+        (the channel actor's inbox is FIFO, so a told AddSubscriber is handled before any
+        later Deliver; with a broker, once the broker subscription and the sequencer's
+        position are in place)."""
         ref: ActorRef[Any] | None = self._channels.get(channel)
         if ref is None:
             if self._broker is not None and self._node is not None:
@@ -130,7 +132,9 @@ class Hub:
         if self._broker is not None:
             await self._sync_broker(channel)
             await ref.ask(Init(), block=False)  # reads the stream top after the broker sub
-        await ref.ask(AddSubscriber(client_id, conn, join_leave), block=False)
+            await ref.ask(AddSubscriber(client_id, conn, join_leave), block=False)
+        else:
+            ref.tell(AddSubscriber(client_id, conn, join_leave))
 
     async def _sync_broker(self, channel: str) -> None:
         """Make the broker subscription match whether the channel has local subscribers;

@@ -1,7 +1,8 @@
 """In-process fan-out micro-benchmark: node.publish -> channel actor -> N connection actors
 -> a transport that only counts. Measures the actor path alone (no sockets, no client).
 
-    .venv/bin/python bench/bench_fanout_inprocess.py [--subs 1000] [--msgs 200] [--profile]
+    .venv/bin/python bench/bench_fanout_inprocess.py [--subs 1000] [--msgs 200] [--every 10]
+        [--profile]
 
 Prints one JSON line: deliveries/s and microseconds of server CPU per delivery.
 """
@@ -55,7 +56,7 @@ class CountingTransport:
         self.done.set()
 
 
-async def run(subs: int, msgs: int) -> dict[str, float]:
+async def run(subs: int, msgs: int, every: int) -> dict[str, float]:
     config = Config(
         client_insecure=True,
         channel_options=ChannelOptions(allow_subscribe_for_client=True),
@@ -79,8 +80,9 @@ async def run(subs: int, msgs: int) -> dict[str, float]:
     cpu0, t0 = time.process_time(), time.perf_counter()
     for i in range(msgs):
         await node.publish("bench", b'{"seq":%d,"payload":"xxxxxxxxxxxxxxxxxxxx"}' % i)
-        if i % 10 == 9:
-            await asyncio.sleep(0)
+        if i % every == every - 1:
+            for _ in range(4 if every == 1 else 1):  # every 1: each message fans out alone
+                await asyncio.sleep(0)
     await asyncio.wait_for(asyncio.gather(*(t.done.wait() for t in transports)), 120)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     deliveries = subs * msgs
@@ -89,6 +91,7 @@ async def run(subs: int, msgs: int) -> dict[str, float]:
     return {
         "subs": subs,
         "msgs": msgs,
+        "every": every,
         "deliveries_per_s": round(deliveries / wall),
         "cpu_us_per_delivery": round(cpu / deliveries * 1e6, 2),
         "messages_per_frame": round(deliveries / max(frames, 1), 1),
@@ -99,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--subs", type=int, default=1000)
     parser.add_argument("--msgs", type=int, default=200)
+    parser.add_argument("--every", type=int, default=10, help="publishes per loop turn")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if args.profile:
@@ -107,11 +111,11 @@ def main() -> None:
 
         prof = cProfile.Profile()
         prof.enable()
-        result = asyncio.run(run(args.subs, args.msgs))
+        result = asyncio.run(run(args.subs, args.msgs, args.every))
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
-        result = asyncio.run(run(args.subs, args.msgs))
+        result = asyncio.run(run(args.subs, args.msgs, args.every))
     print(json.dumps(result))
 
 

@@ -17,9 +17,11 @@ where Tornado's stack answers ~5.1k.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import http
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -31,6 +33,7 @@ import tornado.web
 from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 
 from transports.api_http import ApiEndpoint, ApiLegacyHandler, ApiMethodHandler
+from transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket, parse_upgrade
 
 log = logging.getLogger("centripy.api")
 access_log = logging.getLogger("tornado.access")
@@ -43,6 +46,8 @@ _HANDED_OVER: Final = (b"transfer-encoding", b"expect", b"upgrade")
 
 # The endpoint of the route and the API method (None for the legacy `POST <prefix>`).
 Route = tuple[ApiEndpoint, str | None]
+# The handler class a path routes to, its keyword arguments and its path arguments.
+Match = tuple[type, dict[str, Any], list[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +141,9 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(request_callback, **kwargs)
         app = request_callback
         self._app = app if lean_api and isinstance(app, tornado.web.Application) else None
-        self._routes: dict[str, Route | None] = {}
+        self._matches: dict[str, Match | None] = {}
         self._lean: set[tornado.iostream.IOStream] = set()
+        self._websockets: set[LeanWebSocket] = set()
         self._date = _DateHeader()
         self._max_body = kwargs.get("max_body_size") or kwargs.get("max_buffer_size") or 100 << 20
 
@@ -149,32 +155,43 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
     async def close_all_connections(self) -> None:
         for stream in list(self._lean):
             stream.close()
+        for ws in list(self._websockets):
+            ws.abort()
         await super().close_all_connections()
 
-    def route(self, path: str) -> Route | None:
-        """The API route a POST to `path` takes, or None when the application routes `path`
-        to another handler (or nowhere). Asks the application's own rules, in order, and
-        remembers the answer per path."""
-        if path in self._routes:
-            return self._routes[path]
-        found: Route | None = None
+    def match(self, path: str) -> Match | None:
+        """The handler the application routes `path` to (its own rules, in order; remembered
+        per path), or None."""
+        if path in self._matches:
+            return self._matches[path]
+        found: Match | None = None
         if self._app is not None:
-            line = tornado.httputil.RequestStartLine("POST", path, "HTTP/1.1")
+            line = tornado.httputil.RequestStartLine("GET", path, "HTTP/1.1")
             headers = tornado.httputil.HTTPHeaders({"Host": "localhost"})
             request = tornado.httputil.HTTPServerRequest(start_line=line, headers=headers)
             for rule in self._app.wildcard_router.rules:
                 params = rule.matcher.match(request)
-                if params is None:
-                    continue
-                endpoint = (rule.target_kwargs or {}).get("endpoint")
-                if rule.target is ApiLegacyHandler and endpoint is not None:
-                    found = (endpoint, None)
-                elif rule.target is ApiMethodHandler and endpoint and params.get("path_args"):
-                    found = (endpoint, params["path_args"][0].decode("latin-1"))
-                break
-        if len(self._routes) < 1024:
-            self._routes[path] = found
+                if params is not None:
+                    target = rule.target if isinstance(rule.target, type) else type(rule.target)
+                    found = (target, rule.target_kwargs or {}, params.get("path_args") or [])
+                    break
+        if len(self._matches) < 1024:
+            self._matches[path] = found
         return found
+
+    def route(self, path: str) -> Route | None:
+        """The API route a POST to `path` takes, or None when the application routes `path`
+        to another handler (or nowhere)."""
+        found = self.match(path)
+        if found is None:
+            return None
+        target, kwargs, path_args = found
+        endpoint = kwargs.get("endpoint")
+        if target is ApiLegacyHandler and endpoint is not None:
+            return (endpoint, None)
+        if target is ApiMethodHandler and endpoint is not None and path_args:
+            return (endpoint, path_args[0].decode("latin-1"))
+        return None
 
     async def _serve(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         self._lean.add(stream)
@@ -186,6 +203,9 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                     stream.close()
                     return
                 request = parse_head(head)
+                upgrade = request is None and head.startswith(b"GET ")
+                if upgrade and await self._upgrade(stream, head):
+                    return
                 route = None if request is None else self.route(request.path)
                 if request is None or route is None or request.content_length > self._max_body:
                     _unread(stream, head)
@@ -202,6 +222,29 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             stream.close()
         finally:
             self._lean.discard(stream)
+
+    async def _upgrade(self, stream: tornado.iostream.IOStream, head: bytes) -> bool:
+        """Take a WebSocket upgrade to the client WebSocket route on the lean path: the
+        socket leaves `stream` for an asyncio transport with a `LeanWebSocket`. False when
+        Tornado must answer it (TLS, another route, compression, a refused Origin, a
+        handshake `parse_upgrade` does not accept)."""
+        if type(stream) is not tornado.iostream.IOStream:
+            return False
+        upgrade = parse_upgrade(head)
+        found = None if upgrade is None else self.match(upgrade.path)
+        if upgrade is None or found is None or found[0] is not WebSocketHandler:
+            return False
+        early = bytes(stream._read_buffer)
+        protocol = lean_websocket(found[1]["ctx"], upgrade, early, self._websockets)
+        if protocol is None:
+            return False
+        self._lean.discard(stream)
+        sock = _detach(stream)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
+        except OSError:
+            sock.close()
+        return True
 
     async def _answer(
         self,
@@ -236,6 +279,16 @@ def _unread(stream: tornado.iostream.IOStream, data: bytes) -> None:
     parser reads the request head we looked at (Tornado 6: a bytearray and its size)."""
     stream._read_buffer[:0] = data
     stream._read_buffer_size += len(data)
+
+
+def _detach(stream: tornado.iostream.IOStream) -> socket.socket:
+    """Take the socket away from an idle IOStream, as Tornado's own `start_tls` does."""
+    sock = stream.socket
+    stream.io_loop.remove_handler(sock)
+    stream.socket = None  # type: ignore[assignment]
+    stream._read_buffer = bytearray()
+    stream._read_buffer_size = 0
+    return sock
 
 
 def _ip(stream: tornado.iostream.IOStream) -> str:
