@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from pykka import ActorDeadError, ActorRef
 
-from actors.base import DrainBatch, LoopActor, tell_if_alive
+from actors.base import FanOut, LoopActor, tell_if_alive
 from actors.transport import Format, protobuf_codec
 from engine.node import Node
 from engine.protocol import json_codec
@@ -138,6 +138,17 @@ class ChannelActor(LoopActor):
         super().__init__()
         self.channel = channel
         self.subscribers: dict[str, tuple[ActorRef[Any], bool]] = {}
+        self._fanout = FanOut()
+
+    def on_start(self) -> None:
+        self._fanout = FanOut()  # made again on the loop thread, whose actors it holds
+
+    def on_drained(self) -> None:
+        """After a run of messages: the subscribers write what this run gave them."""
+        self._fanout.release()
+
+    def on_stop(self) -> None:
+        self.on_drained()
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)
@@ -155,13 +166,12 @@ class ChannelActor(LoopActor):
     def _deliver(self, message: Deliver) -> None:
         push = message._replace(encoded=encoded_pub(self.channel, message.pub))
         dead = []
-        batch = DrainBatch()
+        tell = self._fanout.tell
         for client_id, (conn, _) in self.subscribers.items():
             try:
-                batch.tell(conn, push)
+                tell(conn, push)
             except ActorDeadError:
                 dead.append(client_id)
-        batch.schedule(self._loop)
         for client_id in dead:
             del self.subscribers[client_id]
 
@@ -169,14 +179,12 @@ class ChannelActor(LoopActor):
         push = message._replace(
             encoded=encoded_join_leave(self.channel, message.info, message.join)
         )
-        batch = DrainBatch()
         for conn, join_leave in list(self.subscribers.values()):
             if join_leave:
                 try:
-                    batch.tell(conn, push)
+                    self._fanout.tell(conn, push)
                 except ActorDeadError:
                     continue
-        batch.schedule(self._loop)
 
 
 __all__ = [
@@ -216,6 +224,7 @@ class SequencedChannelActor(ChannelActor):
         return super().on_receive(message)
 
     def on_stop(self) -> None:
+        super().on_stop()
         if self._timer is not None:
             self._timer.cancel()
 

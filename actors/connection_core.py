@@ -96,6 +96,8 @@ class Subscription:
 
 
 class ConnectionCore(LoopActor):
+    inline = True  # Deliver and JoinLeave are handled synchronously (FanOut)
+
     def __init__(self, ctx: ConnContext, transport: Transport) -> None:
         super().__init__()
         self.ctx = ctx
@@ -114,6 +116,7 @@ class ConnectionCore(LoopActor):
         self.subs: dict[str, Subscription] = {}
         self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
+        self._out_max = ctx.config.client_queue_max_size
         self._writing = False  # a flush is scheduled or waiting for the transport
         self._loop = asyncio.get_running_loop()
         self._closing: tuple[int, str] | None = None
@@ -273,7 +276,7 @@ class ConnectionCore(LoopActor):
             return
         self._out.append(data)
         self._out_size += len(data)
-        if self._out_size > self.config.client_queue_max_size:
+        if self._out_size > self._out_max:
             self._out.clear()
             self._out_size = 0
             self.close(DisconnectCode.SLOW)

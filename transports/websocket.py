@@ -79,6 +79,23 @@ def frame(opcode: int, data: bytes) -> bytes:
     return header + data
 
 
+class _LastFrame:
+    """The frame of the last single JSON message written: a fan-out writes the same
+    message object to every subscriber in a row, so it is framed once, not per write."""
+
+    data = b""
+    framed = frame(0x1, b"")
+
+
+def text_frame(data: bytes) -> bytes:
+    """`frame(0x1, data)`, remembered for the same `data` object."""
+    last = _LastFrame
+    if data is not last.data:
+        last.framed = frame(0x1, data)
+        last.data = data
+    return last.framed
+
+
 def send(stream: tornado.iostream.IOStream, data: bytes) -> Awaitable[None] | None:
     """Write `data` to `stream`; None when it is all written already. On a plain TCP stream
     with nothing queued, one `send` on the socket usually takes it all, without the
@@ -121,7 +138,7 @@ class _WebSocketTransport:
             return self._handler.write_message(data, binary=protobuf)
         # Straight to the stream: Tornado's write_message wraps each write in a new task,
         # which cost ~10% of a fan-out. Server frames are unmasked, so this is all it does.
-        return send(stream, frame(0x2 if protobuf else 0x1, data))
+        return send(stream, frame(0x2, data) if protobuf else text_frame(data))
 
     def close(self, code: int, reason: str) -> None:
         self._handler.close(code, reason)
@@ -411,10 +428,11 @@ class LeanWebSocket(asyncio.Protocol):
         if transport is None or self._closing or transport.is_closing():
             raise ConnectionResetError("websocket closed")
         if self._opcode == 0x2:
-            data = protobuf_codec().join_frame(messages)
+            transport.write(frame(0x2, protobuf_codec().join_frame(messages)))
+        elif len(messages) == 1:
+            transport.write(text_frame(messages[0]))
         else:
-            data = messages[0] if len(messages) == 1 else b"\n".join(messages)
-        transport.write(frame(self._opcode, data))
+            transport.write(frame(0x1, b"\n".join(messages)))
         return self._drained
 
     def close(self, code: int, reason: str) -> None:

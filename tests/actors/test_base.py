@@ -9,7 +9,7 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.base import LoopActor
+from actors.base import FanOut, LoopActor
 
 
 class Recorder(LoopActor):
@@ -106,3 +106,106 @@ async def test_ten_thousand_actors_fan_out_quickly() -> None:
         ref.tell("m")
     answers = await asyncio.gather(*(_await(r.ask("n", block=False)) for r in refs))
     assert answers == [2] * 10_000
+
+
+# -- FanOut --------------------------------------------------------------------------------
+
+
+class Subscriber(Recorder):
+    """Accepts inline messages; notes each on_drained with what it had seen by then."""
+
+    inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drained: list[list[Any]] = []
+
+    def on_drained(self) -> None:
+        self.drained.append(list(self.seen))
+
+
+def actor_of(ref: Any) -> Any:
+    return ref.actor_inbox._actor
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_fanout_handles_idle_actors_inline_and_drains_once_at_release() -> None:
+    refs = [Subscriber.start(register=False) for _ in range(3)]
+    await settle()
+    fanout = FanOut()
+    for message in ("a", "b"):
+        for ref in refs:
+            fanout.tell(ref, message)
+    actors = [actor_of(ref) for ref in refs]
+    assert all(actor.seen == ["a", "b"] for actor in actors)  # handled at once, in order
+    assert all(actor.drained == [] for actor in actors)  # ... and held until release
+    refs[0].tell("c")  # another sender while held: queued behind
+    assert actors[0].seen == ["a", "b"]
+    fanout.release()
+    assert all(actor.drained == [["a", "b"]] for actor in actors)  # one on_drained each
+    await settle()
+    assert actors[0].seen == ["a", "b", "c"]
+    assert await refs[1].ask("d", block=False) == 3  # idle again: an ordinary actor
+
+
+async def test_fanout_queues_behind_a_busy_actor() -> None:
+    ref = Subscriber.start(register=False)
+    await settle()
+    ref.tell(("slow", "first"))  # busy for 10 ms
+    await settle()
+    fanout = FanOut()
+    fanout.tell(ref, "second")
+    fanout.release()
+    actor = actor_of(ref)
+    assert actor.seen == []
+    assert await ref.ask("third", block=False) == 3
+    assert actor.seen == ["first", "second", "third"]
+
+
+async def test_fanout_keeps_order_when_the_held_actor_queued_something() -> None:
+    ref = Subscriber.start(register=False)
+    await settle()
+    fanout = FanOut()
+    fanout.tell(ref, "a")
+    ref.tell("b")  # queued in the inbox of the held actor
+    fanout.tell(ref, "c")  # must not overtake "b"
+    fanout.release()
+    await settle()
+    assert actor_of(ref).seen == ["a", "b", "c"]
+
+
+async def test_fanout_plain_tell_for_actors_that_are_not_inline() -> None:
+    ref = Recorder.start(register=False)
+    await settle()
+    fanout = FanOut()
+    fanout.tell(ref, "a")
+    assert actor_of(ref).seen == []
+    fanout.release()
+    await settle()
+    assert actor_of(ref).seen == ["a"]
+
+
+async def test_fanout_failure_stops_the_actor_and_dead_actors_raise() -> None:
+    ref = Subscriber.start(register=False)
+    await settle()
+    fanout = FanOut()
+    fanout.tell(ref, "boom")
+    fanout.release()
+    assert not ref.is_alive()
+    with pytest.raises(pykka.ActorDeadError):
+        fanout.tell(ref, "after")
+
+
+async def test_fanout_async_result_becomes_a_task_in_order() -> None:
+    ref = Subscriber.start(register=False)
+    await settle()
+    fanout = FanOut()
+    fanout.tell(ref, ("slow", "x"))
+    fanout.tell(ref, "y")  # no longer held: queued behind the running handler
+    fanout.release()
+    assert await ref.ask("z", block=False) == 3
+    assert actor_of(ref).seen == ["x", "y", "z"]
