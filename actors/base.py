@@ -152,8 +152,10 @@ class FanOut:
         self._held: list[LoopActor] = []
         self._thread = threading.get_ident()
 
-    def tell(self, ref: ActorRef[Any], message: Any) -> None:
-        """As `ActorRef.tell` (ActorDeadError for a stopped actor)."""
+    def tell(self, ref: ActorRef[Any], message: Any, hold: bool = True) -> None:
+        """As `ActorRef.tell` (ActorDeadError for a stopped actor). `hold=False` for the
+        last message of a run: an actor this fan-out does not hold yet finishes at once
+        (its write goes out now rather than after a second pass over the subscribers)."""
         inbox = ref.actor_inbox
         if type(inbox) is not _LoopInbox:
             ref.tell(message)
@@ -169,38 +171,47 @@ class FanOut:
             actor._busy = True
             actor.draining = True
             actor._held_by = self
-            self._held.append(actor)
+            if hold:
+                self._held.append(actor)
         elif inbox._items:  # held, but something was queued since: keep the order
             ref.tell(message)
             return
+        else:
+            hold = True  # held from an earlier message: release() finishes it
         try:
             result = actor.on_receive(message)
         except Exception:
             actor._reply_failure(_Told(message))
-            return
-        if result is not None and inspect.isawaitable(result):  # not inline after all
-            actor._held_by = None
-            actor.draining = False
-            actor._loop.create_task(actor._finish_async(_Told(message), result))
+        else:
+            if result is not None and inspect.isawaitable(result):  # not inline after all
+                actor._held_by = None
+                actor.draining = False
+                actor._loop.create_task(actor._finish_async(_Told(message), result))
+                return
+        if not hold:
+            self._finish(actor)
 
     def release(self) -> None:
         """End the holds: `on_drained`, then a drain of what queued meanwhile."""
         held, self._held = self._held, []
         for actor in held:
-            if actor._held_by is not self:
-                continue
-            actor._held_by = None
-            actor.draining = False
-            try:
-                actor.on_drained()
-            except Exception:
-                log.exception("on_drained of %s failed", actor)
-            if actor._stopped:
-                actor._fail_pending()
-            elif actor._items:
-                actor._loop.call_soon(actor._drain)
-            else:
-                actor._busy = False
+            if actor._held_by is self:
+                self._finish(actor)
+
+    @staticmethod
+    def _finish(actor: LoopActor) -> None:
+        actor._held_by = None
+        actor.draining = False
+        try:
+            actor.on_drained()
+        except Exception:
+            log.exception("on_drained of %s failed", actor)
+        if actor._stopped:
+            actor._fail_pending()
+        elif actor._items:
+            actor._loop.call_soon(actor._drain)
+        else:
+            actor._busy = False
 
 
 class _Told(NamedTuple):

@@ -167,9 +167,10 @@ class ChannelActor(LoopActor):
         push = message._replace(encoded=encoded_pub(self.channel, message.pub))
         dead = []
         tell = self._fanout.tell
+        hold = bool(self._items)  # more to come in this run: one write per subscriber
         for client_id, (conn, _) in self.subscribers.items():
             try:
-                tell(conn, push)
+                tell(conn, push, hold)
             except ActorDeadError:
                 dead.append(client_id)
         for client_id in dead:

@@ -31,6 +31,7 @@ from engine.options import ChannelOptions
 from storage.memory import MemoryEventLog
 from storage.presence_memory import MemoryPresence
 from storage.writer import GroupCommitWriter
+from transports.server import tune_gc
 
 
 class CountingTransport:
@@ -77,6 +78,7 @@ async def run(subs: int, msgs: int, every: int) -> dict[str, float]:
         transports.append(transport)
     while hub.stats().num_subs < subs:
         await asyncio.sleep(0.01)
+    tune_gc()  # as the server does once started
     cpu0, t0 = time.process_time(), time.perf_counter()
     for i in range(msgs):
         await node.publish("bench", b'{"seq":%d,"payload":"xxxxxxxxxxxxxxxxxxxx"}' % i)

@@ -209,3 +209,17 @@ async def test_fanout_async_result_becomes_a_task_in_order() -> None:
     fanout.release()
     assert await ref.ask("z", block=False) == 3
     assert actor_of(ref).seen == ["x", "y", "z"]
+
+
+async def test_fanout_without_hold_finishes_idle_actors_at_once() -> None:
+    first, second = (Subscriber.start(register=False) for _ in range(2))
+    await settle()
+    fanout = FanOut()
+    fanout.tell(first, "a")  # held
+    fanout.tell(first, "b", hold=False)  # held already: still waits for release
+    fanout.tell(second, "b", hold=False)  # idle: handled and finished now
+    assert actor_of(second).drained == [["b"]]
+    assert actor_of(first).drained == []
+    assert await second.ask("c", block=False) == 2  # idle again
+    fanout.release()
+    assert actor_of(first).drained == [["a", "b"]]
