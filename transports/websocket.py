@@ -304,6 +304,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._transport = transport
         self._conns.add(self)
         transport.write(self._response)
+        self._response = b""
         self._actor = ConnectionActor.start(self._ctx, self, register=False)
         early, self._early = self._early, b""
         if early:

@@ -223,3 +223,17 @@ async def test_fanout_without_hold_finishes_idle_actors_at_once() -> None:
     assert await second.ask("c", block=False) == 2  # idle again
     fanout.release()
     assert actor_of(first).drained == [["a", "b"]]
+
+
+async def test_actor_stopped_flag_wakes_a_waiting_thread() -> None:
+    ref = Recorder.start(register=False)
+    assert ref.is_alive() and not ref.actor_stopped.wait(0.01)
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(ref.actor_stopped.wait(5)))
+    waiter.start()
+    await asyncio.sleep(0.05)  # the thread is waiting
+    await ref.stop(block=False)
+    await asyncio.get_running_loop().run_in_executor(None, waiter.join, 5)
+    assert woke == [True] and not ref.is_alive()
+    assert ref.actor_stopped.wait(0)  # already set: no wait
+    assert Recorder.start(register=False).actor_urn != ref.actor_urn
