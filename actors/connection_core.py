@@ -345,7 +345,9 @@ class ConnectionCore(LoopActor):
         )
 
     def _start_timers(self) -> None:
-        self._timers.pop("stale", None)
+        stale = self._timers.pop("stale", None)
+        if stale is not None:
+            stale.cancel()  # connected: nothing for it to check
         interval = self.config.ping_interval
         if interval > 0:
             self._set_timer("ping", random.uniform(interval / 2, interval))
