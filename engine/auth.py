@@ -5,6 +5,9 @@ injected coroutine (`JWKSCache`). `TokenExpired` maps to reply error 109; `Inval
 disconnect 3500 for connection tokens and reply error 103 for subscription tokens (the caller
 decides). Info/data claims are returned as compact raw JSON bytes. Verifier methods are called
 from the event loop by connection actors; the sync ones never block.
+
+Tokens come from hostile clients: whatever is wrong with one (size, encoding, JSON nesting, claim
+types) ends as `InvalidToken`, never as another exception escaping into the connection actor.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +33,7 @@ from engine.channels import SubscribeOverride
 from engine.config import Config, load_public_key
 
 __all__ = [
+    "MAX_TOKEN_LENGTH",
     "ConnectToken",
     "InvalidToken",
     "JWKSCache",
@@ -113,6 +119,12 @@ _EC = {
 _OKP = {"EdDSA": OKPAlgorithm()}
 
 
+MAX_TOKEN_LENGTH = 64 * 1024
+"""Longer tokens are rejected before any decoding (a WebSocket frame is 64 KiB by default)."""
+
+_INT64 = 2**63
+
+
 def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
@@ -130,26 +142,64 @@ class _Parsed:
     signature: bytes
 
 
+@contextlib.contextmanager
+def _hostile_input() -> Iterator[None]:
+    """Whatever else parsing or reading the claims of a token raises is an invalid token.
+
+    The helpers below raise InvalidToken themselves for every case we know of; this is the
+    backstop for the ones we do not (a crafted token must never kill a connection actor)."""
+    try:
+        yield
+    except (TokenError, JWKSFetchError):
+        raise
+    except Exception as exc:
+        raise InvalidToken(f"malformed token ({type(exc).__name__})") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: not representable (Go's JSON rejects it too)
+        raise ValueError("number out of range")
+    return value
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(data: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity (Python's json would accept them), no infinite floats."""
+    return json.loads(data, parse_float=_finite_float, parse_constant=_reject_constant)
+
+
 def _parse(token: str) -> _Parsed:
+    if not isinstance(token, str):
+        raise InvalidToken("malformed token: not a string")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken(f"malformed token: longer than {MAX_TOKEN_LENGTH} characters")
     parts = token.split(".")
     if len(parts) != 3:
         raise InvalidToken("malformed token")
     try:
-        header = json.loads(_b64url_decode(parts[0]))
+        header = _json(_b64url_decode(parts[0]))
         payload = _b64url_decode(parts[1])
-        claims = json.loads(payload)
+        claims = _json(payload)
         signature = _b64url_decode(parts[2])
-    except (ValueError, binascii.Error) as exc:
-        raise InvalidToken(f"malformed token: {exc}") from None
+    except (ValueError, binascii.Error, RecursionError) as exc:  # RecursionError: deep nesting
+        raise InvalidToken(f"malformed token: {type(exc).__name__}") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise InvalidToken("malformed token: header and claims must be objects")
+    for name in ("alg", "kid"):  # looked up in dicts later: an array there is unhashable
+        if header.get(name) is not None and not isinstance(header[name], str):
+            raise InvalidToken(f"malformed token: {name} must be a string")
     signing_input = f"{parts[0]}.{parts[1]}".encode()
     return _Parsed(header, claims, payload, signing_input, signature)
 
 
 def token_payload(token: str) -> bytes:
     """The raw JSON claims of a token (no verification): what `checktoken` prints."""
-    return _parse(token).payload
+    with _hostile_input():
+        return _parse(token).payload
 
 
 def _raw_json(value: object) -> bytes:
@@ -157,8 +207,13 @@ def _raw_json(value: object) -> bytes:
         return b""
     try:
         return orjson.dumps(value)
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError:  # integers beyond 64 bits, or nesting deeper than orjson's 255 levels
+        pass
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):
+        raise InvalidToken("claim is not representable as JSON") from None
+    return text.encode()
 
 
 def _b64(claims: Mapping[str, Any], key: str) -> bytes | None:
@@ -169,7 +224,7 @@ def _b64(claims: Mapping[str, Any], key: str) -> bytes | None:
         raise InvalidToken(f"{key} must be a string")
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or non-ASCII characters
         raise InvalidToken(f"{key} is not valid base64") from None
 
 
@@ -194,6 +249,10 @@ def _number_claim(claims: Mapping[str, Any], key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidToken(f"{key} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):  # json accepts NaN and Infinity
+        raise InvalidToken(f"{key} must be a finite number")
+    if not -_INT64 <= value < _INT64:  # Centrifugo reads these as int64
+        raise InvalidToken(f"{key} is out of range")
     return float(value)
 
 
@@ -419,9 +478,9 @@ def _kid(parsed: _Parsed) -> str:
 
 
 def _verify_with_jwk(parsed: _Parsed, jwk: JWKey) -> None:
-    alg = str(parsed.header.get("alg", ""))
+    alg = parsed.header.get("alg")  # a string or None: _parse checked it
     family = _JWK_FAMILIES[jwk.kty]
-    if alg not in family or (jwk.alg and jwk.alg != alg):
+    if not isinstance(alg, str) or alg not in family or (jwk.alg and jwk.alg != alg):
         raise InvalidToken(f"algorithm {alg!r} does not match the {jwk.kty} key")
     try:
         ok = family[alg].verify(parsed.signing_input, jwk.key, parsed.signature)
@@ -459,24 +518,28 @@ class TokenVerifier:
         self._clock = clock
 
     def verify_connection_token(self, token: str) -> ConnectToken:
-        parsed = _parse(token)
-        self._verify_signature(parsed, self._conn)
-        return self._connect_token(parsed)
+        with _hostile_input():
+            parsed = _parse(token)
+            self._verify_signature(parsed, self._conn)
+            return self._connect_token(parsed)
 
     async def verify_connection_token_async(self, token: str) -> ConnectToken:
-        parsed = _parse(token)
-        await self._verify_signature_async(parsed, self._conn)
-        return self._connect_token(parsed)
+        with _hostile_input():
+            parsed = _parse(token)
+            await self._verify_signature_async(parsed, self._conn)
+            return self._connect_token(parsed)
 
     def verify_subscription_token(self, token: str) -> SubscriptionToken:
-        parsed = _parse(token)
-        self._verify_signature(parsed, self._sub)
-        return self._subscription_token(parsed)
+        with _hostile_input():
+            parsed = _parse(token)
+            self._verify_signature(parsed, self._sub)
+            return self._subscription_token(parsed)
 
     async def verify_subscription_token_async(self, token: str) -> SubscriptionToken:
-        parsed = _parse(token)
-        await self._verify_signature_async(parsed, self._sub)
-        return self._subscription_token(parsed)
+        with _hostile_input():
+            parsed = _parse(token)
+            await self._verify_signature_async(parsed, self._sub)
+            return self._subscription_token(parsed)
 
     def _verify_signature(self, parsed: _Parsed, s: _Settings) -> None:
         if self._skip_signature:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
+import hmac
 import json
 from dataclasses import replace
 from typing import Any
@@ -16,11 +19,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from engine import auth as auth_module
 from engine.auth import (
+    MAX_TOKEN_LENGTH,
+    ConnectToken,
     InvalidToken,
     JWKSCache,
     JWKSFetchError,
     SubscribeOverride,
+    SubscriptionToken,
+    TokenError,
     TokenExpired,
     TokenVerifier,
     make_token,
@@ -410,3 +418,260 @@ async def test_jwks_fetch_failures() -> None:
 def test_jwks_requires_a_cache() -> None:
     with pytest.raises(ValueError, match="JWKSCache"):
         TokenVerifier(Config(token_jwks_public_endpoint=ENDPOINT))
+
+
+# --------------------------------------------------------------------------- hostile tokens
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def raw_token(header: bytes, payload: bytes, secret: str = SECRET) -> str:
+    """A token with exactly these header and payload bytes, HS256-signed with `secret`."""
+    signing_input = f"{b64url(header)}.{b64url(payload)}"
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+HS_HEADER = b'{"alg":"HS256","typ":"JWT"}'
+
+
+def verify_all_ways(v: TokenVerifier, token: Any) -> None:
+    """Every verify method must reject `token` with InvalidToken."""
+    with pytest.raises(InvalidToken):
+        v.verify_connection_token(token)
+    with pytest.raises(InvalidToken):
+        v.verify_subscription_token(token)
+    with pytest.raises(InvalidToken):
+        asyncio.run(v.verify_connection_token_async(token))
+    with pytest.raises(InvalidToken):
+        asyncio.run(v.verify_subscription_token_async(token))
+
+
+DEEP = 40_000  # nested far beyond the recursion limit, yet the token stays under 64 KiB
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        raw_token(b"[" * DEEP, b'{"sub":"1"}'),
+        raw_token(b'{"a":' * (DEEP // 5), b'{"sub":"1"}'),
+        raw_token(HS_HEADER, b"[" * DEEP),
+        raw_token(HS_HEADER, b'{"sub":"1","info":' + b"[" * (DEEP // 2) + b"]" * (DEEP // 2)),
+        raw_token(HS_HEADER, b'{"sub":"1","channel":"c","data":' + b"{" * DEEP + b"}"),
+    ],
+    ids=["header-array", "header-object", "payload-array", "info-balanced", "data-open"],
+)
+def test_deeply_nested_json_is_an_invalid_token(token: str) -> None:
+    assert len(token) < MAX_TOKEN_LENGTH
+    verify_all_ways(verifier(), token)
+    verify_all_ways(verifier(client_insecure_skip_token_signature_verify=True), token)
+    with pytest.raises(InvalidToken):
+        token_payload(token)
+
+
+def test_moderately_nested_info_is_still_valid() -> None:
+    info = b"[" * 400 + b"]" * 400  # deeper than orjson's 255 levels, within the recursion limit
+    token = raw_token(HS_HEADER, b'{"sub":"1","info":' + info + b"}")
+    assert verifier().verify_connection_token(token).info == info
+
+
+def test_token_length_is_bounded() -> None:
+    def token(filler: int) -> str:
+        return hs({"sub": "1", "info": "x" * filler})
+
+    filler = MAX_TOKEN_LENGTH * 3 // 4 - 200
+    while len(token(filler + 1)) <= MAX_TOKEN_LENGTH:
+        filler += 1
+    at_limit, over = token(filler), token(filler + 1)
+    assert len(at_limit) <= MAX_TOKEN_LENGTH < len(over)
+    assert verifier().verify_connection_token(at_limit).user_id == "1"
+    with pytest.raises(InvalidToken, match="longer than"):
+        verifier().verify_connection_token(over)
+    verify_all_ways(verifier(client_insecure_skip_token_signature_verify=True), over)
+    with pytest.raises(InvalidToken):
+        token_payload("a." * 100_000 + "b")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        None,
+        42,
+        b"a.b.c",
+        "",
+        "..",
+        "a.b.c.d",
+        "é.é.é",
+        raw_token(b"[]", b'{"sub":"1"}'),
+        raw_token(b'"HS256"', b'{"sub":"1"}'),
+        raw_token(b"null", b'{"sub":"1"}'),
+        raw_token(HS_HEADER, b"[]"),
+        raw_token(HS_HEADER, b"1"),
+        raw_token(HS_HEADER, b"\xff\xfe"),
+        raw_token(b'{"alg":["HS256"]}', b'{"sub":"1"}'),
+        raw_token(b'{"alg":{"HS256":1}}', b'{"sub":"1"}'),
+        raw_token(b'{"alg":"HS256","kid":["k"]}', b'{"sub":"1"}'),
+        raw_token(b'{"alg":"HS256","kid":{}}', b'{"sub":"1"}'),
+    ],
+)
+def test_malformed_token_shapes(token: Any) -> None:
+    verify_all_ways(verifier(), token)
+
+
+BAD_CLAIMS: list[bytes] = [
+    b'{"sub":"1","exp":Infinity}',
+    b'{"sub":"1","exp":NaN}',
+    b'{"sub":"1","exp":1e400}',
+    b'{"sub":"1","exp":100000000000000000000000000000}',
+    b'{"sub":"1","exp":[1]}',
+    b'{"sub":"1","expire_at":Infinity}',
+    b'{"sub":"1","expire_at":-1e400}',
+    b'{"sub":"1","expire_at":"tomorrow"}',
+    b'{"sub":"1","expire_at":true}',
+    b'{"sub":"1","nbf":{"t":1}}',
+    b'{"sub":"1","nbf":-Infinity}',
+    b'{"sub":["1"]}',
+    b'{"sub":{"id":"1"}}',
+    b'{"sub":"1","b64info":"\xc3\xa9\xc3\xa9"}',
+    b'{"sub":"1","b64info":5}',
+    b'{"sub":"1","info":[1e999]}',
+    b'{"sub":"1","info":{"a":-Infinity}}',
+]
+BAD_CONNECT_CLAIMS: list[bytes] = [
+    b'{"sub":"1","channels":{"a":1}}',
+    b'{"sub":"1","channels":[1]}',
+    b'{"sub":"1","channels":[["a"]]}',
+    b'{"sub":"1","subs":["a"]}',
+    b'{"sub":"1","subs":{"a":1}}',
+    b'{"sub":"1","subs":{"a":{"override":[]}}}',
+    b'{"sub":"1","subs":{"a":{"override":{"presence":1}}}}',
+    b'{"sub":"1","subs":{"a":{"override":{"presence":{"value":"yes"}}}}}',
+    b'{"sub":"1","subs":{"a":{"b64info":"\xc3\xa9"}}}',
+    b'{"sub":"1","subs":{"a":{"b64data":[]}}}',
+    b'{"sub":"1","channel":["c"]}',
+    b'{"sub":"1","meta":[NaN,100000000000000000000000000000]}',
+]
+BAD_SUBSCRIBE_CLAIMS: list[bytes] = [
+    b'{"sub":"1","channel":["c"]}',
+    b'{"sub":"1","channel":{"c":1}}',
+    b'{"sub":"1","channel":"c","client":7}',
+    b'{"sub":"1","channel":"c","b64data":"!!"}',
+    b'{"sub":"1","channel":"c","override":"all"}',
+    b'{"sub":"1","channel":"c","override":{"join_leave":[true]}}',
+    b'{"sub":"1","channel":"c","data":[Infinity,100000000000000000000000000000]}',
+]
+
+
+@pytest.mark.parametrize("payload", BAD_CLAIMS + BAD_CONNECT_CLAIMS)
+def test_wrong_claim_types_in_connection_tokens(payload: bytes) -> None:
+    token = raw_token(HS_HEADER, payload)
+    with pytest.raises(InvalidToken):
+        verifier().verify_connection_token(token)
+    with pytest.raises(InvalidToken):
+        asyncio.run(verifier().verify_connection_token_async(token))
+
+
+@pytest.mark.parametrize("payload", BAD_CLAIMS + BAD_SUBSCRIBE_CLAIMS)
+def test_wrong_claim_types_in_subscription_tokens(payload: bytes) -> None:
+    if b'"channel"' not in payload:
+        payload = payload[:-1] + b',"channel":"c"}'
+    token = raw_token(HS_HEADER, payload)
+    with pytest.raises(InvalidToken):
+        verifier().verify_subscription_token(token)
+
+
+def test_wide_but_valid_numbers_and_payloads() -> None:
+    token = raw_token(HS_HEADER, b'{"sub":"1","exp":9.2e18,"info":[100000000000000000000000]}')
+    ct = verifier().verify_connection_token(token)
+    assert ct.expire_at == int(9.2e18)
+    assert ct.info == b"[100000000000000000000000]"
+
+
+def test_an_unexpected_error_in_a_claim_helper_is_an_invalid_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(value: object) -> tuple[str, ...]:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(auth_module, "_channels", broken)
+    with pytest.raises(InvalidToken, match="KeyError"):
+        verifier().verify_connection_token(hs({"sub": "1"}))
+    fetch = FakeFetch(error=OSError("down"))  # ... while JWKS failures keep their own type
+    with pytest.raises(JWKSFetchError):
+        asyncio.run(
+            jwks_verifier(fetch).verify_connection_token_async(
+                signed({"sub": "1"}, RSA_KEY, "RS256", kid="rsa1")
+            )
+        )
+
+
+# hypothesis: whatever a client sends, the verifier answers with a result or a TokenError
+
+
+def outcome(v: TokenVerifier, token: Any, subscription: bool) -> object:
+    try:
+        if subscription:
+            return v.verify_subscription_token(token)
+        return v.verify_connection_token(token)
+    except TokenError as exc:
+        # the explicit checks, not the catch-all backstop, should have caught it
+        assert "malformed token (" not in str(exc), str(exc)
+        return exc
+
+
+FUZZ_VERIFIERS = [verifier(), verifier(client_insecure_skip_token_signature_verify=True)]
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # includes NaN and +-Infinity, which Python's json reads
+    | st.text(max_size=8)
+    | st.sampled_from(["HS256", "RS256", "none", "c", "1", "@@", "AQID"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=12,
+)
+CLAIM_NAMES = [
+    "sub", "exp", "nbf", "iat", "aud", "iss", "expire_at", "info", "b64info", "data", "b64data",
+    "channel", "channels", "subs", "meta", "client", "override", "user_id",
+]  # fmt: skip
+claim_sets = st.dictionaries(st.sampled_from(CLAIM_NAMES), json_values, max_size=6)
+headers = st.dictionaries(st.sampled_from(["alg", "kid", "typ"]), json_values) | json_values
+
+
+def to_json(value: object) -> bytes:
+    return json.dumps(value).encode()  # allow_nan: NaN and Infinity are what a client can send
+
+
+@given(st.text(max_size=300), st.booleans())
+def test_fuzz_arbitrary_text(token: str, subscription: bool) -> None:
+    for v in FUZZ_VERIFIERS:
+        outcome(v, token, subscription)
+
+
+@given(st.lists(st.binary(max_size=80), min_size=1, max_size=4), st.booleans())
+def test_fuzz_arbitrary_segments(segments: list[bytes], subscription: bool) -> None:
+    token = ".".join(b64url(s) for s in segments)
+    for v in FUZZ_VERIFIERS:
+        outcome(v, token, subscription)
+
+
+@given(headers, claim_sets | json_values, st.booleans())
+def test_fuzz_json_header_and_payload(header: Any, claims: Any, subscription: bool) -> None:
+    token = raw_token(to_json(header), to_json(claims))
+    for v in FUZZ_VERIFIERS:
+        result = outcome(v, token, subscription)
+        if not isinstance(result, TokenError):
+            assert isinstance(result, SubscriptionToken if subscription else ConnectToken)
+
+
+@given(claim_sets, st.booleans())
+def test_fuzz_signed_claims(claims: dict[str, Any], subscription: bool) -> None:
+    token = raw_token(HS_HEADER, to_json(claims))
+    for v in FUZZ_VERIFIERS:
+        result = outcome(v, token, subscription)
+        if not isinstance(result, TokenError):
+            assert isinstance(result, SubscriptionToken if subscription else ConnectToken)
+            assert result.expire_at is None or -(2**63) <= result.expire_at < 2**63
