@@ -262,6 +262,7 @@ class LeanWebSocket(asyncio.Protocol):
         "_early",
         "_frag",
         "_frag_size",
+        "_frag_text",
         "_max_size",
         "_need",
         "_opcode",
@@ -292,6 +293,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._need = 2  # bytes _buf must hold before the next parse
         self._frag: list[bytes] | None = None  # parts of a fragmented message
         self._frag_size = 0
+        self._frag_text = False  # the fragmented message is a text one (UTF-8 checked)
         self._closing = False  # our close frame is sent
         self._client_closed = False  # the client's close frame arrived
         self._drained: asyncio.Future[None] | None = None
@@ -355,7 +357,8 @@ class LeanWebSocket(asyncio.Protocol):
                 if end < head:
                     break
                 size = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            if b0 & 0x70 or not b1 & 0x80:  # reserved bits (no extension), unmasked
+            # reserved bits (no extension), unmasked, a control frame over 125 bytes
+            if b0 & 0x70 or not b1 & 0x80 or (b0 & 0x08 and b1 & 0x7F > 125):
                 self.fail(1002)
                 return
             if size + self._frag_size > self._max_size:
@@ -398,22 +401,35 @@ class LeanWebSocket(asyncio.Protocol):
                 return
             payload = b"".join(self._frag)
             self._frag, self._frag_size = None, 0
+            text = self._frag_text
         elif opcode > 0x2 or self._frag is not None:  # unknown opcode, or a new message
             self.fail(1002)  # inside a fragmented one
             return
         elif not fin:
             self._frag, self._frag_size = [payload], len(payload)
+            self._frag_text = opcode == 0x1
             return
-        if not self._closing:
-            self._actor.tell(Frame(payload))
+        else:
+            text = opcode == 0x1
+        if self._closing:
+            return
+        if text and not _utf8(payload):
+            self.fail(1007)  # RFC 6455 8.1 (Tornado aborts without a close frame)
+            return
+        self._actor.tell(Frame(payload))
 
     def _on_close_frame(self, payload: bytes) -> None:
         """The client closes: echo its code (RFC 6455 5.5.1) unless we closed first, then
-        close the TCP connection."""
+        close the TCP connection. Like Tornado, any code is echoed and a 1-byte body gets an
+        empty close frame; a reason that is not UTF-8 fails the connection (1007; Tornado
+        drops it without a close frame)."""
         self._client_closed = True
+        if not _utf8(payload[2:]):
+            self.fail(1007)
+            return
         if not self._closing:
             self._closing = True
-            self._send(frame(0x8, payload[:2]))
+            self._send(frame(0x8, payload[:2] if len(payload) >= 2 else b""))
         if self._transport is not None:
             self._transport.close()
 
@@ -459,6 +475,17 @@ class LeanWebSocket(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+
+def _utf8(data: bytes) -> bool:
+    """True when `data` is valid UTF-8 (RFC 3629: no surrogates, no overlong forms)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _frame_size(data: bytes, pos: int) -> int:
