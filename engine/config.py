@@ -267,6 +267,11 @@ class Config:
     swagger: bool = False
     shutdown_timeout: float = 30.0
     shutdown_termination_delay: float = 0.0
+    # HTTP listeners (centripy's own keys: Centrifugo v5 relies on Go's defaults)
+    http_read_header_timeout: float = 10.0  # a request head must arrive within this
+    http_read_timeout: float = 30.0  # a request body must arrive within this
+    http_idle_timeout: float = 60.0  # a keep-alive connection may wait this long for a request
+    api_max_request_body_size: int = 10485760  # larger API bodies get 413 before being read
     # TLS
     tls: bool = False
     tls_cert: str = ""
@@ -874,6 +879,11 @@ def _validate_core(c: Config) -> None:
             f'engine "{c.engine}" runs several nodes, which must share one event log: '
             "point database_url at PostgreSQL (a SQLite file is local to one node)",
         )
+    for key in ("http_read_header_timeout", "http_read_timeout", "http_idle_timeout"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(key, "must be a positive duration")
+    if c.api_max_request_body_size <= 0:
+        raise ConfigError("api_max_request_body_size", "must be a positive number of bytes")
     if c.tls and not ((c.tls_cert or c.tls_cert_pem) and (c.tls_key or c.tls_key_pem)):
         key = "tls_cert" if not (c.tls_cert or c.tls_cert_pem) else "tls_key"
         raise ConfigError(

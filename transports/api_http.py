@@ -22,7 +22,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 import orjson
-from tornado.web import RequestHandler
+from tornado.web import RequestHandler, stream_request_body
 
 from engine.api import METHODS, DecodeError, Executor, api_error, decode_request, error_body
 from engine.config import Config
@@ -31,6 +31,7 @@ from engine.protocol.codes import Error
 JSON_TYPE: Final = "application/json"
 TEXT_TYPE: Final = "text/plain; charset=utf-8"
 BAD_REQUEST: Final = b"Bad Request\n"
+TOO_LARGE: Final = b'{"error":"request body too large"}'
 NOT_FOUND: Final = b"404 page not found\n"
 # HTTP status per API error code in transport error mode.
 TRANSPORT_STATUS: Final = {100: 500, 102: 404, 104: 404, 107: 400, 108: 400, 112: 416, 113: 409}
@@ -284,24 +285,43 @@ class ApiEndpoint:
 # --- Tornado handlers ------------------------------------------------------------------------
 
 
+@stream_request_body
 class _ApiHandler(RequestHandler):
+    """The body is streamed in, after the checks of `prepare`: a caller without the API
+    key, or announcing a body over `api_max_request_body_size`, is answered before any
+    of its body is read (Tornado then closes the connection); a chunked body that grows
+    past the limit makes Tornado drop the connection."""
+
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
     def initialize(self, endpoint: ApiEndpoint) -> None:
         self.endpoint = endpoint
+        self._chunks: list[bytes] = []
 
     def prepare(self) -> None:
         if self.request.method != "POST":
             self._answer(405)
+            return
+        if not self.endpoint.authorized(self._header, self.request.query):
+            self._answer(401)
+            return
+        limit = self.endpoint.config.api_max_request_body_size
+        length = self.request.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > limit:
+            self._answer(413, TOO_LARGE, JSON_TYPE)
+            return
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
 
     def _header(self, name: str) -> str:
         values = self.request.headers.get_list(name)
         return values[0] if values else ""
 
     async def _post(self, method: str | None) -> None:
-        answer = await self.endpoint.answer(
-            method, self.request.body, self._header, self.request.query
-        )
+        body = b"".join(self._chunks)
+        answer = await self.endpoint.answer(method, body, self._header, self.request.query)
         self._answer(*answer)
 
     def _answer(self, status: int, body: bytes = b"", content_type: str = "") -> None:

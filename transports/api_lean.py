@@ -32,7 +32,13 @@ import tornado.iostream
 import tornado.web
 from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 
-from transports.api_http import ApiEndpoint, ApiLegacyHandler, ApiMethodHandler
+from transports.api_http import (
+    JSON_TYPE,
+    TOO_LARGE,
+    ApiEndpoint,
+    ApiLegacyHandler,
+    ApiMethodHandler,
+)
 from transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket, parse_upgrade
 
 log = logging.getLogger("centripy.api")
@@ -114,7 +120,12 @@ class _DateHeader:
 
 
 def response_bytes(
-    status: int, body: bytes, content_type: str, date: bytes, keep_alive_10: bool = False
+    status: int,
+    body: bytes,
+    content_type: str,
+    date: bytes,
+    keep_alive_10: bool = False,
+    close: bool = False,
 ) -> bytes:
     """A complete HTTP/1.1 response with a Content-Length."""
     head = [b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode())]
@@ -122,9 +133,27 @@ def response_bytes(
         head.append(b"Content-Type: " + content_type.encode())
     head.append(b"Content-Length: %d" % len(body))
     head.append(b"Date: " + date)
-    if keep_alive_10:
+    if close:
+        head.append(b"Connection: close")
+    elif keep_alive_10:
         head.append(b"Connection: keep-alive")
     return b"\r\n".join(head) + _HEAD_END + body
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one HTTP connection may take (config keys `http_read_header_timeout`,
+    `http_read_timeout`, `http_idle_timeout`, `api_max_request_body_size`)."""
+
+    header_timeout: float = 10.0  # the first request head must arrive within this
+    body_timeout: float = 30.0  # a request body must arrive within this
+    idle_timeout: float = 60.0  # a keep-alive connection waits this long for the next head
+    max_body: int = 10 << 20  # bodies of routes without a limit of their own
+
+
+def _expire(stream: tornado.iostream.IOStream) -> None:
+    """A read deadline passed: drop the connection (the pending read then fails)."""
+    stream.close()
 
 
 class LeanHTTPServer(tornado.httpserver.HTTPServer):
@@ -136,16 +165,21 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         self,
         request_callback: Any,
         lean_api: bool = False,
+        limits: Limits | None = None,
         **kwargs: Any,
     ) -> None:
+        limits = limits or Limits()
+        kwargs.setdefault("idle_connection_timeout", limits.idle_timeout)
+        kwargs.setdefault("body_timeout", limits.body_timeout)
+        kwargs.setdefault("max_body_size", limits.max_body)
         super().initialize(request_callback, **kwargs)
+        self._limits = limits
         app = request_callback
         self._app = app if lean_api and isinstance(app, tornado.web.Application) else None
         self._matches: dict[str, Match | None] = {}
         self._lean: set[tornado.iostream.IOStream] = set()
         self._websockets: set[LeanWebSocket] = set()
         self._date = _DateHeader()
-        self._max_body = kwargs.get("max_body_size") or kwargs.get("max_buffer_size") or 100 << 20
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> Any:
         if self._app is None:
@@ -179,6 +213,17 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             self._matches[path] = found
         return found
 
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to `path` may announce: the route's own
+        `body_limit` (emulation, SockJS, uni transports) or the server's `max_body`."""
+        found = self.match(path)
+        if found is not None:
+            target, kwargs, _ = found
+            limit = kwargs.get("body_limit") or getattr(target, "body_limit", None)
+            if isinstance(limit, int) and limit > 0:
+                return min(limit, self._limits.max_body)
+        return self._limits.max_body
+
     def route(self, path: str) -> Route | None:
         """The API route a POST to `path` takes, or None when the application routes `path`
         to another handler (or nowhere)."""
@@ -194,20 +239,35 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         return None
 
     async def _serve(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
+        """Every wait is bounded: the first head by `header_timeout`, the next ones of a
+        keep-alive connection by `idle_timeout`, a body by `body_timeout` (the stream is
+        closed when one passes); what Tornado takes over gets the same bounds."""
         self._lean.add(stream)
+        loop = asyncio.get_running_loop()
+        wait = self._limits.header_timeout
         try:
             while True:
+                timer = loop.call_later(wait, _expire, stream)
                 try:
                     head = await stream.read_until(_HEAD_END, max_bytes=MAX_HEAD)
                 except (StreamClosedError, UnsatisfiableReadError):
                     stream.close()
                     return
+                finally:
+                    timer.cancel()
+                wait = self._limits.idle_timeout
                 request = parse_head(head)
                 upgrade = request is None and head.startswith(b"GET ")
                 if upgrade and await self._upgrade(stream, head):
                     return
                 route = None if request is None else self.route(request.path)
-                if request is None or route is None or request.content_length > self._max_body:
+                if request is not None and request.content_length:
+                    refusal = self._refusal(request, route)
+                    if refusal is not None:
+                        await self._refuse(stream, *refusal)
+                        self._log(refusal[0], request, stream, time.monotonic())
+                        return
+                if request is None or route is None:
                     _unread(stream, head)
                     self._lean.discard(stream)
                     super().handle_stream(stream, address)
@@ -255,7 +315,14 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
     ) -> bool:
         """Answer one request; True when the connection stays open for the next one."""
         started = time.monotonic()
-        body = await stream.read_bytes(request.content_length) if request.content_length else b""
+        body = b""
+        if request.content_length:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self._limits.body_timeout, _expire, stream)
+            try:
+                body = await stream.read_bytes(request.content_length)
+            finally:
+                timer.cancel()
         try:
             status, out, content_type = await endpoint.answer(
                 method, body, request.header, request.query
@@ -266,12 +333,37 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         keep_10 = request.keep_alive and request.http10
         await stream.write(response_bytes(status, out, content_type, self._date.value(), keep_10))
         if status >= 400:
-            level = logging.ERROR if status >= 500 else logging.WARNING
-            millis = 1000.0 * (time.monotonic() - started)
-            access_log.log(
-                level, "%d POST %s (%s) %.2fms", status, request.path, _ip(stream), millis
-            )
+            self._log(status, request, stream, started)
         return request.keep_alive
+
+    def _refusal(self, request: LeanRequest, route: Route | None) -> tuple[int, bytes, str] | None:
+        """What to answer, before reading it, to a request announcing a body: 401 to an API
+        caller without the key, 413 beyond the route's body limit; None to go on."""
+        if route is not None and not route[0].authorized(request.header, request.query):
+            return 401, b"", ""
+        if request.content_length > self.body_limit(request.path):
+            return 413, TOO_LARGE, JSON_TYPE
+        return None
+
+    async def _refuse(
+        self, stream: tornado.iostream.IOStream, status: int, body: bytes, content_type: str
+    ) -> None:
+        """Answer `status` without reading the request body, and close the connection (a
+        refused caller never makes us buffer its body)."""
+        data = response_bytes(status, body, content_type, self._date.value(), close=True)
+        try:
+            await stream.write(data)
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _log(
+        status: int, request: LeanRequest, stream: tornado.iostream.IOStream, started: float
+    ) -> None:
+        """Access log of a failed request: the path only (the query may hold an API key)."""
+        level = logging.ERROR if status >= 500 else logging.WARNING
+        millis = 1000.0 * (time.monotonic() - started)
+        access_log.log(level, "%d POST %s (%s) %.2fms", status, request.path, _ip(stream), millis)
 
 
 def _unread(stream: tornado.iostream.IOStream, data: bytes) -> None:

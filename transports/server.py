@@ -41,7 +41,7 @@ from storage.presence_postgres import PostgresPresence
 from storage.presence_redis import RedisPresence
 from storage.writer import GroupCommitWriter
 from transports.api_http import InFlight, api_routes
-from transports.api_lean import LeanHTTPServer
+from transports.api_lean import LeanHTTPServer, Limits
 from transports.consumers import Consumers, start_consumers
 from transports.websocket import WebSocketHandler
 
@@ -111,7 +111,9 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     if access_log.isEnabledFor(level):
         request = handler.request
         millis = 1000.0 * request.request_time()
-        access_log.log(level, "%d %s %.2fms", status, handler._request_summary(), millis)
+        # The path, not the URI: a query string may carry the API key or a token.
+        summary = f"{request.method} {request.path} ({request.remote_ip})"
+        access_log.log(level, "%d %s %.2fms", status, summary, millis)
 
 
 async def _fetch(url: str) -> bytes:
@@ -222,6 +224,25 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+Listener = tuple[list[Any], int, str, ssl.SSLContext | None]
+
+
+def listeners(
+    config: Config, external: list[Any], internal: list[Any], tls: ssl.SSLContext | None
+) -> list[Listener]:
+    """(routes, port, address, TLS) per port. The internal routes share the client port
+    unless `internal_port` differs; `tls_external` keeps TLS off a separate internal port
+    only (on a single port everything is served over TLS)."""
+    separate = bool(config.internal_port) and str(config.internal_port) != str(config.port)
+    if not separate:
+        return [(external + internal, int(config.port), config.address, tls)]
+    internal_tls = None if config.tls_external else tls
+    return [
+        (external, int(config.port), config.address, tls),
+        (internal, int(config.internal_port), config.internal_address, internal_tls),
+    ]
+
+
 async def start(config: Config) -> Services:
     """Build and start every component; listen on the configured ports."""
     event_log = open_event_log(config.database_url)
@@ -253,15 +274,16 @@ async def start(config: Config) -> Services:
     }
     external = client_routes(config, ctx)
     internal = internal_routes(config, services)
-    separate = bool(config.internal_port) and str(config.internal_port) != str(config.port)
     tls = ssl_context(config)
-    listeners = [(external if separate else external + internal, config.port, config.address)]
-    if separate:
-        listeners.append((internal, int(config.internal_port), config.internal_address))
-    for routes, port, address in listeners:
+    limits = Limits(
+        header_timeout=config.http_read_header_timeout,
+        body_timeout=config.http_read_timeout,
+        idle_timeout=config.http_idle_timeout,
+        max_body=config.api_max_request_body_size,
+    )
+    for routes, port, address, use_tls in listeners(config, external, internal, tls):
         app = tornado.web.Application(routes, **settings)
-        use_tls = tls if (not config.tls_external or routes is external) else None
-        server = LeanHTTPServer(app, lean_api=True, ssl_options=use_tls)
+        server = LeanHTTPServer(app, lean_api=True, ssl_options=use_tls, limits=limits)
         sockets = tornado.netutil.bind_sockets(
             int(port), address or None, backlog=4096, reuse_port=config.reuse_port
         )
