@@ -422,11 +422,31 @@ def parse_jwks(document: bytes) -> dict[str, JWKey]:
     return out
 
 
+@dataclass(slots=True)
+class _EndpointState:
+    """What one JWKS endpoint told us last, and the fetch in flight."""
+
+    keys: dict[str, JWKey] | None = None  # the last document fetched successfully
+    fresh_until: float = 0.0  # keys are served without a fetch until then (ttl)
+    checked_at: float | None = None  # when the last fetch ended, successful or not
+    error: str = ""  # why the last fetch failed; "" when it succeeded
+    inflight: asyncio.Task[None] | None = None  # the one fetch of this endpoint under way
+
+
 class JWKSCache:
     """JWKS keys by endpoint and `kid`, refreshed after `ttl` seconds or on an unknown `kid`.
 
-    `fetch(url)` returns the document body; it is awaited on the event loop that calls
-    `get_key`, one fetch per endpoint at a time.
+    Hostile clients send random `kid`s, so an unknown `kid` may not cost a fetch each:
+    * single flight: concurrent lookups of one endpoint share one in-flight fetch;
+    * bounded rate: an endpoint is fetched at most once per `min_refresh_interval` seconds
+      (counted from the end of the last fetch, successful or not);
+    * negative cache: within that interval, a `kid` missing from the document just fetched is
+      InvalidToken at once, and a failed fetch is JWKSFetchError at once. The document itself is
+      the negative cache, so random kids cost no memory. A key rotated in at the identity
+      provider is picked up by the first lookup after the interval.
+
+    `fetch(url)` returns the document body; it runs as a task on the event loop that calls
+    `get_key` and must time out by itself. `clock` is monotonic seconds.
     """
 
     def __init__(
@@ -434,40 +454,64 @@ class JWKSCache:
         fetch: Callable[[str], Awaitable[bytes]],
         ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        min_refresh_interval: float = 10.0,
     ) -> None:
         self._fetch = fetch
         self._ttl = ttl
         self._clock = clock
-        self._entries: dict[str, tuple[float, dict[str, JWKey]]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._min_interval = min_refresh_interval
+        self._endpoints: dict[str, _EndpointState] = {}
 
     def cached(self, endpoint: str, kid: str) -> JWKey | None:
         """The key if it is cached and fresh; never fetches."""
-        entry = self._entries.get(endpoint)
-        if entry is None or entry[0] <= self._clock():
+        state = self._endpoints.get(endpoint)
+        if state is None or state.keys is None or state.fresh_until <= self._clock():
             return None
-        return entry[1].get(kid)
+        return state.keys.get(kid)
 
     async def get_key(self, endpoint: str, kid: str) -> JWKey:
-        """The key for `kid`, fetching the document when needed. Raises InvalidToken for an
-        unknown `kid` and JWKSFetchError when the endpoint fails."""
+        """The key for `kid`, fetching the document when needed and allowed. Raises
+        InvalidToken for an unknown `kid` and JWKSFetchError when the endpoint fails."""
         found = self.cached(endpoint, kid)
         if found is not None:
             return found
-        lock = self._locks.setdefault(endpoint, asyncio.Lock())
-        async with lock:
-            found = self.cached(endpoint, kid)
-            if found is not None:
-                return found
-            try:
-                document = await self._fetch(endpoint)
-            except Exception as exc:
-                raise JWKSFetchError(f"fetching {endpoint}: {exc}") from exc
-            keys = parse_jwks(document)
-            self._entries[endpoint] = (self._clock() + self._ttl, keys)
-        if kid not in keys:
+        state = self._endpoints.setdefault(endpoint, _EndpointState())
+        task = state.inflight
+        if task is None and not self._checked_recently(state):
+            task = state.inflight = asyncio.ensure_future(self._refresh(endpoint, state))
+        if task is not None:
+            # wait() neither raises the task's outcome nor cancels the task when this caller
+            # is cancelled: the other waiters still get the document.
+            await asyncio.wait({task})
+            if task.cancelled():
+                raise JWKSFetchError(f"fetching {endpoint}: cancelled")
+        if state.error:
+            raise JWKSFetchError(state.error)
+        if state.keys is None or kid not in state.keys:
             raise InvalidToken(f"public key {kid!r} not found")
-        return keys[kid]
+        return state.keys[kid]
+
+    def _checked_recently(self, state: _EndpointState) -> bool:
+        last = state.checked_at
+        return last is not None and self._clock() - last < self._min_interval
+
+    async def _refresh(self, endpoint: str, state: _EndpointState) -> None:
+        """The one fetch of `endpoint` in flight (a task); records its outcome in `state`.
+        A cancelled fetch (shutdown) records nothing and does not count towards the rate."""
+        try:
+            document = await self._fetch(endpoint)
+            keys = parse_jwks(document)
+        except JWKSFetchError as exc:
+            state.error = str(exc)
+        except Exception as exc:
+            state.error = f"fetching {endpoint}: {type(exc).__name__}: {exc}"
+        else:
+            state.keys, state.error = keys, ""
+            state.fresh_until = self._clock() + self._ttl
+        finally:
+            state.inflight = None
+        state.checked_at = self._clock()
 
 
 def _kid(parsed: _Parsed) -> str:

@@ -420,6 +420,167 @@ def test_jwks_requires_a_cache() -> None:
         TokenVerifier(Config(token_jwks_public_endpoint=ENDPOINT))
 
 
+class GatedFetch(FakeFetch):
+    """A fetch that waits for `gate` to open, so lookups pile up on it."""
+
+    def __init__(self, body: bytes = JWKS, error: Exception | None = None) -> None:
+        super().__init__(body, error)
+        self.gate = asyncio.Event()
+
+    async def __call__(self, url: str) -> bytes:
+        self.urls.append(url)
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return self.body
+
+
+def rsa_token(kid: str, key: Any = RSA_KEY) -> str:
+    return signed({"sub": "1"}, key, "RS256", kid=kid)
+
+
+async def outcomes(v: TokenVerifier, tokens: list[str]) -> list[object]:
+    return await asyncio.gather(
+        *(v.verify_connection_token_async(t) for t in tokens), return_exceptions=True
+    )
+
+
+async def test_jwks_concurrent_lookups_share_one_fetch() -> None:
+    fetch = GatedFetch()
+    v = jwks_verifier(fetch)
+    tokens = [rsa_token("rsa1"), rsa_token("nope-1"), rsa_token("rsa1"), rsa_token("nope-2")] * 5
+    pending = asyncio.ensure_future(outcomes(v, tokens))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert fetch.urls == [ENDPOINT]  # everyone waits on the same request
+    fetch.gate.set()
+    results = await pending
+    assert fetch.urls == [ENDPOINT]
+    for token, result in zip(tokens, results, strict=True):
+        if "nope" in json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["kid"]:
+            assert isinstance(result, InvalidToken)
+        else:
+            assert isinstance(result, ConnectToken) and result.user_id == "1"
+
+
+async def test_jwks_concurrent_lookups_share_one_failure() -> None:
+    fetch = GatedFetch(error=OSError("down"))
+    v = jwks_verifier(fetch)
+    pending = asyncio.ensure_future(outcomes(v, [rsa_token("rsa1"), rsa_token("x")] * 10))
+    await asyncio.sleep(0)
+    fetch.gate.set()
+    assert all(isinstance(r, JWKSFetchError) for r in await pending)
+    assert fetch.urls == [ENDPOINT]
+
+
+async def test_jwks_a_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
+    fetch = GatedFetch()
+    v = jwks_verifier(fetch)
+    first = asyncio.ensure_future(v.verify_connection_token_async(rsa_token("rsa1")))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(v.verify_connection_token_async(rsa_token("rsa1")))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    fetch.gate.set()
+    assert (await second).user_id == "1"
+    assert first.cancelled()
+    assert fetch.urls == [ENDPOINT]
+
+
+async def test_jwks_unknown_kids_are_negatively_cached_and_refetches_are_rate_bounded() -> None:
+    fetch, clock = FakeFetch(), Clock()
+    v = jwks_verifier(fetch, clock)
+    with pytest.raises(InvalidToken, match="not found"):
+        await v.verify_connection_token_async(rsa_token("unknown"))
+    assert len(fetch.urls) == 1
+    for i in range(100):  # random kids within the interval: answered from the fresh document
+        clock.now = i * 0.099
+        with pytest.raises(InvalidToken, match="not found"):
+            await v.verify_connection_token_async(rsa_token(f"random-{i}"))
+    assert len(fetch.urls) == 1
+    assert (await v.verify_connection_token_async(rsa_token("rsa1"))).user_id == "1"
+    clock.now = 10.0  # the interval has passed: an unknown kid may refetch once
+    with pytest.raises(InvalidToken):
+        await v.verify_connection_token_async(rsa_token("unknown"))
+    assert len(fetch.urls) == 2
+    with pytest.raises(InvalidToken):
+        await v.verify_connection_token_async(rsa_token("unknown-again"))
+    assert len(fetch.urls) == 2
+
+
+async def test_jwks_random_kid_flood_costs_one_fetch_per_interval() -> None:
+    fetch, clock = FakeFetch(), Clock()
+    v = jwks_verifier(fetch, clock)
+    for step in range(600):  # 60 seconds, 10 random kids a second
+        clock.now = step / 10
+        results = await outcomes(v, [rsa_token(f"k{step}"), rsa_token("rsa1")])
+        assert isinstance(results[0], InvalidToken) and isinstance(results[1], ConnectToken)
+    assert len(fetch.urls) == 6
+
+
+async def test_jwks_rotated_key_is_picked_up_after_the_interval() -> None:
+    fetch, clock = FakeFetch(), Clock()
+    v = jwks_verifier(fetch, clock)
+    await v.verify_connection_token_async(rsa_token("rsa1"))
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    fetch.body = json.dumps({"keys": [jwk(new_key, "rsa2", RSAAlgorithm)]}).encode()
+    clock.now = 5.0  # rotated at the provider, but we fetched 5 s ago
+    with pytest.raises(InvalidToken, match="not found"):
+        await v.verify_connection_token_async(rsa_token("rsa2", new_key))
+    assert len(fetch.urls) == 1
+    clock.now = 10.0
+    assert (await v.verify_connection_token_async(rsa_token("rsa2", new_key))).user_id == "1"
+    assert len(fetch.urls) == 2
+    # rsa1 is gone from the new document, and the document is fresh: no fetch for it
+    with pytest.raises(InvalidToken, match="not found"):
+        await v.verify_connection_token_async(rsa_token("rsa1"))
+    assert len(fetch.urls) == 2
+
+
+async def test_jwks_failures_are_not_retried_within_the_interval() -> None:
+    fetch, clock = FakeFetch(error=OSError("down")), Clock()
+    v = jwks_verifier(fetch, clock)
+    for now in (0.0, 3.0, 9.9):
+        clock.now = now
+        with pytest.raises(JWKSFetchError, match="down"):
+            await v.verify_connection_token_async(rsa_token("rsa1"))
+    assert len(fetch.urls) == 1
+    fetch.error = None
+    clock.now = 10.0
+    assert (await v.verify_connection_token_async(rsa_token("rsa1"))).user_id == "1"
+    assert len(fetch.urls) == 2
+    fetch.error = OSError("down again")  # a failed refresh after the ttl is an error too
+    clock.now = 3610.0
+    with pytest.raises(JWKSFetchError, match="down again"):
+        await v.verify_connection_token_async(rsa_token("rsa1"))
+    clock.now = 3615.0
+    with pytest.raises(JWKSFetchError):
+        await v.verify_connection_token_async(rsa_token("rsa1"))
+    assert len(fetch.urls) == 3
+
+
+async def test_jwks_endpoints_are_fetched_independently() -> None:
+    fetch, clock = GatedFetch(), Clock()
+    cache = JWKSCache(fetch, ttl=3600, clock=clock, min_refresh_interval=30)
+    other = ENDPOINT + "?other"
+    pending = asyncio.gather(
+        cache.get_key(ENDPOINT, "rsa1"), cache.get_key(other, "ec1"), cache.get_key(other, "ed1")
+    )
+    await asyncio.sleep(0)
+    fetch.gate.set()
+    keys = await pending
+    assert [k.kty for k in keys] == ["RSA", "EC", "OKP"]
+    assert sorted(fetch.urls) == [ENDPOINT, other]
+    clock.now = 29.0
+    with pytest.raises(InvalidToken):
+        await cache.get_key(other, "nope")
+    clock.now = 30.0
+    with pytest.raises(InvalidToken):
+        await cache.get_key(other, "nope")
+    assert sorted(fetch.urls) == [ENDPOINT, other, other]
+
+
 # --------------------------------------------------------------------------- hostile tokens
 
 
