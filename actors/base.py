@@ -278,6 +278,10 @@ class LoopActor(pykka.Actor):
     draining = False  # True while messages are being handled synchronously by _drain
     _stopped = False  # actor_stopped.is_set(), as a plain attribute for the hot paths
     inline = False  # may handle FanOut messages inline (on_receive is synchronous for them)
+    # Supervision: a told message whose handler raises stops the actor (pykka's rule; then
+    # `on_failure` runs) unless the actor is `resilient`: it then logs the failure, calls
+    # `on_message_failed` and goes on with the next message.
+    resilient = False
     _held_by: FanOut | None = None
     _items: collections.deque[Any]
 
@@ -297,7 +301,17 @@ class LoopActor(pykka.Actor):
         loop: asyncio.AbstractEventLoop | None = None,
         **kwargs: Any,
     ) -> ActorRef[Self]:
-        obj = cls(*args, **kwargs)
+        return cls.start_instance(cls(*args, **kwargs), register=register, loop=loop)
+
+    @classmethod
+    def start_instance(
+        cls,
+        obj: LoopActor,
+        *,
+        register: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> ActorRef[Any]:
+        """Start an actor object made by the caller (`start` makes it from arguments)."""
         obj._loop = loop or asyncio.get_running_loop()
         # The loop's thread; re-read in _run_start, which always runs on the loop.
         obj._loop_thread = threading.get_ident() if loop is None else -1
@@ -383,6 +397,9 @@ class LoopActor(pykka.Actor):
                 envelope.reply_to.set(result)
         return True
 
+    def on_message_failed(self, message: Any) -> None:
+        """Hook of a `resilient` actor: the handler of `message` raised (already logged)."""
+
     def on_drained(self) -> None:
         """Hook: called on the loop after each run of synchronously handled messages (so a
         subclass can batch work, e.g. one write for all the pushes just queued)."""
@@ -402,6 +419,13 @@ class LoopActor(pykka.Actor):
             envelope.reply_to.set_exception()
             return
         exc_info = sys.exc_info()
+        if self.resilient and not self._stopped:
+            log.error("%s failed on %r; it goes on", self, envelope.message, exc_info=exc_info)
+            try:
+                self.on_message_failed(envelope.message)
+            except Exception:
+                log.exception("on_message_failed of %s failed", self)
+            return
         self._handle_failure(*exc_info)
         with contextlib.suppress(Exception):
             self.on_failure(*exc_info)

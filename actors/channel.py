@@ -26,6 +26,8 @@ from engine.types import ClientInfo, Publication, StreamPosition
 
 log = logging.getLogger("centripy.channel")
 
+RETRY_DELAY = 1.0  # seconds before a failed log read of a sequenced channel is retried
+
 
 class Encoded:
     """A push encoded lazily, once per wire format, and shared by all subscribers."""
@@ -132,13 +134,25 @@ class _GapCheck(NamedTuple):
 
 
 class ChannelActor(LoopActor):
-    """Runs on the loop. Subscribers are added and removed by the hub (`actors.hub`)."""
+    """Runs on the loop. Subscribers are added and removed by the hub (`actors.hub`).
+
+    Resilient: a message whose handling fails is logged and the actor goes on, so a
+    committed publication always finds the channel's actor alive (the hub replaces one
+    that stopped anyway, with its subscribers: `replacement`)."""
+
+    resilient = True
 
     def __init__(self, channel: str) -> None:
         super().__init__()
         self.channel = channel
         self.subscribers: dict[str, tuple[ActorRef[Any], bool]] = {}
         self._fanout = FanOut()
+
+    def replacement(self) -> ActorRef[Any]:
+        """A new actor for the same channel and subscribers (this one has stopped)."""
+        new = ChannelActor(self.channel)
+        new.subscribers = dict(self.subscribers)
+        return ChannelActor.start_instance(new)
 
     def on_start(self) -> None:
         self._fanout = FanOut()  # made again on the loop thread, whose actors it holds
@@ -228,6 +242,25 @@ class SequencedChannelActor(ChannelActor):
         super().on_stop()
         if self._timer is not None:
             self._timer.cancel()
+
+    def replacement(self) -> ActorRef[Any]:
+        """As ChannelActor's, continuing from the last released position (a Resync reads
+        whatever the stopped actor had not released yet)."""
+        new = SequencedChannelActor(self.channel, self.node)
+        new.subscribers = dict(self.subscribers)
+        position = self.sequencer.position
+        ref = SequencedChannelActor.start_instance(new)
+        if position is not None:
+            new.sequencer.reset(position)
+            ref.tell(Resync())
+        return ref
+
+    def on_message_failed(self, message: Any) -> None:
+        """A log read failed (storage down?): publications may be missing; read again
+        after a pause rather than wait for the next gap."""
+        if type(message) in (Init, _GapCheck, Resync):
+            loop = asyncio.get_running_loop()
+            loop.call_later(RETRY_DELAY, tell_if_alive, self.actor_ref, Resync())
 
     def _history_enabled(self) -> bool:
         try:

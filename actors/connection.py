@@ -7,6 +7,7 @@ in `engine/`. Every handler runs on the loop inside the actor, one command at a 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from engine.protocol.commands import (
 )
 from engine.sessions import ServerSubscribe
 from engine.types import ClientInfo, StreamPosition
+
+log = logging.getLogger("centripy.connection")
 
 JsonObj = dict[str, Any]
 Result = Any  # a result object of the connection's codec (a dict for JSON, a message for protobuf)
@@ -58,14 +61,23 @@ class ConnectionActor(ConnectionCore):
         try:
             result = await handler(self, cmd.request)
         except Error as err:
-            if cmd.method == "connect":
-                self.state = "unusable"
-            self._enqueue(self.codec.encode_error(cmd.id, err))
+            self._reply_error(cmd, err)
+            return
+        except Disconnect:
+            raise
+        except Exception:  # storage or a bug: this command fails, the connection goes on
+            log.exception("connection %s: %s failed", self.client_id, cmd.method)
+            self._reply_error(cmd, Error.of(ErrorCode.INTERNAL))
             return
         if cmd.method != "send":
             self._enqueue(self.encode_reply(cmd.id, cmd.method, result))
         if cmd.method == "connect":
             self._after_connect()
+
+    def _reply_error(self, cmd: Command, err: Error) -> None:
+        if cmd.method == "connect":
+            self.state = "unusable"
+        self._enqueue(self.codec.encode_error(cmd.id, err))
 
     # -- connect --------------------------------------------------------------------------
 

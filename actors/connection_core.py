@@ -262,9 +262,15 @@ class ConnectionCore(LoopActor):
     def _leave_channel(self, channel: str, sub: Subscription) -> None:
         self.ctx.hub.unsubscribe(channel, self.client_id)
         if sub.presence:
-            self._spawn(self.node.presence_manager.remove(channel, self.client_id))
+            self._spawn(self._remove_presence(channel))
         if sub.emit_join_leave:
             self.node.leave(channel, sub.info)
+
+    async def _remove_presence(self, channel: str) -> None:
+        try:
+            await self.node.presence_manager.remove(channel, self.client_id)
+        except Exception as exc:  # storage down: the entry expires with its TTL
+            log.warning("connection %s: presence remove failed: %r", self.client_id, exc)
 
     def _uni_kw(self) -> dict[str, bool]:
         return {"unidirectional": True} if self.transport.unidirectional else {}
@@ -408,9 +414,12 @@ class ConnectionCore(LoopActor):
                 self._unsubscribe(channel, UnsubscribeCode.EXPIRED, push=True)
                 continue
             if sub.presence:
-                await self.node.presence_manager.add(
-                    channel, sub.info, self.config.global_presence_ttl
-                )
+                try:
+                    await self.node.presence_manager.add(
+                        channel, sub.info, self.config.global_presence_ttl
+                    )
+                except Exception as exc:  # storage down: keep the connection, try next tick
+                    log.warning("connection %s: presence update failed: %r", self.client_id, exc)
         delay = self.config.client_channel_position_check_delay
         if time.monotonic() - self._last_position_check >= delay:
             self._last_position_check = time.monotonic()
@@ -464,13 +473,36 @@ class ConnectionCore(LoopActor):
 
     def _terminate(self, code: int | None) -> None:
         """The connection is gone: release everything and stop the actor."""
+        if self._release():
+            self.actor_ref.stop(block=False)
+
+    def _release(self) -> bool:
+        """Leave every channel, the hub and the timers; False if that was done already."""
         if self.state == "closed":
-            return
+            return False
         self._cleanup()
         self.state = "closed"
         self._out.clear()
+        self._out_size = 0
         self.ctx.hub.remove_connection(self.client_id)
-        self.actor_ref.stop(block=False)
+        return True
+
+    def on_failure(self, *exc_info: Any) -> None:
+        """Supervision: an exception escaped a handler (logged; the actor has stopped).
+        Only this connection pays: it is closed with 3004 and everything it held (hub
+        entry, subscriptions, presence, user connection count) is released."""
+        if not self._release():
+            return
+        code = DisconnectCode.INTERNAL
+        self.node.metrics.inc(
+            "centrifugo_client_num_server_disconnects",
+            "Connections closed by the server.",
+            code=str(code),
+        )
+        try:
+            self.transport.close(code, Disconnect.of(code).reason)
+        except Exception as exc:
+            log.debug("connection %s: close failed: %r", self.client_id, exc)
 
     def _cleanup(self) -> None:
         for handle in self._timers.values():

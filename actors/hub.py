@@ -9,6 +9,7 @@ on the loop thread, synchronously, so its maps never race). It implements the en
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -30,6 +31,8 @@ from engine.node import VERSION, Node
 from engine.sessions import NodeStats, ServerSubscribe
 from engine.types import ClientInfo, Publication
 from storage.base import Broker
+
+log = logging.getLogger("centripy.hub")
 
 # -- messages to connection actors (defined here so the hub needs no connection import) ----
 
@@ -120,7 +123,7 @@ class Hub:
         (the channel actor's inbox is FIFO, so a told AddSubscriber is handled before any
         later Deliver; with a broker, once the broker subscription and the sequencer's
         position are in place)."""
-        ref: ActorRef[Any] | None = self._channels.get(channel)
+        ref = self._live(channel)
         if ref is None:
             if self._broker is not None and self._node is not None:
                 ref = SequencedChannelActor.start(channel, self._node, register=False)
@@ -150,8 +153,22 @@ class Hub:
         if channel not in self._channels and not lock.locked():
             self._broker_locks.pop(channel, None)
 
-    def unsubscribe(self, channel: str, client_id: str) -> None:
+    def _live(self, channel: str) -> ActorRef[Any] | None:
+        """The channel's actor; one that stopped (a bug made it fail) is replaced by a new
+        one with the same subscribers, so no committed publication meets a dead actor."""
         ref = self._channels.get(channel)
+        if ref is None or ref.is_alive():
+            return ref
+        old = ref.actor_inbox._actor if hasattr(ref.actor_inbox, "_actor") else None
+        if not isinstance(old, ChannelActor):
+            return ref
+        log.error("channel %s: its actor had stopped; replaced", channel)
+        ref = old.replacement()
+        self._channels[channel] = ref
+        return ref
+
+    def unsubscribe(self, channel: str, client_id: str) -> None:
+        ref = self._live(channel)
         if ref is None:
             return
         count = self._channel_subs[channel] - 1
@@ -170,24 +187,26 @@ class Hub:
     # -- Fanout ---------------------------------------------------------------------------
 
     def deliver(self, channel: str, pub: Publication, epoch: str) -> None:
-        ref = self._channels.get(channel)
+        ref = self._live(channel)
         if ref is not None:
             ref.tell(Deliver(channel, pub, epoch))
 
     def join(self, channel: str, info: ClientInfo) -> None:
-        ref = self._channels.get(channel)
+        ref = self._live(channel)
         if ref is not None:
             ref.tell(JoinLeave(channel, info, True))
 
     def leave(self, channel: str, info: ClientInfo) -> None:
-        ref = self._channels.get(channel)
+        ref = self._live(channel)
         if ref is not None:
             ref.tell(JoinLeave(channel, info, False))
 
     def resync(self) -> None:
         """Messages from other nodes may have been lost: every channel re-reads its log."""
-        for ref in self._channels.values():
-            ref.tell(Resync())
+        for channel in list(self._channels):
+            ref = self._live(channel)
+            if ref is not None:
+                ref.tell(Resync())
 
     # -- Sessions -------------------------------------------------------------------------
 

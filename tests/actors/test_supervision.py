@@ -1,0 +1,130 @@
+"""Crash containment (issue 15, item 3): a failure costs one command or one connection,
+never a zombie connection or a dead channel actor behind a committed publication."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from actors.channel import ChannelActor, RemoveSubscriber
+from engine.types import ClientInfo
+from storage.presence_memory import MemoryPresence
+from tests.actors.harness import Harness, make_config
+
+
+class FailingPresence(MemoryPresence):
+    """The memory presence store with an outage switch (as a store whose server is down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("presence storage is down")
+
+    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        self._check()
+        await super().add(channel, info, ttl)
+
+    async def remove(self, channel: str, client_id: str) -> None:
+        self._check()
+        await super().remove(channel, client_id)
+
+    async def presence(self, channel: str) -> Any:
+        self._check()
+        return await super().presence(channel)
+
+    async def stats(self, channel: str) -> Any:
+        self._check()
+        return await super().stats(channel)
+
+
+def _outage_harness(**config: Any) -> tuple[Harness, FailingPresence]:
+    h = Harness(make_config(**config))
+    presence = FailingPresence()
+    h.node.presence_manager = presence
+    return h, presence
+
+
+async def test_storage_errors_are_error_100_replies_and_the_connection_goes_on() -> None:
+    h, presence = _outage_harness()
+    async with h:
+        client = await h.client()
+        presence.down = True
+        for method in ("presence", "presence_stats"):
+            reply = await client.call(method, {"channel": "h:room"})
+            assert reply["error"]["code"] == 100
+        reply = await client.call("subscribe", {"channel": "h:room"})  # presence on: add fails
+        assert reply["error"]["code"] == 100
+        presence.down = False
+        reply = await client.call("subscribe", {"channel": "h:room"})  # no half state left
+        assert "subscribe" in reply
+        assert client.transport.closed is None
+
+
+async def test_presence_refresh_failure_keeps_the_connection() -> None:
+    h, presence = _outage_harness(client_presence_update_interval=0.05)
+    async with h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "h:room"})
+        presence.down = True
+        await asyncio.sleep(0.3)  # several ticks fail
+        assert client.transport.closed is None
+        presence.down = False
+        await h.node.publish("h:room", b'{"n":1}')
+        await client.wait(lambda m: "pub" in m.get("push", {}))
+
+
+async def test_an_escaping_exception_closes_only_that_connection_and_releases_it() -> None:
+    async with Harness(make_config()) as h:
+        victim = await h.client()
+        witness = await h.client()
+        await victim.call("subscribe", {"channel": "news"})
+        await witness.call("subscribe", {"channel": "news"})
+        client_id = victim.transport.messages[0]["connect"]["client"]
+        assert h.hub.stats().num_clients == 2
+
+        actor = victim.ref.actor_inbox._actor  # type: ignore[attr-defined]
+
+        def boom() -> None:
+            raise RecursionError("a bug deep in a handler")
+
+        actor._on_timer = lambda kind: boom()  # the next timer message fails
+        actor._set_timer("tick", 0)
+        code, reason = await victim.closed()
+        assert (code, reason) == (3004, "internal server error")
+        assert not victim.ref.is_alive()
+        assert h.hub.stats().num_clients == 1
+        assert client_id not in [c.client_id for c in h.hub.matching("", client_id, "")]
+        assert h.hub.stats().num_subs == 1  # only the witness is subscribed now
+        await h.node.publish("news", b'{"n":1}')
+        await witness.wait(lambda m: "pub" in m.get("push", {}))
+
+
+async def test_channel_actor_survives_a_failing_message() -> None:
+    async with Harness(make_config()) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "news"})
+        ref = h.hub._channels["news"]
+        ref.tell(RemoveSubscriber(["unhashable"]))  # type: ignore[arg-type]  # poison
+        await asyncio.sleep(0.05)
+        assert ref.is_alive()
+        await h.node.publish("news", b'{"n":1}')
+        await client.wait(lambda m: "pub" in m.get("push", {}))
+
+
+async def test_a_stopped_channel_actor_is_replaced_with_its_subscribers() -> None:
+    async with Harness(make_config()) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "h:news"})
+        old = h.hub._channels["h:news"]
+        old.actor_inbox._actor._handle_failure(None, None, None)  # type: ignore[attr-defined]
+        assert not old.is_alive()
+        result = await h.node.publish("h:news", b'{"n":1}')  # committed and delivered, no 100
+        assert result.offset == 1
+        pub = await client.wait(lambda m: "pub" in m.get("push", {}))
+        assert pub["push"]["pub"]["data"] == {"n": 1}
+        new = h.hub._channels["h:news"]
+        assert new.is_alive() and new is not old
+        assert isinstance(new.actor_inbox._actor, ChannelActor)  # type: ignore[attr-defined]
