@@ -344,6 +344,10 @@ class LeanWebSocket(asyncio.Protocol):
         pos, end = 0, len(data)
         while end - pos >= 2 and self._transport is not None:
             b0, b1 = data[pos], data[pos + 1]
+            # reserved bits (no extension), unmasked, a control frame over 125 bytes
+            if b0 & 0x70 or not b1 & 0x80 or (b0 & 0x08 and b1 & 0x7F > 125):
+                self.fail(1002)
+                return
             size = b1 & 0x7F
             if size < 126:
                 head = pos + 6
@@ -357,10 +361,6 @@ class LeanWebSocket(asyncio.Protocol):
                 if end < head:
                     break
                 size = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            # reserved bits (no extension), unmasked, a control frame over 125 bytes
-            if b0 & 0x70 or not b1 & 0x80 or (b0 & 0x08 and b1 & 0x7F > 125):
-                self.fail(1002)
-                return
             if size + self._frag_size > self._max_size:
                 self.fail(1009, "message too big")
                 return
