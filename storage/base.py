@@ -12,6 +12,11 @@ Guarantees every implementation must give (checked by tests/storage/test_contrac
   `suppressed=True`, and nothing is stored again.
 * A stream whose meta is not touched for `meta_ttl` seconds is forgotten: the next access
   starts it again at offset 0 with a new epoch.
+* Reads never create anything: `history` (and so every stream-top read and recovery) of a
+  channel without a live stream stores no row and no entry. It reports offset 0 and the
+  epoch the channel's first append will get (the same for every read until then, also
+  across restarts), so a position read before the first publication stays valid after it.
+  Reads of a live stream touch its meta (keep it from being forgotten).
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def history(self, query: HistoryQuery) -> HistoryResult:
-        """Read a stream (creates its meta, i.e. an epoch, when it does not exist)."""
+        """Read a stream and touch its meta. Without a live stream: no publications, offset
+        0 and the epoch the first append will get; nothing is stored."""
 
     @abc.abstractmethod
     async def remove_history(self, channel: str) -> None:

@@ -4,13 +4,14 @@ Used by the tests, as the model the SQL back ends are checked against, and for a
 single-node server without persistence (`memory://`). Everything is lost on restart.
 
 The pure helpers at the top (`check_append`, `check_query`, `history_enabled`,
-`history_range`, `new_epoch`) state the shared rules once; the SQL back ends use them too.
+`history_range`, `stream_epoch`) state the shared rules once; the SQL back ends use them too.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import math
 import os
 import string
@@ -38,9 +39,29 @@ DEFAULT_GC_INTERVAL = 60.0
 # --- pure helpers shared with the SQL back ends -------------------------------------------
 
 
-def new_epoch() -> str:
-    """A random, opaque stream epoch of 8 ASCII letters (from os.urandom: safe after fork)."""
-    return bytes(_EPOCH_LETTERS[b % len(_EPOCH_LETTERS)] for b in os.urandom(EPOCH_LENGTH)).decode()
+def new_salt() -> bytes:
+    """A random key for `stream_epoch` (from os.urandom: safe after fork)."""
+    return os.urandom(16)
+
+
+def stream_epoch(salt: bytes, channel: str, meta_ttl: float, now: float) -> str:
+    """The epoch of a stream of `channel` created at `now`: 8 ASCII letters, opaque.
+
+    Deterministic, so that a read of a channel without a stream can report the epoch the
+    first append will give it without storing anything (reads never write rows for unknown
+    channels). The inputs make incarnations differ: `salt` is per database (per memory
+    log), and the time bucket `now // meta_ttl` moves on between a stream's creation and
+    its re-creation, which needs `meta_ttl` without access. With `meta_ttl` 0 (never
+    forgotten) the bucket is fixed. A read and the first append that fall into different
+    buckets (once per `meta_ttl`) disagree: a subscriber positioned in between is told
+    "insufficient state" or "not recovered", never silently skipped."""
+    bucket = math.floor(now / meta_ttl) if meta_ttl > 0 else 0
+    digest = hashlib.blake2b(
+        f"{meta_ttl!r}/{bucket}/".encode() + channel.encode("utf-8", "surrogatepass"),
+        key=salt[:64],
+        digest_size=EPOCH_LENGTH,
+    ).digest()
+    return bytes(_EPOCH_LETTERS[b % len(_EPOCH_LETTERS)] for b in digest).decode()
 
 
 def history_enabled(req: AppendRequest) -> bool:
@@ -182,6 +203,7 @@ class MemoryEventLog(EventLog):
         self._streams: dict[str, _Stream] = {}
         self._seen: dict[tuple[str, str], _Seen] = {}
         self._last_gc = now()
+        self._salt = new_salt()
 
     async def start(self) -> None:
         """Nothing to open."""
@@ -199,8 +221,16 @@ class MemoryEventLog(EventLog):
         return [self._append_one(req, now) for req in requests]
 
     async def history(self, query: HistoryQuery) -> HistoryResult:
+        """Read a stream, touching its meta. A channel without a live stream is reported
+        at offset 0 with the epoch its first append will get, and nothing is created."""
         check_query(query)
-        stream = self._touch(query.channel, self._now(), query.meta_ttl)
+        now = self._now()
+        stream = self._live(query.channel, now)
+        if stream is None:
+            epoch = stream_epoch(self._salt, query.channel, query.meta_ttl, now)
+            check_epoch(query, epoch)
+            return HistoryResult([], StreamPosition(0, epoch))
+        stream.meta_expires_at = meta_expiry(now, query.meta_ttl)
         check_epoch(query, stream.epoch)
         position = StreamPosition(stream.top, stream.epoch)
         rng = history_range(self._first_kept(stream), stream.top, query)
@@ -259,15 +289,27 @@ class MemoryEventLog(EventLog):
             )
         return result
 
-    def _touch(self, channel: str, now: float, meta_ttl: float) -> _Stream:
-        """The live stream of `channel` (re-created when its meta was forgotten), touched."""
+    def _live(self, channel: str, now: float) -> _Stream | None:
+        """The stream of `channel` unless missing or forgotten (then dropped); expired
+        publications are cleared."""
         stream = self._streams.get(channel)
-        if stream is None or (stream.meta_expires_at is not None and stream.meta_expires_at < now):
-            stream = self._streams[channel] = _Stream(new_epoch())
-        stream.meta_expires_at = meta_expiry(now, meta_ttl)
+        if stream is None:
+            return None
+        if stream.meta_expires_at is not None and stream.meta_expires_at < now:
+            del self._streams[channel]
+            return None
         if stream.pubs_expire_at is not None and stream.pubs_expire_at < now:
             stream.pubs.clear()
             stream.pubs_expire_at = None
+        return stream
+
+    def _touch(self, channel: str, now: float, meta_ttl: float) -> _Stream:
+        """The live stream of `channel` for an append (created or re-created), touched."""
+        stream = self._live(channel, now)
+        if stream is None:
+            epoch = stream_epoch(self._salt, channel, meta_ttl, now)
+            stream = self._streams[channel] = _Stream(epoch)
+        stream.meta_expires_at = meta_expiry(now, meta_ttl)
         return stream
 
     @staticmethod

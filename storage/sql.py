@@ -10,6 +10,11 @@ Schema (every name starts with `table_prefix`, default `centripy_`):
 * `publications`: PK (channel, offset).
 * `idempotency`: PK (channel, key), the first call's offset/epoch until `expires_at`.
 * `schema_version`: one row with the schema version `start()` migrated to.
+* `settings`: named values of this database; `epoch_salt` keys `stream_epoch`, so a stream
+  gets the epoch a read reported before its first append without the read storing anything.
+
+Reads never create rows: a read of a channel without a live stream reports offset 0 and the
+epoch its first append will get (`stream_epoch`); it only touches the meta of live streams.
 
 Concurrency (ARCHITECTURE.md decision 2): offsets are assigned inside the batch transaction
 by one multi-row `INSERT .. ON CONFLICT (channel) DO UPDATE SET top_offset = top_offset + n
@@ -58,8 +63,9 @@ from storage.memory import (
     history_enabled,
     history_range,
     meta_expiry,
-    new_epoch,
+    new_salt,
     publication_of,
+    stream_epoch,
 )
 
 log = logging.getLogger("centripy.storage")
@@ -77,6 +83,7 @@ class Tables:
     publications: sa.Table
     idempotency: sa.Table
     schema_version: sa.Table
+    settings: sa.Table
 
 
 def make_tables(prefix: str = "centripy_") -> Tables:
@@ -128,7 +135,13 @@ def make_tables(prefix: str = "centripy_") -> Tables:
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("version", sa.Integer, nullable=False),
     )
-    return Tables(md, streams, publications, idempotency, version)
+    settings = sa.Table(
+        f"{prefix}settings",
+        md,
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    return Tables(md, streams, publications, idempotency, version, settings)
 
 
 # Steps from version v to v + 1, run inside start()'s transaction. Never drop data.
@@ -155,6 +168,19 @@ def migrate_sync(conn: sa.Connection, tables: Tables) -> None:
         MIGRATIONS[step](conn, tables)
     conn.execute(sa.delete(tables.schema_version))
     conn.execute(sa.insert(tables.schema_version).values(id=1, version=SCHEMA_VERSION))
+
+
+def load_salt_sync(conn: sa.Connection, tables: Tables) -> bytes:
+    """This database's `epoch_salt`, created on first use. Runs in start()'s transaction,
+    which concurrent starts take in turn (SQLite: BEGIN IMMEDIATE; PostgreSQL: the schema
+    lock), so every process sharing the database reads the same salt."""
+    st = tables.settings
+    query = sa.select(st.c.value).where(st.c.name == "epoch_salt")
+    found = conn.execute(query).scalar()
+    if found is None:
+        found = new_salt().hex()
+        conn.execute(sa.insert(st).values(name="epoch_salt", value=found))
+    return bytes.fromhex(found)
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -229,12 +255,14 @@ def purge_below(fresh: bool, top: int, n: int, keep: int, first_kept: int) -> in
     return None
 
 
-def advance_row(channel: str, reqs: Sequence[AppendRequest], now: float) -> dict[str, Any]:
+def advance_row(
+    channel: str, reqs: Sequence[AppendRequest], now: float, salt: bytes
+) -> dict[str, Any]:
     """The streams row for appending `reqs` (as the new stream, or its increments)."""
     n, keep = len(reqs), retention([r.history_size for r in reqs])
     return {
         "channel": channel,
-        "epoch": new_epoch(),
+        "epoch": stream_epoch(salt, channel, reqs[-1].meta_ttl, now),
         "top_offset": n,
         "min_offset": max(1, n - keep + 1),
         "history_size": keep,
@@ -242,21 +270,6 @@ def advance_row(channel: str, reqs: Sequence[AppendRequest], now: float) -> dict
         "pubs_expire_at": now + reqs[-1].history_ttl,
         "meta_touched_at": now,
         "meta_expires_at": meta_expiry(now, reqs[-1].meta_ttl),
-    }
-
-
-def touch_row(channel: str, now: float, meta_ttl: float) -> dict[str, Any]:
-    """The streams row for reading `channel` (an empty new stream, or a meta touch)."""
-    return {
-        "channel": channel,
-        "epoch": new_epoch(),
-        "top_offset": 0,
-        "min_offset": 1,
-        "history_size": 0,
-        "last_publish_at": None,
-        "pubs_expire_at": None,
-        "meta_touched_at": now,
-        "meta_expires_at": meta_expiry(now, meta_ttl),
     }
 
 
@@ -340,6 +353,15 @@ class Statements:
         self.delete_channel = self._sql(
             sa.delete(t.publications).where(p.channel == b("b_channel"))
         )
+        self.read = self._sql(
+            sa.update(t.streams)
+            .where(
+                s.channel == b("b_channel"),
+                sa.or_(s.meta_expires_at.is_(None), s.meta_expires_at >= b("b_now")),
+            )
+            .values(meta_touched_at=b("b_now"), meta_expires_at=b("b_expires"))
+            .returning(s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
+        )
         self.forget_keys = self._sql(sa.delete(t.idempotency).where(k.expires_at < b("b_now")))
         self.forget_streams = self._sql(
             sa.delete(t.streams).where(s.meta_expires_at < b("b_now")).returning(s.channel)
@@ -362,11 +384,7 @@ class Statements:
 
     def advance(self, n: int) -> Sql:
         """Upsert n streams, each advanced by its row's top_offset (= number of appends)."""
-        return self._cached("advance", n, lambda n: self._stream_upsert(n, touch=False))
-
-    def touch(self) -> Sql:
-        """Upsert one stream for a read: create it or touch its meta."""
-        return self._cached("touch", 1, lambda n: self._stream_upsert(n, touch=True))
+        return self._cached("advance", n, self._advance)
 
     def claim(self, n: int) -> Sql:
         """Insert n idempotency keys; take over expired ones; RETURNING the claimed keys."""
@@ -376,26 +394,22 @@ class Statements:
         """Positions stored for n keys (rows r<i>_channel, r<i>_key)."""
         return self._cached("known", n, self._known)
 
-    def _stream_upsert(self, n: int, *, touch: bool) -> sa.ClauseElement:
+    def _advance(self, n: int) -> sa.ClauseElement:
         st = self._t.streams
         s, up = st.c, self._insert(st).values(_rows(st, STREAM_COLUMNS, n))
-        x = up.excluded
+        x = up.excluded  # excluded.top_offset is the number of appends; excluded.* the new stream
         reset = sa.and_(s.meta_expires_at.is_not(None), s.meta_expires_at < x.meta_touched_at)
-        if touch:
-            keep = ("epoch", "top_offset", "min_offset", "last_publish_at", "pubs_expire_at")
-            values = {c: sa.case((reset, x[c]), else_=s[c]) for c in keep}
-        else:  # excluded.top_offset is the number of appends; excluded.* the new stream
-            gone = sa.or_(s.pubs_expire_at.is_(None), s.pubs_expire_at < x.meta_touched_at)
-            trim = s.top_offset + x.top_offset - x.history_size + 1
-            values = {
-                "epoch": sa.case((reset, x.epoch), else_=s.epoch),
-                "top_offset": sa.case((reset, x.top_offset), else_=s.top_offset + x.top_offset),
-                "min_offset": sa.case(
-                    (reset, x.min_offset),
-                    (gone, _greatest(s.top_offset + 1, trim)),
-                    else_=_greatest(s.min_offset, trim),
-                ),
-            } | {c: x[c] for c in ("history_size", "last_publish_at", "pubs_expire_at")}
+        gone = sa.or_(s.pubs_expire_at.is_(None), s.pubs_expire_at < x.meta_touched_at)
+        trim = s.top_offset + x.top_offset - x.history_size + 1
+        values = {
+            "epoch": sa.case((reset, x.epoch), else_=s.epoch),
+            "top_offset": sa.case((reset, x.top_offset), else_=s.top_offset + x.top_offset),
+            "min_offset": sa.case(
+                (reset, x.min_offset),
+                (gone, _greatest(s.top_offset + 1, trim)),
+                else_=_greatest(s.min_offset, trim),
+            ),
+        } | {c: x[c] for c in ("history_size", "last_publish_at", "pubs_expire_at")}
         values |= {"meta_touched_at": x.meta_touched_at, "meta_expires_at": x.meta_expires_at}
         stmt: sa.ClauseElement = up.on_conflict_do_update(
             index_elements=[s.channel], set_=values
@@ -465,6 +479,7 @@ class SqlEventLog(EventLog):
         self._sql: Statements | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._salt = b""  # the database's epoch_salt, read by start()
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -499,6 +514,7 @@ class SqlEventLog(EventLog):
                 async with self._engine.begin() as conn:
                     await self._lock_schema(conn)
                     await conn.run_sync(migrate_sync, self.tables)
+                    self._salt = await conn.run_sync(load_salt_sync, self.tables)
                 self._sql = Statements(self.tables, self._insert, self._engine.dialect)
         except BaseException:
             engine, self._engine = self._engine, None
@@ -550,23 +566,34 @@ class SqlEventLog(EventLog):
             return await self._append_tx(sql, session, requests, self._now())
 
     async def history(self, query: HistoryQuery) -> HistoryResult:
+        """Read a stream, touching its meta. A channel without a live stream (none, or
+        forgotten) is reported at offset 0 with the epoch its first append will get; no
+        row is written for it."""
         check_query(query)
         async with self._guard() as sql, self._session() as session:
             now = self._now()
-            row = touch_row(query.channel, now, query.meta_ttl)
-            _, epoch, top, first, pubs_expire_at = (
-                await session.fetch(sql.touch(), sql.touch().args(rows=[row]))
-            )[0]
-            if epoch == row["epoch"]:  # created or re-created: drop an earlier incarnation's rows
-                purge = {"b_channel": query.channel, "b_lo": PURGE_ALL}
-                await session.execute(sql.delete_below, sql.delete_below.args(purge))
-            if pubs_expire_at is None or pubs_expire_at < now:
-                first = top + 1
-            rng = history_range(int(first), int(top), query)
-            stale = query.since is not None and query.since.epoch not in ("", epoch)
-            pubs = [] if rng is None or stale else await self._read(sql, session, query, rng)
+            params = {
+                "b_channel": query.channel,
+                "b_now": now,
+                "b_expires": meta_expiry(now, query.meta_ttl),
+            }
+            live = await session.fetch(sql.read, sql.read.args(params))
+            if not live:
+                epoch, top, pubs = (
+                    stream_epoch(self._salt, query.channel, query.meta_ttl, now),
+                    0,
+                    [],
+                )
+            else:
+                epoch, top, first, pubs_expire_at = live[0]
+                top = int(top)
+                if pubs_expire_at is None or pubs_expire_at < now:
+                    first = top + 1
+                rng = history_range(int(first), top, query)
+                stale = query.since is not None and query.since.epoch not in ("", epoch)
+                pubs = [] if rng is None or stale else await self._read(sql, session, query, rng)
         check_epoch(query, epoch)  # after commit: the meta touch above is kept
-        return HistoryResult(pubs, StreamPosition(int(top), epoch))
+        return HistoryResult(pubs, StreamPosition(top, epoch))
 
     async def remove_history(self, channel: str) -> None:
         async with self._guard() as sql, self._session() as session:
@@ -694,7 +721,10 @@ class SqlEventLog(EventLog):
         kept_from: dict[str, int] = {}
         stale: list[tuple[Any, ...]] = []
         for part in chunks(sorted(groups)):
-            rows = {ch: advance_row(ch, [requests[i] for i in groups[ch]], now) for ch in part}
+            rows = {
+                ch: advance_row(ch, [requests[i] for i in groups[ch]], now, self._salt)
+                for ch in part
+            }
             stmt = sql.advance(len(rows))
             returned = await session.fetch(stmt, stmt.args(rows=list(rows.values())))
             for channel, epoch, top, first_kept, _ in returned:
@@ -703,7 +733,7 @@ class SqlEventLog(EventLog):
                 for j, i in enumerate(members):
                     positions[i] = (first + j, epoch)
                 kept_from[channel] = int(first_kept)
-                fresh = epoch == row["epoch"]  # our candidate won: a new or re-created stream
+                fresh = int(top) == len(members)  # a new or re-created stream
                 below = purge_below(fresh, int(top), len(members), row["history_size"], first_kept)
                 if below is not None:
                     stale.append(sql.delete_below.args({"b_channel": channel, "b_lo": below}))

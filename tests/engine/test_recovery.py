@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from engine.recovery import check_position, merge_buffered, recovery_verdict
 from engine.types import Publication, StreamPosition
+from storage.base import AppendRequest, HistoryQuery
+from storage.memory import MemoryEventLog
 
 
 def pubs(*offsets: int) -> list[Publication]:
@@ -130,3 +132,28 @@ def test_delivered_offsets_strictly_increase_without_gaps(stream: list[int], sta
             delivered.append(offset)
             last = offset
     assert delivered == list(range(start + 1, start + 1 + len(delivered)))
+
+
+# -- positions read before a channel's first publication (reads store nothing) -------------
+
+
+async def test_position_read_before_the_first_publication_stays_valid() -> None:
+    """A subscriber positioned on a channel without a stream (the read stored nothing)
+    continues with the first publication, and a later recovery from that position
+    succeeds: the read reported the epoch the first append gets."""
+    log = MemoryEventLog()
+    month = 2_592_000.0
+    top = (await log.history(HistoryQuery("chat:new", meta_ttl=month))).position
+    assert top.offset == 0 and top.epoch
+    appended = [
+        await log.append(
+            AppendRequest("chat:new", b"%d" % i, history_size=10, history_ttl=60, meta_ttl=month)
+        )
+        for i in range(3)
+    ]
+    first = appended[0]
+    verdict = check_position(top.offset, top.epoch, first.publication.offset, first.epoch)
+    assert verdict == "deliver"
+    read = await log.history(HistoryQuery("chat:new", 100, since=top, meta_ttl=month))
+    assert recovery_verdict(top, read.position, read.publications)
+    assert [p.offset for p in read.publications] == [1, 2, 3]

@@ -104,6 +104,18 @@ class LogFactory:
             await engine.dispose()
         return int(count or 0)
 
+    async def counts(self) -> tuple[int, int, int]:
+        """(streams, publications, idempotency keys) stored: rows of the SQL tables, or the
+        entries of the memory log."""
+        if self.kind == "memory":
+            assert self._memory is not None
+            streams = self._memory._streams
+            kept = sum(len(s.pubs) for s in streams.values())
+            return len(streams), kept, len(self._memory._seen)
+        tables = ("streams", "publications", "idempotency")
+        a, b, c = [await self.rows(t) for t in tables]
+        return a, b, c
+
     async def aclose(self) -> None:
         for log in self._opened:
             await log.close()

@@ -166,14 +166,107 @@ async def test_meta_ttl_zero_never_forgets(log: EventLog, clock: FakeClock) -> N
     assert (await log.history(HistoryQuery("ch"))).position == StreamPosition(2, epoch)
 
 
-async def test_reading_missing_stream_creates_meta(log: EventLog) -> None:
-    first = await log.history(HistoryQuery("new", limit=-1))
+async def test_reading_missing_stream_reports_the_first_appends_epoch(
+    logs: LogFactory, clock: FakeClock
+) -> None:
+    log = await logs.open()
+    first = await log.history(HistoryQuery("new", limit=-1, meta_ttl=3600.0))
     assert first.publications == [] and first.position.offset == 0
-    assert len(first.position.epoch) == 8
-    again = await log.history(HistoryQuery("new"))
+    assert len(first.position.epoch) == 8 and first.position.epoch.isalpha()
+    clock.advance(60)
+    again = await log.history(HistoryQuery("new", meta_ttl=3600.0))
     assert again.position == first.position
-    appended = await log.append(req("new"))
+    assert await logs.counts() == (0, 0, 0)  # the reads stored nothing
+    clock.advance(60)
+    appended = await log.append(req("new", meta_ttl=3600.0))
     assert (appended.publication.offset, appended.epoch) == (1, first.position.epoch)
+    assert (await logs.counts())[:2] == (1, 1)
+
+
+# --- reads never write (issue 15: a client must not fill the database by reading names) ----
+
+
+async def test_reads_of_unknown_channels_store_nothing(logs: LogFactory) -> None:
+    log = await logs.open()
+    await fill(log, 3, "known", idempotency_key="")
+    await log.append(req("keyed", history_size=0, idempotency_key="k"))
+    before = await logs.counts()
+    assert before == (1, 3, 1)
+    for i in range(40):
+        channel = f"unknown-{i}"
+        meta = 2_592_000.0 if i % 2 else 0.0
+        top = (await log.history(HistoryQuery(channel, meta_ttl=meta))).position
+        assert top.offset == 0
+        everything = await log.history(HistoryQuery(channel, -1, meta_ttl=meta))
+        assert everything.publications == [] and everything.position == top
+        since = StreamPosition(7, top.epoch)
+        assert (await log.history(HistoryQuery(channel, 10, since, meta_ttl=meta))).position == top
+        back = HistoryQuery(channel, 10, StreamPosition(5, ""), reverse=True, meta_ttl=meta)
+        assert (await log.history(back)).publications == []
+        with pytest.raises(UnrecoverablePosition):
+            await log.history(HistoryQuery(channel, -1, StreamPosition(3, "AbCdEfGh")))
+        await log.remove_history(channel)
+    assert await logs.counts() == before
+    assert await offsets(log, "known") == [1, 2, 3]
+
+
+async def test_read_epoch_of_unknown_channel_survives_restart(logs: LogFactory) -> None:
+    log = await logs.open()
+    read = (await log.history(HistoryQuery("later", meta_ttl=100.0))).position
+    await log.close()
+    log = await logs.open()
+    assert (await log.history(HistoryQuery("later", meta_ttl=100.0))).position == read
+    appended = await log.append(req("later", meta_ttl=100.0))
+    assert (appended.publication.offset, appended.epoch) == (1, read.epoch)
+
+
+async def test_reading_forgotten_stream_does_not_revive_it(
+    logs: LogFactory, clock: FakeClock
+) -> None:
+    log = await logs.open()
+    old = await fill(log, 2, meta_ttl=10.0, history_ttl=1000.0)
+    clock.advance(11)
+    fresh = (await log.history(HistoryQuery("ch", -1, meta_ttl=10.0))).position
+    assert fresh.offset == 0 and fresh.epoch not in ("", old)
+    assert isinstance(log, MemoryEventLog | SqlEventLog)
+    await log.gc()
+    assert await logs.counts() == (0, 0, 0)
+    again = (await log.history(HistoryQuery("ch", -1, meta_ttl=10.0))).position
+    assert again == fresh
+    nxt = await log.append(req(n=3, meta_ttl=10.0, history_ttl=1000.0))
+    assert (nxt.publication.offset, nxt.epoch) == (1, fresh.epoch)
+    assert await offsets(log, meta_ttl=10.0) == [1]
+
+
+async def test_stream_created_again_after_gc_gets_a_new_epoch(
+    logs: LogFactory, clock: FakeClock
+) -> None:
+    log = await logs.open()
+    epochs = [await fill(log, 1, meta_ttl=10.0)]
+    for _ in range(3):
+        clock.advance(10.5)
+        assert isinstance(log, MemoryEventLog | SqlEventLog)
+        await log.gc()
+        assert (await logs.counts())[0] == 0
+        epochs.append(await fill(log, 1, meta_ttl=10.0))
+    assert len(set(epochs)) == 4
+
+
+async def test_separate_databases_give_separate_epochs(tmp_path: Path, clock: FakeClock) -> None:
+    logs: list[EventLog] = [
+        MemoryEventLog(now=clock),
+        MemoryEventLog(now=clock),
+        SqliteEventLog(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", now=clock, gc_interval=None),
+        SqliteEventLog(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", now=clock, gc_interval=None),
+    ]
+    try:
+        for log in logs:
+            await log.start()
+        epochs = [(await log.history(HistoryQuery("same"))).position.epoch for log in logs]
+        assert len(set(epochs)) == len(logs)
+    finally:
+        for log in logs:
+            await log.close()
 
 
 # --- history queries -------------------------------------------------------------------------

@@ -204,3 +204,38 @@ def test_history_agrees_with_list_model(harness: Harness) -> None:
             assert result.position.offset == count
 
     run_property(harness, st.tuples(st.integers(0, 30), st.integers(1, 12), queries), body)
+
+
+# (channel index, True: append with history / False: read with limit -1)
+steps = st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=16)
+
+
+def test_reads_store_nothing_and_agree_with_the_first_append(harness: Harness) -> None:
+    """Reads interleaved with appends on fresh channels: a read before a channel's first
+    append reports offset 0 and the epoch that append then gets; afterwards it reports the
+    append's position; only channels that got an append have a stream."""
+
+    async def body(ops: list[tuple[int, bool]]) -> None:
+        tag = f"r{next(_ids)}"
+        streams_before = (await harness.factory.counts())[0]
+        seen: dict[str, StreamPosition] = {}
+        tops: dict[str, int] = {}
+        for index, append in ops:
+            channel = f"{tag}-ch{index}"
+            if append:
+                res = await harness.log.append(
+                    AppendRequest(channel, b"x", history_size=100, history_ttl=600.0)
+                )
+                tops[channel] = tops.get(channel, 0) + 1
+                assert res.publication.offset == tops[channel]
+                position = StreamPosition(res.publication.offset, res.epoch)
+            else:
+                position = (await harness.log.history(HistoryQuery(channel, limit=-1))).position
+                assert position.offset == tops.get(channel, 0)
+            if channel in seen:
+                assert position.epoch == seen[channel].epoch
+            seen[channel] = position
+        streams = (await harness.factory.counts())[0] - streams_before
+        assert streams == len(tops)
+
+    run_property(harness, steps, body)
