@@ -160,6 +160,7 @@ class ConnectionActor(ConnectionCore):
             if ch in wanted:
                 continue
             name = self.node.resolve(ch)
+            channels.check_client_channel_name(config, name)
             if not name.private and channels.can_subscribe_without_token(config, name, self.user):
                 wanted[ch] = (b"", b"", None)
         if len(wanted) > config.client_channel_limit:
@@ -361,6 +362,7 @@ class ConnectionActor(ConnectionCore):
         if not req.channel or not req.data:
             raise _bad_request()
         name = self.node.resolve(req.channel)
+        channels.check_client_channel_name(self.config, name)
         sub = self.subs.get(req.channel)
         if channels.publish_proxy_decides(name):
             raise Error.of(ErrorCode.NOT_AVAILABLE)
@@ -374,6 +376,7 @@ class ConnectionActor(ConnectionCore):
         if not channel:
             raise _bad_request()
         name = self.node.resolve(channel)
+        channels.check_client_channel_name(self.config, name)
         subscribed = channel in self.subs
         if feature == "presence":
             available = channels.presence_available(name.options)

@@ -96,12 +96,16 @@ _regexes: dict[str, re.Pattern[str]] = {}
 
 def resolve(rules: ChannelRules, channel: str) -> ChannelName:
     """Resolve `channel`'s namespace and options; Error 102 for an empty channel or an
-    unknown namespace. Cached per (rules object, channel), bounded."""
+    unknown namespace, then Error 107 for a name `check_channel_name` refuses. Every
+    client command and server API method naming a channel resolves it, so none of them
+    reaches the event log, presence or the actors with an invalid name. Cached per
+    (rules object, channel), bounded; only valid names are cached."""
     key = (id(rules), channel)
     hit = _cache.get(key)
     if hit is not None and hit[0] is rules:  # identity check: ids of dead objects recycle
         return hit[1]
     name = _resolve(rules, channel)
+    check_channel_name(rules, name)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()  # crude but safe from any thread; refills from hot channels
     _cache[key] = (rules, name)
@@ -146,20 +150,29 @@ def _allowed_users(rules: ChannelRules, options: ChannelOptions, channel: str) -
     return tuple(last.split(separator)) if separator else (last,)
 
 
-def check_client_channel_name(rules: ChannelRules, name: ChannelName) -> None:
-    """Client-side name checks (107): `channel_max_length` (bytes, 0 = unlimited), then
-    `channel_regex` against the part after `ns:` (searched, like Go's MatchString, so
-    anchor it with ^...$), or ASCII-only when no regex is set."""
+def check_channel_name(rules: ChannelRules, name: ChannelName) -> None:
+    """Name checks for every channel, whoever names it (107): `channel_max_length` (bytes,
+    0 = unlimited), then the namespace's `channel_regex` where set, against the part after
+    `ns:` (searched, like Go's MatchString, so anchor it with ^...$). Centrifugo applies
+    them to client-side subscribe only; centripy applies them everywhere (`resolve`), so
+    that no path stores or routes a name a client could never subscribe to."""
     channel = name.channel
     limit = rules.channel_max_length
-    if limit > 0 and len(channel.encode()) > limit:
+    if limit > 0 and (len(channel) > limit or len(channel.encode()) > limit):
         raise Error.of(ErrorCode.BAD_REQUEST)
     pattern = name.options.channel_regex
     if pattern:
         _, rest = _split(rules, channel)
         if _compiled(pattern).search(rest) is None:
             raise Error.of(ErrorCode.BAD_REQUEST)
-    elif not channel.isascii():
+
+
+def check_client_channel_name(rules: ChannelRules, name: ChannelName) -> None:
+    """Client-side name checks (107), for channels a client names (subscribe, publish,
+    history, presence, connect `subs`): `check_channel_name`, and ASCII-only when the
+    namespace sets no `channel_regex`."""
+    check_channel_name(rules, name)
+    if not name.options.channel_regex and not name.channel.isascii():
         raise Error.of(ErrorCode.BAD_REQUEST)
 
 

@@ -112,7 +112,9 @@ class Node:
     # -- channels -------------------------------------------------------------------------
 
     def resolve(self, channel: str) -> ChannelName:
-        """Namespace of `channel`; raises Error 102 for an empty or unknown one."""
+        """Namespace of `channel`; raises Error 102 for an empty or unknown one, 107 for a
+        name over `channel_max_length` or not matching the namespace's `channel_regex`
+        (`channels.resolve`: every publish, read, presence and subscription path)."""
         return resolve(self.config, channel)
 
     def meta_ttl(self, name: ChannelName) -> float:

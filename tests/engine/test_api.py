@@ -759,3 +759,113 @@ async def test_dispatch_broadcast_retryable_only_when_a_channel_got_100() -> Non
     with pytest.raises(CommandFailed) as top:
         await api.dispatch("broadcast", b'{"channels":[],"data":1}')
     assert (top.value.error.code, top.value.retryable) == (107, False)
+
+
+# -- channel names and reads of unknown channels (issue 15) --------------------------------
+
+STRICT = ChannelOptions(history_size=10, history_ttl=60, presence=True, channel_regex="^[a-z]+$")
+STRICT_CONFIG = Config(
+    namespaces=(Namespace("chat", HISTORY), Namespace("strict", STRICT)),
+    channel_max_length=64,
+)
+
+
+@pytest.fixture
+async def strict_env() -> AsyncIterator[Env]:
+    log = MemoryEventLog()
+    await log.start()
+    writer = GroupCommitWriter(log, max_delay=0.0)
+    await writer.start()
+    presence = MemoryPresence()
+    node = Node(STRICT_CONFIG, log, writer.submit_many, presence)
+    fanout = RecordingFanout()
+    node.attach_fanout(fanout)
+    sessions = RecordingSessions(node=node)
+    yield Env(Executor(node, sessions), node, sessions, fanout, presence)
+    await writer.close()
+    await log.close()
+
+
+BAD_NAMES = ["chat:" + "a" * 60, "strict:abc1", "strict:" + "é" * 30, "x" * 65]
+ONE_CHANNEL_METHODS = [
+    ("publish", {"data": 1}),
+    ("subscribe", {"user": "42"}),
+    ("unsubscribe", {"user": "42"}),
+    ("presence", {}),
+    ("presence_stats", {}),
+    ("history", {"limit": -1}),
+    ("history_remove", {}),
+]
+
+
+@pytest.mark.parametrize("channel", BAD_NAMES)
+@pytest.mark.parametrize(("method", "params"), ONE_CHANNEL_METHODS)
+async def test_bad_channel_names_are_107_on_every_method(
+    strict_env: Env, method: str, params: dict[str, object], channel: str
+) -> None:
+    request = {"channel": channel, **params}
+    assert await api_error(strict_env.api.call(method, request)) == (107, "bad request")
+    assert strict_env.sessions.calls == [] and strict_env.fanout.delivered == []
+    log = strict_env.node.event_log
+    assert isinstance(log, MemoryEventLog) and log._streams == {}
+
+
+async def test_unknown_namespace_is_102_before_the_name_check(strict_env: Env) -> None:
+    too_long = "nope:" + "a" * 100
+    assert await api_error(strict_env.api.publish({"channel": too_long, "data": 1})) == (
+        102,
+        "unknown channel",
+    )
+
+
+async def test_valid_names_pass_the_name_checks(strict_env: Env) -> None:
+    assert (await strict_env.api.publish({"channel": "strict:abc", "data": 1}))["offset"] == 1
+    exact = "chat:" + "a" * 59  # 64 bytes
+    assert (await strict_env.api.publish({"channel": exact, "data": 1}))["offset"] == 1
+    # without channel_regex, non-ASCII names stay allowed on the server API (as in Centrifugo)
+    assert (await strict_env.api.publish({"channel": "chat:привет", "data": 1}))["offset"] == 1
+
+
+async def test_broadcast_and_batch_refuse_bad_names_per_channel(strict_env: Env) -> None:
+    result = plain(
+        await strict_env.api.broadcast(
+            {"channels": ["strict:ok", "strict:no1", "chat:" + "b" * 70], "data": 1}
+        )
+    )
+    responses = result["responses"]  # type: ignore[index]
+    assert responses[0]["result"]["offset"] == 1
+    assert responses[1:] == [{"error": {"code": 107, "message": "bad request"}}] * 2
+    assert [c for c, _, _ in strict_env.fanout.delivered] == ["strict:ok"]
+    for parallel in (False, True):
+        batch = plain(
+            await strict_env.api.batch(
+                {
+                    "commands": [
+                        {"publish": {"channel": "strict:NO", "data": 1}},
+                        {"history": {"channel": "strict:no2"}},
+                        {"publish": {"channel": "strict:ok", "data": 2}},
+                    ],
+                    "parallel": parallel,
+                }
+            )
+        )
+        replies = batch["replies"]  # type: ignore[index]
+        assert replies[0] == replies[1] == {"error": {"code": 107, "message": "bad request"}}
+        assert "publish" in replies[2]
+    with pytest.raises(CommandFailed) as info:
+        await strict_env.api.dispatch("publish", b'{"channel":"strict:NO","data":1}')
+    assert (info.value.error.code, info.value.retryable) == (107, False)
+
+
+async def test_history_of_unknown_channels_stores_nothing(strict_env: Env) -> None:
+    log = strict_env.node.event_log
+    assert isinstance(log, MemoryEventLog)
+    first = plain(await strict_env.api.history({"channel": "chat:never", "limit": -1}))
+    assert first == {"publications": [], "epoch": ANY, "offset": 0}
+    for i in range(50):
+        await strict_env.api.history({"channel": f"chat:random{i}", "limit": 10})
+        await strict_env.node.stream_top(f"chat:other{i}")
+        await strict_env.api.history_remove({"channel": f"chat:gone{i}"})
+    assert log._streams == {}
+    published = await strict_env.api.publish({"channel": "chat:never", "data": 1})
+    assert published == {"offset": 1, "epoch": first["epoch"]}  # type: ignore[index]

@@ -17,6 +17,7 @@ from engine.channels import (
     can_presence,
     can_publish,
     can_subscribe_without_token,
+    check_channel_name,
     check_client_channel_name,
     history_available,
     personal_channel,
@@ -174,6 +175,42 @@ def test_channel_regex_is_searched_like_go() -> None:
 
 def test_invalid_regex_is_internal_error() -> None:
     assert check(rules_with(ns=ChannelOptions(channel_regex="(")), "ns:x") == 100
+
+
+def resolve_code(rules: Rules, channel: str) -> int:
+    try:
+        resolve(rules, channel)
+    except Error as err:
+        return err.code
+    return 0
+
+
+def test_resolve_applies_length_and_regex_to_every_caller() -> None:
+    """The server API and every client command resolve names: 107 for a name no client
+    could subscribe to, after 102 for an unknown namespace (Centrifugo's order)."""
+    rules = rules_with(chat=CHAT, ns=ChannelOptions(channel_regex="^[0-9]+$"))
+    assert resolve_code(rules, "a" * 255) == 0
+    assert resolve_code(rules, "a" * 256) == 107
+    assert resolve_code(rules, "chat:" + "é" * 126) == 107  # 257 bytes, 131 characters
+    assert resolve_code(rules, "unknown:" + "a" * 300) == 102
+    assert resolve_code(rules, "ns:123") == 0
+    assert resolve_code(rules, "ns:12a") == 107
+    assert resolve_code(rules, "ns:12a") == 107  # refused names are not cached
+    assert resolve_code(Rules(channel_max_length=0), "a" * 5000) == 0
+    # ASCII-only (without channel_regex) stays a client-side rule, as in Centrifugo
+    assert resolve_code(rules, "chat:привет") == 0
+    assert check(rules, "chat:привет") == 107
+
+
+def test_check_channel_name_directly() -> None:
+    name = ChannelName("chat:" + "x" * 300, "chat", CHAT, False, ())
+    with pytest.raises(Error) as exc:
+        check_channel_name(RULES, name)
+    assert code_of(exc) == 107
+    check_channel_name(RULES, ChannelName("chat:привет", "chat", CHAT, False, ()))
+    with pytest.raises(Error) as exc:
+        check_client_channel_name(RULES, ChannelName("chat:привет", "chat", CHAT, False, ()))
+    assert code_of(exc) == 107
 
 
 # ------------------------------------------------------------------ permissions
