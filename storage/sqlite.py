@@ -2,12 +2,16 @@
 decision 3). WAL, synchronous=NORMAL, a busy timeout, and ONE connection through which every
 transaction runs in turn (`BEGIN IMMEDIATE`): one process owns the file, and SQLite allows
 one writer at a time anyway. Reads touch stream meta, so they use that connection too.
+
+The database file holds every publication: it is created owner-only (0600) before SQLite opens
+it, and SQLite gives its `-wal` and `-shm` files the mode of the database file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,6 +34,20 @@ def is_memory_url(url: str) -> bool:
     """True for an in-memory database URL (no file path or ':memory:')."""
     path = sa.make_url(url).database
     return not path or path == ":memory:"
+
+
+def create_private_file(url: str) -> None:
+    """Create the database file of `url` with mode 0600 if it does not exist yet.
+
+    Called on the event loop before the engine opens its connection (one quick syscall).
+    Not touched: in-memory and `file:` URI databases, and an existing file (its mode is the
+    operator's choice). Other OS errors are left for SQLite to report when it opens the path."""
+    parsed = sa.make_url(url)
+    path = parsed.database
+    if is_memory_url(url) or path is None or path.startswith("file:") or "uri" in parsed.query:
+        return
+    with contextlib.suppress(OSError):  # FileExistsError included: O_EXCL never follows links
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 class SqliteSession(Session):
@@ -73,6 +91,7 @@ class SqliteEventLog(SqlEventLog):
         self._lock = asyncio.Lock()
 
     def _make_engine(self) -> AsyncEngine:
+        create_private_file(self.url)  # before SQLite creates it with the umask's mode
         pool: dict[str, Any] = (
             {"poolclass": StaticPool}
             if is_memory_url(self.url)

@@ -193,7 +193,9 @@ def _genconfig(argv: list[str]) -> int:
         "allowed_origins": [],
     }
     try:
-        with path.open("x", encoding="utf-8") as out:
+        # it holds secrets: owner-only from the start (O_EXCL: never reuse an existing file)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w", encoding="utf-8") as out:
             out.write(_render_config(suffix, values))
     except FileExistsError:
         raise _UsageError(f"output config file already exists: {path}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 import tomllib
 import types
@@ -80,6 +82,19 @@ def test_genconfig_refuses_overwrite_and_bad_extension(tmp_path: Path, capsys: C
     assert path.read_text() == "{}"
     code, _, err = run(capsys, "genconfig", "-c", str(tmp_path / "c.ini"))
     assert code == 1 and "extension" in err
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_genconfig_output_is_owner_only(tmp_path: Path, capsys: Capture, umask: int) -> None:
+    path = tmp_path / "secrets.json"
+    previous = os.umask(umask)  # even a permissive umask must not expose the secrets
+    try:
+        code, _, err = run(capsys, "genconfig", "-c", str(path))
+    finally:
+        os.umask(previous)
+    assert (code, err) == (0, "")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "api_key" in json.loads(path.read_text())
 
 
 def test_checkconfig(tmp_path: Path, capsys: Capture) -> None:
