@@ -464,6 +464,12 @@ class LoopActor(pykka.Actor):
                 )
 
 
+def actor_of(ref: ActorRef[Any]) -> LoopActor | None:
+    """The actor object behind `ref` when it is a LoopActor (same loop, same process)."""
+    inbox = ref.actor_inbox
+    return inbox._actor if type(inbox) is _LoopInbox else None
+
+
 def tell_if_alive(ref: ActorRef[Any], message: Any) -> None:
     """Tell `message` unless the actor has stopped (for timer callbacks)."""
     if ref.is_alive():

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from actors.base import LoopActor, tell_if_alive
+from actors.base import LoopActor, actor_of, tell_if_alive
 from actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
 from actors.context import ConnContext
 from actors.hub import (
@@ -40,6 +40,8 @@ from engine.protocol.codes import (
     UNSUBSCRIBE_REASONS,
     Disconnect,
     DisconnectCode,
+    Error,
+    ErrorCode,
     UnsubscribeCode,
 )
 from engine.protocol.commands import Command, ConnectRequest, ProtocolError
@@ -64,6 +66,25 @@ class UniConnect(NamedTuple):
 
 class TransportClosed(NamedTuple):
     pass
+
+
+def tell_frame(ref: Any, data: bytes) -> int:
+    """Tell a connection actor a client frame; returns how many of its frames wait to be
+    handled now (this one included). A transport stops reading the client, or refuses
+    the frame, at `client_max_pending_frames`; the actor resumes it when they are down to
+    half (`resume_reading`)."""
+    actor = actor_of(ref)
+    ref.tell(Frame(data))
+    if not isinstance(actor, ConnectionCore):
+        return 0
+    actor.frames_pending += 1
+    return actor.frames_pending
+
+
+def frames_waiting(ref: Any) -> int:
+    """How many frames told to a connection actor wait to be handled."""
+    actor = actor_of(ref)
+    return actor.frames_pending if isinstance(actor, ConnectionCore) else 0
 
 
 class _Timer(NamedTuple):
@@ -123,6 +144,8 @@ class ConnectionCore(LoopActor):
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._pong_pending = False
         self._last_position_check = time.monotonic()
+        self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
+        self._write_timer: asyncio.TimerHandle | None = None
 
     # -- implemented by ConnectionActor (actors/connection.py) ----------------------------
 
@@ -161,6 +184,12 @@ class ConnectionCore(LoopActor):
         if kind is TransportClosed:
             self._terminate(None)
             return None
+        if kind is Frame and self.frames_pending > 0:  # (frames told directly: uncounted)
+            self.frames_pending -= 1
+            if self.frames_pending == self.config.client_max_pending_frames // 2:
+                resume = getattr(self.transport, "resume_reading", None)
+                if resume is not None:
+                    resume()
         if self.state == "closed" or self._closing is not None:
             return None
         if kind is Frame:
@@ -207,6 +236,13 @@ class ConnectionCore(LoopActor):
         except ProtocolError:
             self.close(DisconnectCode.BAD_REQUEST)
             return
+        cap = self.config.client_max_commands_per_frame
+        if len(commands) > cap:  # the rest are refused, not handled
+            busy = Error.of(ErrorCode.TOO_MANY_REQUESTS)
+            for cmd in commands[cap:]:
+                if cmd.id:
+                    self._enqueue(self.codec.encode_error(cmd.id, busy))
+            commands = commands[:cap]
         for cmd in commands:
             if self._closing is not None or self.state == "closed":
                 return
@@ -319,6 +355,9 @@ class ConnectionCore(LoopActor):
                 future = asyncio.ensure_future(pending)
                 if not future.done():
                     future.add_done_callback(self._write_done)
+                    timeout = getattr(self.transport, "write_timeout", 0.0)
+                    if timeout > 0:
+                        self._write_timer = self._loop.call_later(timeout, self._write_stalled)
                     return
                 if future.exception() is not None:
                     self._write_failed(future.exception())
@@ -327,7 +366,24 @@ class ConnectionCore(LoopActor):
         if self._closing is not None and self.state != "closed":
             self._finish_close()
 
+    def _write_stalled(self) -> None:
+        """The peer took none of a pending write within the transport's `write_timeout`
+        (it stopped reading): drop the connection now, whatever is still queued."""
+        self._write_timer = None
+        log.info("connection %s: write timed out; aborting", self.client_id)
+        abort = getattr(self.transport, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception as exc:
+                log.debug("connection %s: abort failed: %r", self.client_id, exc)
+        self._writing = False
+        self._terminate(None)
+
     def _write_done(self, future: asyncio.Future[Any]) -> None:
+        timer, self._write_timer = self._write_timer, None
+        if timer is not None:
+            timer.cancel()
         if future.cancelled() or future.exception() is not None:
             self._write_failed(None if future.cancelled() else future.exception())
         else:
@@ -484,6 +540,9 @@ class ConnectionCore(LoopActor):
         self.state = "closed"
         self._out.clear()
         self._out_size = 0
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self.ctx.hub.remove_connection(self.client_id)
         return True
 
@@ -529,4 +588,6 @@ __all__ = [
     "Subscription",
     "TransportClosed",
     "UniConnect",
+    "frames_waiting",
+    "tell_frame",
 ]

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from pykka import ActorDeadError, ActorRef
 
+from actors.base import actor_of
 from actors.channel import (
     AddSubscriber,
     ChannelActor,
@@ -159,7 +160,7 @@ class Hub:
         ref = self._channels.get(channel)
         if ref is None or ref.is_alive():
             return ref
-        old = ref.actor_inbox._actor if hasattr(ref.actor_inbox, "_actor") else None
+        old = actor_of(ref)
         if not isinstance(old, ChannelActor):
             return ref
         log.error("channel %s: its actor had stopped; replaced", channel)

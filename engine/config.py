@@ -196,6 +196,10 @@ class Config:
     client_presence_update_interval: float = 27.0
     client_channel_position_check_delay: float = 40.0
     client_history_max_publication_limit: int = 300
+    # centripy's own: commands of one frame beyond this get error 111 (not handled); a
+    # transport stops reading a connection with this many frames not handled yet
+    client_max_commands_per_frame: int = 512
+    client_max_pending_frames: int = 16
     client_recovery_max_publication_limit: int = 300
     # channel names and personal channels
     channel_max_length: int = 255

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 from pykka import ActorDeadError
 
-from actors.connection_core import Frame
+from actors.connection_core import Frame, frames_waiting, tell_frame
 from actors.context import ConnContext
 from actors.transport import Format, protobuf_codec
 from engine.config import Config
@@ -152,7 +152,8 @@ class SseHandler(StreamingHandler):
 class EmulationHandler(LimitedBodyHandler):
     """`POST /emulation`: hand the commands to the session's connection actor. 204 when
     handed over (or when the session is unknown: silently dropped), 400 for a bad body, 404
-    for another node, 413 for a body over the limit; OPTIONS 200."""
+    for another node, 413 for a body over the limit, 503 while the connection has
+    `client_max_pending_frames` frames not handled yet (the client retries); OPTIONS 200."""
 
     def initialize(self, ctx: ConnContext, body_limit: int) -> None:
         self.ctx = ctx
@@ -173,8 +174,11 @@ class EmulationHandler(LimitedBodyHandler):
             return
         actor = self.ctx.hub.by_session(req.session) if req.session else None
         if actor is not None:
+            if frames_waiting(actor) >= self.ctx.config.client_max_pending_frames:
+                self.send_error(503)
+                return
             with contextlib.suppress(ActorDeadError):
-                actor.tell(Frame(req.data))
+                tell_frame(actor, req.data)
         self.set_status(204)
         self.finish()
 

@@ -186,7 +186,7 @@ class StreamingHandler(LimitedBodyHandler):
 
     def send(self, data: bytes) -> Awaitable[None]:
         """Write `data` and flush it; the awaitable fails (and the response is aborted) if
-        the peer is gone or does not take the data within WRITE_TIMEOUT."""
+        the peer is gone or does not take the data within `websocket_write_timeout`."""
         if self._ended.is_set() or self._finished:
             raise tornado.iostream.StreamClosedError()
         self.write(data)
@@ -194,20 +194,22 @@ class StreamingHandler(LimitedBodyHandler):
 
     async def _flushed(self, pending: Awaitable[None]) -> None:
         try:
-            async with asyncio.timeout(WRITE_TIMEOUT):
+            async with asyncio.timeout(write_timeout(self.ctx)):
                 await pending
         except BaseException:
             self.abort()
             raise
 
     def end(self, data: bytes) -> None:
-        """Write the last message (the disconnect push) and finish the response."""
+        """Write the last message (the disconnect push) and finish the response; a peer
+        that does not take it within the write timeout is dropped."""
         if self._ended.is_set() or self._finished:
             return
         self._ended.set()
         with contextlib.suppress(tornado.iostream.StreamClosedError):
             self.write(data)
-            self.finish()
+            finished = self.finish()
+            abort_unless_done(finished, write_timeout(self.ctx), self.abort)
 
     def abort(self) -> None:
         """Drop the TCP connection without finishing the response (a failed write)."""
@@ -267,6 +269,27 @@ def prefix_route(prefix: str) -> str:
     return re.escape(prefix)
 
 
+def write_timeout(ctx: ConnContext) -> float:
+    """Seconds a peer may take to accept a write before it is dropped (every transport
+    uses `websocket_write_timeout`, as Centrifugo's own writers do)."""
+    return ctx.config.websocket_write_timeout or WRITE_TIMEOUT
+
+
+def abort_unless_done(
+    future: asyncio.Future[Any], timeout: float, abort: Callable[[], Any]
+) -> None:
+    """Call `abort` unless `future` (a flush) completes within `timeout` seconds: a timer
+    and a done-callback, no task per write."""
+    handle = asyncio.get_running_loop().call_later(timeout, abort)
+
+    def done(f: asyncio.Future[Any]) -> None:
+        handle.cancel()
+        if not f.cancelled():
+            f.exception()
+
+    future.add_done_callback(done)
+
+
 def _ignore_failure(future: asyncio.Future[None]) -> None:
     """A write nobody awaits: a dead peer is noticed by `on_connection_close` instead."""
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -282,9 +305,11 @@ __all__ = [
     "LimitedBodyHandler",
     "StreamTransport",
     "StreamingHandler",
+    "abort_unless_done",
     "content_length_exceeds",
     "cors_headers",
     "frame_lines",
     "frame_sse",
     "prefix_route",
+    "write_timeout",
 ]

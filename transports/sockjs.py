@@ -30,7 +30,7 @@ import html
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,6 +40,7 @@ from tornado.web import RequestHandler
 
 from actors.context import ConnContext
 from engine.config import Config
+from transports.http_common import write_timeout
 from transports.sockjs_session import (
     ANOTHER_CONNECTION_FRAME,
     RESPONSE_LIMIT,
@@ -297,7 +298,8 @@ class ReceiveHandler(_Base):
         if prelude:
             self.write(prelude)
             self.flush().add_done_callback(retrieve)
-        recv = HttpReceiver(self, kind.encoder(name, callback), kind.limit)
+        timeout = write_timeout(self.endpoint.ctx)
+        recv = HttpReceiver(self, kind.encoder(name, callback), kind.limit, timeout)
         self._recv = recv
         session = self.endpoint.sessions.get_or_create(session_id)
         if not session.attach(recv):
@@ -334,6 +336,9 @@ class SendHandler(_Base):
         if session is None:
             self.text(404, "404 page not found\n")
             return
+        if session.saturated(self.endpoint.config.client_max_pending_frames):
+            self.text(503, "sockjs: session saturated, retry")
+            return
         if not session.accept(messages):
             self.text(500, "sockjs: session not in open state")
             return
@@ -369,19 +374,25 @@ class SessionWebSocketHandler(tornado.websocket.WebSocketHandler):
         self.recv = WebSocketReceiver(self)
         session.attach(self.recv)
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Hand the messages to the session; while its actor has too many frames waiting,
+        Tornado reads nothing more from this WebSocket (read backpressure)."""
         data = message.encode() if isinstance(message, str) else message
         if not data.strip():
-            return  # SockJS ignores empty frames
+            return None  # SockJS ignores empty frames
         try:
             messages = parse_messages(data)
         except BadPayload:
             self.close()
             if self.recv is not None:
                 self.recv.end()
-            return
-        if self.session is not None:
-            self.session.accept(messages)
+            return None
+        session = self.session
+        if session is None or not session.accept(messages):
+            return None
+        if session.saturated(self.endpoint.config.client_max_pending_frames):
+            return session.resumed()
+        return None
 
     def on_close(self) -> None:
         if self.recv is not None:

@@ -34,10 +34,11 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
 from actors.connection import ConnectionActor
-from actors.connection_core import Frame, TransportClosed
+from actors.connection_core import TransportClosed, frames_waiting, tell_frame
 from actors.context import ConnContext
 from actors.transport import Format
 from engine.protocol.codes import DisconnectCode
+from transports.http_common import WRITE_TIMEOUT, abort_unless_done
 
 OPEN_FRAME = b"o"
 HEARTBEAT_FRAME = b"h"
@@ -150,6 +151,7 @@ class Session:
         self._pending: asyncio.Future[None] | None = None
         self._close_frame = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._resumed: asyncio.Future[None] | None = None
 
     def start(self, ctx: ConnContext) -> None:
         """Start the connection actor and the no-receiver timeout. Called by the handler
@@ -168,8 +170,23 @@ class Session:
             self.close_with(DisconnectCode.INTERNAL, "internal server error")
             return False
         for message in messages:
-            self.actor.tell(Frame(message.encode()))
+            tell_frame(self.actor, message.encode())
         return True
+
+    def saturated(self, limit: int) -> bool:
+        """The actor has `limit` frames or more waiting: take no more for now."""
+        return self.actor is not None and frames_waiting(self.actor) >= limit
+
+    def resumed(self) -> asyncio.Future[None]:
+        """Completes when the actor has worked its waiting frames down (`resume_reading`)."""
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
+        return self._resumed
+
+    def resume_reading(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
 
     # -- server to client -----------------------------------------------------------------
 
@@ -296,13 +313,20 @@ class HttpReceiver:
     ends after `limit` bytes of frames (so what Tornado buffers for a slow client stays
     bounded by the limit, and later messages wait in the session). Loop only."""
 
-    def __init__(self, handler: RequestHandler, encode: Callable[[bytes], bytes], limit: int):
+    def __init__(
+        self,
+        handler: RequestHandler,
+        encode: Callable[[bytes], bytes],
+        limit: int,
+        write_timeout: float = WRITE_TIMEOUT,
+    ):
         self.on_end: Callable[[bool], None] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._handler = handler
         self._encode = encode
         self._limit = limit
         self._size = 0
+        self._timeout = write_timeout  # a peer not taking a write within it is dropped
 
     def can_send(self) -> bool:
         return not self.done.done()
@@ -315,10 +339,10 @@ class HttpReceiver:
         try:
             self._handler.write(data)
             if self._size >= self._limit:
-                self._handler.finish().add_done_callback(retrieve)
+                self._timed(self._handler.finish())
                 self._end(False)
             else:
-                self._handler.flush().add_done_callback(retrieve)
+                self._timed(self._handler.flush())
         except (RuntimeError, StreamClosedError):
             self._end(True)
 
@@ -326,8 +350,18 @@ class HttpReceiver:
         if self.done.done():
             return
         with contextlib.suppress(RuntimeError, StreamClosedError):
-            self._handler.finish().add_done_callback(retrieve)
+            self._timed(self._handler.finish())
         self._end(False)
+
+    def _timed(self, flushed: asyncio.Future[None]) -> None:
+        abort_unless_done(flushed, self._timeout, self._abort)
+
+    def _abort(self) -> None:
+        """The peer took nothing within the write timeout: drop its TCP connection."""
+        connection: Any = self._handler.request.connection
+        with contextlib.suppress(Exception):
+            connection.close()
+        self.interrupt()
 
     def interrupt(self) -> None:
         """The client went away before the response ended."""
@@ -426,6 +460,9 @@ class SockJSTransport:
     def close(self, code: int, reason: str) -> None:
         """Called once by the actor on the loop, after its queue was flushed."""
         self._session.close_with(code, reason)
+
+    def resume_reading(self) -> None:
+        self._session.resume_reading()
 
 
 __all__ = [

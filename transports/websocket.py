@@ -33,7 +33,7 @@ import tornado.websocket
 from tornado.util import _websocket_mask
 
 from actors.connection import ConnectionActor
-from actors.connection_core import Frame, TransportClosed
+from actors.connection_core import TransportClosed, tell_frame
 from actors.context import ConnContext
 from actors.transport import Format, protobuf_codec
 
@@ -123,6 +123,7 @@ class _WebSocketTransport:
         self._handler = handler
         self.format = fmt
         self._compress = handler.ctx.config.websocket_compression
+        self.write_timeout = handler.ctx.config.websocket_write_timeout
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         protobuf = self.format == Format.PROTOBUF
@@ -143,11 +144,21 @@ class _WebSocketTransport:
     def close(self, code: int, reason: str) -> None:
         self._handler.close(code, reason)
 
+    def abort(self) -> None:
+        """Drop the TCP connection (the peer stopped reading)."""
+        stream = getattr(self._handler.ws_connection, "stream", None)
+        if stream is not None:
+            stream.close()
+
+    def resume_reading(self) -> None:
+        self._handler.resume_reading()
+
 
 class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def initialize(self, ctx: ConnContext) -> None:
         self.ctx = ctx
         self.actor: Any = None
+        self._paused: asyncio.Future[None] | None = None
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(self.ctx.config.allowed_origins, origin)
@@ -163,10 +174,20 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         transport = _WebSocketTransport(self, wire_format(self.selected_subprotocol, query))
         self.actor = ConnectionActor.start(self.ctx, transport, register=False)
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Tell the actor; with `client_max_pending_frames` frames waiting, Tornado reads
+        no further message until the actor resumes us (read backpressure)."""
         if isinstance(message, str):
             message = message.encode()
-        self.actor.tell(Frame(message))
+        if tell_frame(self.actor, message) < self.ctx.config.client_max_pending_frames:
+            return None
+        self._paused = asyncio.get_running_loop().create_future()
+        return self._paused
+
+    def resume_reading(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
 
     def on_close(self) -> None:
         if self.actor is not None and self.actor.is_alive():
@@ -263,13 +284,16 @@ class LeanWebSocket(asyncio.Protocol):
         "_frag",
         "_frag_size",
         "_frag_text",
+        "_max_pending",
         "_max_size",
         "_need",
         "_opcode",
+        "_paused",
         "_response",
         "_timeout",
         "_transport",
         "format",
+        "write_timeout",
     )
 
     def __init__(
@@ -298,6 +322,9 @@ class LeanWebSocket(asyncio.Protocol):
         self._client_closed = False  # the client's close frame arrived
         self._drained: asyncio.Future[None] | None = None
         self._timeout: asyncio.TimerHandle | None = None
+        self._max_pending = ctx.config.client_max_pending_frames
+        self._paused = False  # reading paused: the actor has _max_pending frames waiting
+        self.write_timeout = ctx.config.websocket_write_timeout
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -416,7 +443,7 @@ class LeanWebSocket(asyncio.Protocol):
         if text and not _utf8(payload):
             self.fail(1007)  # RFC 6455 8.1 (Tornado aborts without a close frame)
             return
-        self._actor.tell(Frame(payload))
+        self._received(payload)
 
     def _on_close_frame(self, payload: bytes) -> None:
         """The client closes: echo its code (RFC 6455 5.5.1) unless we closed first, then
@@ -432,6 +459,21 @@ class LeanWebSocket(asyncio.Protocol):
             self._send(frame(0x8, payload[:2] if len(payload) >= 2 else b""))
         if self._transport is not None:
             self._transport.close()
+
+    def _received(self, payload: bytes) -> None:
+        """A complete message: to the actor; pause reading while it has too many waiting."""
+        if tell_frame(self._actor, payload) >= self._max_pending and not self._paused:
+            self._paused = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Called by the actor once its waiting frames are down to half the bound."""
+        if self._paused:
+            self._paused = False
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     # -- frames out -----------------------------------------------------------------------
 

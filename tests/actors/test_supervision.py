@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from actors.channel import ChannelActor, RemoveSubscriber
+from actors.connection_core import frames_waiting, tell_frame
 from engine.types import ClientInfo
 from storage.presence_memory import MemoryPresence
 from tests.actors.harness import Harness, make_config
@@ -128,3 +129,38 @@ async def test_a_stopped_channel_actor_is_replaced_with_its_subscribers() -> Non
         new = h.hub._channels["h:news"]
         assert new.is_alive() and new is not old
         assert isinstance(new.actor_inbox._actor, ChannelActor)  # type: ignore[attr-defined]
+
+
+class BlockingPresence(MemoryPresence):
+    """Presence whose stats wait for `release` (a slow storage round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def stats(self, channel: str) -> Any:
+        await self.release.wait()
+        return await super().stats(channel)
+
+
+async def test_frames_waiting_are_counted_and_reading_resumes_at_half() -> None:
+    h = Harness(make_config(client_max_pending_frames=8))
+    presence = BlockingPresence()
+    h.node.presence_manager = presence
+    async with h:
+        client = await h.client()
+        resumed: list[int] = []
+        client.transport.resume_reading = lambda: resumed.append(  # type: ignore[attr-defined]
+            frames_waiting(client.ref)
+        )
+        frame = b'{"id":7,"presence_stats":{"channel":"h:room"}}'
+        counts = [tell_frame(client.ref, frame) for _ in range(12)]
+        assert counts == list(range(1, 13))  # the transport pauses when this reaches 8
+        await asyncio.sleep(0.05)
+        assert frames_waiting(client.ref) == 11  # the first is being handled (blocked)
+        presence.release.set()
+        await client.wait(
+            lambda m: sum(1 for x in client.transport.messages if x.get("id") == 7) == 12
+        )
+        assert frames_waiting(client.ref) == 0
+        assert resumed == [4]  # once, when the waiting frames came down to half the bound

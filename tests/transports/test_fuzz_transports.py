@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from actors.connection_core import Frame
 from actors.transport import Format
 from engine.api import DecodeError
+from engine.config import Config
 from engine.protocol import client_pb2
 from transports.api_http import LegacyCommand, decode_legacy
 from transports.api_lean import LeanRequest, parse_head
@@ -64,6 +65,8 @@ class FakeTransport:
 class FakeActor:
     """The connection actor: records the messages it is told."""
 
+    actor_inbox = None  # not a LoopActor: tell_frame only tells it
+
     def __init__(self) -> None:
         self.told: list[bytes] = []
 
@@ -87,7 +90,7 @@ def feed(
     loop: asyncio.AbstractEventLoop, chunks: list[bytes], max_size: int
 ) -> tuple[list[bytes], list[tuple[int, bytes]], FakeTransport]:
     """Feed `chunks` to a fresh LeanWebSocket; (messages told, frames written, transport)."""
-    ctx: Any = SimpleNamespace(config=SimpleNamespace(websocket_message_size_limit=max_size))
+    ctx: Any = SimpleNamespace(config=Config(websocket_message_size_limit=max_size))
     ws = LeanWebSocket(ctx, Format.JSON, b"", b"", set())
     transport, actor = FakeTransport(), FakeActor()
     ws._transport = transport  # type: ignore[assignment]  # connection_made, without an actor
