@@ -109,7 +109,7 @@ class ConnectionActor(ConnectionCore):
             client=self.client_id,
             version=VERSION,
             expires=bool(self.expire_at),
-            ttl=max(int(self.expire_at - now), 1) if self.expire_at else 0,
+            ttl=_ttl(self.expire_at, now),
             subs=subs,
             ping=int(self.config.ping_interval),
             pong=transport.pong and self.config.pong_timeout > 0,
@@ -292,7 +292,7 @@ class ConnectionActor(ConnectionCore):
         now = time.time()
         return self.codec.subscribe_result_obj(
             expires=bool(expire_at),
-            ttl=max(int(expire_at - now), 1) if expire_at else 0,
+            ttl=_ttl(expire_at, now),
             data=data,
             **result,
         )
@@ -445,7 +445,7 @@ class ConnectionActor(ConnectionCore):
             self.conn_info = token.info
         self.meta = token.meta or self.meta
         self._schedule_expiry()
-        ttl = max(int(expire_at - now), 1) if expire_at else 0
+        ttl = _ttl(expire_at, now)
         return self.codec.refresh_result_obj(bool(expire_at), ttl)
 
     async def cmd_sub_refresh(self, req: SubRefreshRequest) -> Result:
@@ -460,7 +460,7 @@ class ConnectionActor(ConnectionCore):
         if expire_at and expire_at <= now:
             raise Error.of(ErrorCode.EXPIRED)
         sub.expire_at = expire_at
-        ttl = max(int(expire_at - now), 1) if expire_at else 0
+        ttl = _ttl(expire_at, now)
         return self.codec.refresh_result_obj(bool(expire_at), ttl)
 
     def server_refresh(self, expired: bool, expire_at: int, info: bytes | None) -> None:
@@ -474,8 +474,16 @@ class ConnectionActor(ConnectionCore):
             self.conn_info = info
         self._schedule_expiry()
         if self.transport.unidirectional or expire_at:
-            ttl = max(int(expire_at - now), 1) if expire_at else 0
+            ttl = _ttl(expire_at, now)
             self._enqueue(self.codec.encode_refresh_push(bool(expire_at), ttl, **self._uni_kw()))
+
+
+def _ttl(expire_at: float, now: float) -> int:
+    """Seconds left until `expire_at` (0: never), as the protocol's uint32 `ttl` holds it
+    (a token expiring in centuries must not overflow the protobuf field)."""
+    if not expire_at:
+        return 0
+    return min(max(int(expire_at - now), 1), 2**32 - 1)
 
 
 def _uni_disconnect(code: int) -> tuple[int, str]:

@@ -174,6 +174,8 @@ def decode_legacy(body: bytes) -> list[LegacyCommand]:
             value, pos = _LEGACY_JSON.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DecodeError(f"legacy command is not JSON: {exc}") from None
+        except (ValueError, RecursionError):  # an integer of 4,300+ digits; deep nesting
+            raise DecodeError("legacy command is not JSON this server can hold") from None
         commands.append(_legacy_command(value))
         pos = _skip_whitespace(text, pos)
     return commands

@@ -93,7 +93,7 @@ def parse_head(head: bytes) -> LeanRequest | None:
             return None
         text = value.strip().decode("latin-1")
         if key == b"content-length":
-            if length is not None or not text.isdigit() or not text.isascii():
+            if length is not None or not text.isdigit() or not text.isascii() or len(text) > 18:
                 return None
             length = text
         headers.setdefault(key.decode("latin-1"), text)

@@ -396,3 +396,13 @@ async def test_binary_publication_disconnects_json_client_with_3506() -> None:
         await client.call("subscribe", {"channel": "news"})
         await h.node.publish("news", b"\x00\xffbinary")
         assert (await client.closed())[0] == 3506
+
+
+def test_ttl_of_a_far_expiry_fits_the_protocols_uint32() -> None:
+    from actors.connection import _ttl
+
+    now = time.time()
+    assert _ttl(0, now) == 0
+    assert _ttl(now - 5, now) == 1
+    assert _ttl(now + 30.5, now) == 30
+    assert _ttl(now + 10**12, now) == 2**32 - 1  # a token expiring in ~30,000 years

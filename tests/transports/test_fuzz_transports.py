@@ -409,15 +409,9 @@ def test_parse_upgrade_returns_none_or_an_upgrade(head: bytes) -> None:
         assert upgrade.response(None).startswith(b"HTTP/1.1 101 ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="parse_head: int() of a Content-Length over 4300 digits raises ValueError "
-    "(Python's int max str digits), reported, not fixed here (not this helper's file)",
-)
 def test_parse_head_content_length_of_5000_digits() -> None:
     head = b"POST /api HTTP/1.1\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n"
-    assert parse_head(head) is None or isinstance(parse_head(head), LeanRequest)
+    assert parse_head(head) is None  # Tornado answers it (400)
 
 
 # --- /emulation bodies -----------------------------------------------------------------------
@@ -535,12 +529,6 @@ def test_legacy_body_decodes_or_is_a_decode_error(body: bytes) -> None:
     assert all(0 <= c.id <= 2**32 - 1 for c in commands)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, RecursionError),
-    reason="decode_legacy lets ValueError (an integer over 4300 digits) and RecursionError "
-    "(deep nesting) out of json.raw_decode: reported, transports/api_http.py is not ours",
-)
 @pytest.mark.parametrize(
     "body", [b"1" * 5000, b'{"params":' + b"[" * 100_000 + b"}"], ids=["digits", "nesting"]
 )
