@@ -329,8 +329,16 @@ class ConnectionActor(ConnectionCore):
         return out
 
     async def server_subscribe(self, cmd: ServerSubscribe) -> None:
-        """Server API subscribe: subscribe and push `subscribe` to the client."""
+        """Server API subscribe: subscribe and push `subscribe` to the client (nothing
+        when it is subscribed already or at `client_channel_limit`, as in Centrifugo)."""
         if cmd.channel in self.subs:
+            return
+        if len(self.subs) >= self.config.client_channel_limit:
+            log.info(
+                "connection %s: server subscribe to %s over the channel limit",
+                self.client_id,
+                cmd.channel,
+            )
             return
         try:
             name = self.node.resolve(cmd.channel)

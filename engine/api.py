@@ -495,8 +495,9 @@ def _position_dict(offset: int, epoch: str) -> Result:
     return out
 
 
-def _payload(body: PublishBody) -> bytes:
-    """The publication data: b64data wins when set; 107 on bad base64 or no data."""
+def _payload(body: PublishBody, limit: int = 0) -> bytes:
+    """The publication data: b64data wins when set; 107 on bad base64, no data, or data
+    over `limit` bytes (`api_max_publication_size`; 0: no limit)."""
     data = body.data or b""
     if body.b64data:
         try:
@@ -504,6 +505,8 @@ def _payload(body: PublishBody) -> bytes:
         except (binascii.Error, ValueError):
             raise api_error(107) from None
     if not data:
+        raise api_error(107)
+    if limit and len(data) > limit:
         raise api_error(107)
     return data
 
@@ -524,6 +527,9 @@ class Executor:
     @property
     def node(self) -> Node:
         return self._node
+
+    def _payload(self, body: PublishBody) -> bytes:
+        return _payload(body, self._node.config.api_max_publication_size)
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -675,7 +681,7 @@ class Executor:
                 return await self._batch(req)
 
     async def _publish(self, req: PublishRequest) -> Result:
-        (result,) = await self._publish_many([(req.channel, _payload(req.body), req.body)])
+        (result,) = await self._publish_many([(req.channel, self._payload(req.body), req.body)])
         if isinstance(result, Error):
             raise result
         return result
@@ -685,7 +691,7 @@ class Executor:
         log are committed in one transaction."""
         if not req.channels:
             raise api_error(107)
-        data = _payload(req.body)
+        data = self._payload(req.body)
         return await self._publish_many([(channel, data, req.body) for channel in req.channels])
 
     async def _publish_many(
@@ -809,7 +815,7 @@ class Executor:
             self._count(publishes[0][1], len(publishes))
         for i, req in publishes:
             try:
-                ready.append((req.channel, _payload(req.body), req.body))
+                ready.append((req.channel, self._payload(req.body), req.body))
                 where.append(i)
             except Error as exc:
                 self._count_error(exc)

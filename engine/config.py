@@ -276,6 +276,7 @@ class Config:
     http_read_timeout: float = 30.0  # a request body must arrive within this
     http_idle_timeout: float = 60.0  # a keep-alive connection may wait this long for a request
     api_max_request_body_size: int = 10485760  # larger API bodies get 413 before being read
+    api_max_publication_size: int = 1048576  # larger publication data: error 107 (0: no limit)
     # TLS
     tls: bool = False
     tls_cert: str = ""

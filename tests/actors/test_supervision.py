@@ -8,6 +8,8 @@ from typing import Any
 
 from actors.channel import ChannelActor, RemoveSubscriber
 from actors.connection_core import frames_waiting, tell_frame
+from actors.hub import ServerSubscribeMsg
+from engine.sessions import ServerSubscribe
 from engine.types import ClientInfo
 from storage.presence_memory import MemoryPresence
 from tests.actors.harness import Harness, make_config
@@ -164,3 +166,16 @@ async def test_frames_waiting_are_counted_and_reading_resumes_at_half() -> None:
         )
         assert frames_waiting(client.ref) == 0
         assert resumed == [4]  # once, when the waiting frames came down to half the bound
+
+
+async def test_server_api_subscribe_respects_client_channel_limit() -> None:
+    async with Harness(make_config(client_channel_limit=2)) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "a"})
+        client.ref.tell(ServerSubscribeMsg(ServerSubscribe(user="", channel="b")))
+        await client.wait(lambda m: m.get("push", {}).get("channel") == "b")
+        client.ref.tell(ServerSubscribeMsg(ServerSubscribe(user="", channel="c")))
+        await client.call("presence_stats", {"channel": "x"})  # a round trip after it
+        pushes = [m for m in client.transport.messages if "push" in m]
+        assert [m["push"]["channel"] for m in pushes] == ["b"]
+        assert h.hub.stats().num_subs == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -869,3 +870,28 @@ async def test_history_of_unknown_channels_stores_nothing(strict_env: Env) -> No
     assert log._streams == {}
     published = await strict_env.api.publish({"channel": "chat:never", "data": 1})
     assert published == {"offset": 1, "epoch": first["epoch"]}  # type: ignore[index]
+
+
+async def test_publication_data_over_api_max_publication_size_is_107() -> None:
+    log = MemoryEventLog()
+    await log.start()
+    writer = GroupCommitWriter(log, max_delay=0.0)
+    await writer.start()
+    config = dataclasses.replace(CONFIG, api_max_publication_size=1000)
+    node = Node(config, log, writer.submit_many, MemoryPresence())
+    fanout = RecordingFanout()
+    node.attach_fanout(fanout)
+    api = Executor(node, RecordingSessions(node=node))
+    try:
+        big = {"channel": "chat:a", "data": {"text": "x" * 1000}}
+        assert await api_error(api.publish(big)) == (107, "bad request")
+        b64 = {"channel": "chat:a", "b64data": base64.b64encode(b"x" * 1001).decode()}
+        assert await api_error(api.publish(b64)) == (107, "bad request")
+        broadcast = {"channels": ["chat:a", "chat:b"], "data": {"text": "x" * 1000}}
+        assert await api_error(api.broadcast(broadcast)) == (107, "bad request")
+        assert fanout.delivered == []
+        await api.publish({"channel": "chat:a", "data": {"text": "x" * 900}})  # within it
+        assert len(fanout.delivered) == 1
+    finally:
+        await writer.close()
+        await log.close()
