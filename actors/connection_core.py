@@ -371,14 +371,7 @@ class ConnectionCore(LoopActor):
         (it stopped reading): drop the connection now, whatever is still queued."""
         self._write_timer = None
         log.info("connection %s: write timed out; aborting", self.client_id)
-        abort = getattr(self.transport, "abort", None)
-        if abort is not None:
-            try:
-                abort()
-            except Exception as exc:
-                log.debug("connection %s: abort failed: %r", self.client_id, exc)
-        self._writing = False
-        self._terminate(None)
+        self._write_failed(None)
 
     def _write_done(self, future: asyncio.Future[Any]) -> None:
         timer, self._write_timer = self._write_timer, None
@@ -390,8 +383,16 @@ class ConnectionCore(LoopActor):
             self._flush()
 
     def _write_failed(self, exc: BaseException | None) -> None:
+        """A write failed or stalled: drop the transport (nothing more can go through it,
+        and what it still buffers must not stay) and release the connection."""
         log.debug("connection %s: write failed: %r", self.client_id, exc)
         self._writing = False
+        abort = getattr(self.transport, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception as abort_exc:
+                log.debug("connection %s: abort failed: %r", self.client_id, abort_exc)
         self._terminate(None)
 
     # -- timers ---------------------------------------------------------------------------

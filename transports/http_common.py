@@ -260,6 +260,9 @@ class StreamTransport:
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         return self._handler.send(self._frame(messages))
 
+    def abort(self) -> None:
+        self._handler.abort()
+
     def close(self, code: int, reason: str) -> None:
         self._handler.end(self._frame([self._disconnect(code, reason)]))
 

@@ -464,6 +464,12 @@ class SockJSTransport:
     def resume_reading(self) -> None:
         self._session.resume_reading()
 
+    def abort(self) -> None:
+        """A write failed: the session ends (its receiver, if any, is closed), unless it
+        is closing already (its close frame waits for the client's next poll)."""
+        if self._session.state < SessionState.CLOSING:
+            self._session.close()
+
 
 __all__ = [
     "ANOTHER_CONNECTION_FRAME",

@@ -145,6 +145,9 @@ class _UniWebSocketTransport:
         timeout = handler.ctx.config.uni_websocket_write_timeout or WRITE_TIMEOUT
         return _within(last, timeout) if last is not None else None
 
+    def abort(self) -> None:
+        self._handler.drop()
+
     def close(self, code: int, reason: str) -> None:
         """The disconnect push, then drop the TCP connection (no close frame)."""
         handler = self._handler

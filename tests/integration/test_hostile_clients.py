@@ -10,6 +10,8 @@ import json
 import os
 import socket
 import time
+import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -41,7 +43,9 @@ def _masked(payload: bytes, opcode: int = 0x1) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def _raw_ws(server: ServerProcess, rcvbuf: int = 0) -> socket.socket:
+def _raw_ws(
+    server: ServerProcess, rcvbuf: int = 0, path: str = "/connection/websocket"
+) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -49,8 +53,8 @@ def _raw_ws(server: ServerProcess, rcvbuf: int = 0) -> socket.socket:
     sock.connect((server.host, server.port))
     key = base64.b64encode(os.urandom(16))
     sock.sendall(
-        b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key
+        b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), key)
     )
     head = b""
     while b"\r\n\r\n" not in head:
@@ -142,4 +146,128 @@ async def test_command_flood_is_capped_per_frame(server_factory: ServerFactory) 
         assert codes.count(111) == 150  # beyond the cap: too many requests, not handled
         assert codes.count(108) == 50  # the first 50 were handled (presence is off: 108)
         await witness.check(server, 10)
+        sock.close()
+
+
+# -- the other transports: a subscriber that stops reading is dropped too ----------------------
+
+CONNECT = {"subs": {"flood": {}}}  # server-side subscription at connect (client-allowed)
+
+
+def _http(
+    server: ServerProcess, request: bytes, then: Callable[[], None] | None = None
+) -> socket.socket:
+    """Send `request` on a socket with a small receive buffer; read until the connect reply
+    (or push) went by, then read no more."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((server.host, server.port))
+    sock.sendall(request)
+    seen = b""
+    if then is not None:  # e.g. a SockJS send once the stream is open
+        while b"\no\n" not in seen:
+            chunk = sock.recv(4096)
+            assert chunk, seen
+            seen += chunk
+        then()
+    while b'\\"client\\"' not in seen and b'"client"' not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    return sock
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        path.encode(),
+        len(body),
+        body,
+    )
+
+
+def _get(path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+
+
+def _open(server: ServerProcess, transport: str) -> socket.socket:
+    bidi = json.dumps({"id": 1, "connect": CONNECT}).encode()
+    uni = json.dumps(CONNECT).encode()
+    if transport == "http_stream":
+        return _http(server, _post("/connection/http_stream", bidi))
+    if transport == "sse":
+        return _http(server, _get("/connection/sse?cf_connect=" + quote(bidi)))
+    if transport == "uni_http_stream":
+        return _http(server, _post("/connection/uni_http_stream", uni))
+    if transport == "uni_sse":
+        return _http(server, _get("/connection/uni_sse?cf_connect=" + quote(uni)))
+    if transport == "uni_websocket":
+        sock = _raw_ws(server, rcvbuf=4096, path="/connection/uni_websocket")
+        sock.sendall(_masked(uni))
+        seen = b""
+        while b'"client"' not in seen:
+            chunk = sock.recv(4096)
+            assert chunk, seen
+            seen += chunk
+        return sock
+    assert transport == "sockjs"
+    send = json.dumps([bidi.decode()]).encode()
+
+    def connect() -> None:
+        with socket.create_connection((server.host, server.port), timeout=10) as sender:
+            sender.sendall(_post("/connection/sockjs/000/hostile1/xhr_send", send))
+            assert sender.recv(4096).startswith(b"HTTP/1.1 204")
+
+    return _http(server, _post("/connection/sockjs/000/hostile1/xhr_streaming", b""), connect)
+
+
+def quote(data: bytes) -> str:
+    return urllib.parse.quote(data.decode(), safe="")
+
+
+@pytest.mark.parametrize(
+    "transport", ["http_stream", "sse", "uni_http_stream", "uni_sse", "uni_websocket", "sockjs"]
+)
+async def test_a_non_reading_client_is_dropped_on_every_transport(
+    server_factory: ServerFactory, transport: str
+) -> None:
+    server = server_factory(
+        {
+            **CONFIG,
+            "http_stream": True,
+            "sse": True,
+            "uni_http_stream": True,
+            "uni_sse": True,
+            "uni_websocket": True,
+            "sockjs": True,
+            "uni_websocket_write_timeout": "1s",
+            # a SockJS response that ended into the kernel's buffers leaves a keep-alive
+            # connection: it is closed when idle
+            "http_idle_timeout": "2s",
+        }
+    )
+    async with Witness(server.ws_url, "witness") as witness:
+        sock = await asyncio.to_thread(_open, server, transport)
+        deadline = time.monotonic() + 5
+        while await asyncio.to_thread(_num_clients, server) < 2:
+            assert time.monotonic() < deadline, "the hostile client never connected"
+            await asyncio.sleep(0.1)
+        data = {"text": "x" * 40000}
+        for _ in range(200):
+            await asyncio.to_thread(
+                server.api_result, "publish", {"channel": "flood", "data": data}
+            )
+        deadline = time.monotonic() + 15
+        while await asyncio.to_thread(_num_clients, server) > 1:
+            assert time.monotonic() < deadline, f"the {transport} client was never dropped"
+            await asyncio.sleep(0.2)
+        await witness.check(server, 10)
+        sock.settimeout(5)
+        total = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                total += len(chunk)
+        except (ConnectionResetError, TimeoutError) as exc:
+            assert not isinstance(exc, TimeoutError), "the server kept the socket open"
+        assert total < 8_000_000
         sock.close()
