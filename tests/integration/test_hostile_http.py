@@ -238,6 +238,7 @@ def test_tls_listener_combinations(
         "tls_cert": pki["files"]["server.pem"],
         "tls_key": pki["files"]["server.key"],
         "tls_external": tls_external,
+        "http_read_header_timeout": "1s",
     }
     if separate:
         config["internal_port"] = internal
@@ -246,6 +247,8 @@ def test_tls_listener_combinations(
     if not separate:
         assert _tls_info(server.port, ctx) == 200
         assert _plain_info(server.port) is None
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        assert _closed_within(silent) < 4.0  # no TLS handshake: dropped like an idle socket
         return
     deadline = time.monotonic() + 5
     while not port_accepts("127.0.0.1", internal) and time.monotonic() < deadline:
