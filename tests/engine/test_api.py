@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -124,20 +125,28 @@ class Env:
     presence: MemoryPresence
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def make_env(config: Config = CONFIG) -> AsyncIterator[Env]:
     log = MemoryEventLog()
     await log.start()
     writer = GroupCommitWriter(log, max_delay=0.0)
     await writer.start()
     presence = MemoryPresence()
-    node = Node(CONFIG, log, writer.submit_many, presence)
+    node = Node(config, log, writer.submit_many, presence)
     fanout = RecordingFanout()
     node.attach_fanout(fanout)
     sessions = RecordingSessions(node=node)
-    yield Env(Executor(node, sessions), node, sessions, fanout, presence)
-    await writer.close()
-    await log.close()
+    try:
+        yield Env(Executor(node, sessions), node, sessions, fanout, presence)
+    finally:
+        await writer.close()
+        await log.close()
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async with make_env() as made:
+        yield made
 
 
 def failing_executor(sessions: RecordingSessions | None = None) -> Executor:
@@ -873,25 +882,13 @@ async def test_history_of_unknown_channels_stores_nothing(strict_env: Env) -> No
 
 
 async def test_publication_data_over_api_max_publication_size_is_107() -> None:
-    log = MemoryEventLog()
-    await log.start()
-    writer = GroupCommitWriter(log, max_delay=0.0)
-    await writer.start()
-    config = dataclasses.replace(CONFIG, api_max_publication_size=1000)
-    node = Node(config, log, writer.submit_many, MemoryPresence())
-    fanout = RecordingFanout()
-    node.attach_fanout(fanout)
-    api = Executor(node, RecordingSessions(node=node))
-    try:
+    async with make_env(dataclasses.replace(CONFIG, api_max_publication_size=1000)) as e:
         big = {"channel": "chat:a", "data": {"text": "x" * 1000}}
-        assert await api_error(api.publish(big)) == (107, "bad request")
+        assert await api_error(e.api.publish(big)) == (107, "bad request")
         b64 = {"channel": "chat:a", "b64data": base64.b64encode(b"x" * 1001).decode()}
-        assert await api_error(api.publish(b64)) == (107, "bad request")
+        assert await api_error(e.api.publish(b64)) == (107, "bad request")
         broadcast = {"channels": ["chat:a", "chat:b"], "data": {"text": "x" * 1000}}
-        assert await api_error(api.broadcast(broadcast)) == (107, "bad request")
-        assert fanout.delivered == []
-        await api.publish({"channel": "chat:a", "data": {"text": "x" * 900}})  # within it
-        assert len(fanout.delivered) == 1
-    finally:
-        await writer.close()
-        await log.close()
+        assert await api_error(e.api.broadcast(broadcast)) == (107, "bad request")
+        assert e.fanout.delivered == []
+        await e.api.publish({"channel": "chat:a", "data": {"text": "x" * 900}})  # within it
+        assert len(e.fanout.delivered) == 1
