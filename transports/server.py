@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -342,6 +343,33 @@ async def serve(config: Config) -> int:
     return 0
 
 
+class LogBudget(logging.Filter):
+    """At most `per_second` records a second pass (hostile clients must not be able to flood
+    the log with failed requests); the first one after a throttled second says how many
+    were dropped."""
+
+    def __init__(self, per_second: int = 20, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._per_second = per_second
+        self._clock = clock
+        self._second = -1
+        self._passed = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._passed = second, 0
+            if self._dropped:
+                record.msg = f"{record.msg} (and {self._dropped} similar lines dropped)"
+                self._dropped = 0
+        self._passed += 1
+        if self._passed > self._per_second:
+            self._dropped += 1
+            return False
+        return True
+
+
 def _setup_logging(config: Config) -> None:
     level = {"trace": "DEBUG", "none": "CRITICAL", "fatal": "CRITICAL", "warn": "WARNING"}.get(
         config.log_level, config.log_level.upper()
@@ -353,6 +381,7 @@ def _setup_logging(config: Config) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    access_log.addFilter(LogBudget())
 
 
 def run(config: Config) -> int:
@@ -368,4 +397,4 @@ def run(config: Config) -> int:
         return 1
 
 
-__all__ = ["Services", "run", "ssl_context", "start", "stop"]
+__all__ = ["LogBudget", "Services", "run", "ssl_context", "start", "stop"]
