@@ -314,7 +314,11 @@ class ReceiveHandler(_Base):
 
 
 class SendHandler(_Base):
-    """`xhr_send` (204) and `jsonp_send` (200 "ok"): hand the messages to the session."""
+    """`xhr_send` (204) and `jsonp_send` (200 "ok"): hand the messages to the session
+    (503 while it is saturated). A body announced over `body_limit` is refused with 413 by
+    the lean HTTP path before it is read."""
+
+    body_limit = MAX_SEND_BODY
 
     def post(self, server: str, session_id: str, name: str) -> None:
         self.cors()

@@ -17,6 +17,7 @@ from engine.auth import TokenVerifier
 from engine.config import Config
 from engine.node import Node
 from engine.options import ChannelOptions, Namespace
+from engine.types import ClientInfo
 from storage.memory import MemoryEventLog
 from storage.presence_memory import MemoryPresence
 from storage.writer import GroupCommitWriter
@@ -157,3 +158,43 @@ class Harness:
         reply = await client.call("connect", connect or {})
         assert "connect" in reply, reply
         return client
+
+
+class FailingPresence(MemoryPresence):
+    """The memory presence store with an outage switch (as a store whose server is down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("presence storage is down")
+
+    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        self._check()
+        await super().add(channel, info, ttl)
+
+    async def remove(self, channel: str, client_id: str) -> None:
+        self._check()
+        await super().remove(channel, client_id)
+
+    async def presence(self, channel: str) -> Any:
+        self._check()
+        return await super().presence(channel)
+
+    async def stats(self, channel: str) -> Any:
+        self._check()
+        return await super().stats(channel)
+
+
+class BlockingPresence(MemoryPresence):
+    """Presence whose stats wait for `release` (a slow storage round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def stats(self, channel: str) -> Any:
+        await self.release.wait()
+        return await super().stats(channel)

@@ -10,37 +10,7 @@ from actors.channel import ChannelActor, RemoveSubscriber
 from actors.connection_core import frames_waiting, tell_frame
 from actors.hub import ServerSubscribeMsg
 from engine.sessions import ServerSubscribe
-from engine.types import ClientInfo
-from storage.presence_memory import MemoryPresence
-from tests.actors.harness import Harness, make_config
-
-
-class FailingPresence(MemoryPresence):
-    """The memory presence store with an outage switch (as a store whose server is down)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-
-    def _check(self) -> None:
-        if self.down:
-            raise ConnectionError("presence storage is down")
-
-    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
-        self._check()
-        await super().add(channel, info, ttl)
-
-    async def remove(self, channel: str, client_id: str) -> None:
-        self._check()
-        await super().remove(channel, client_id)
-
-    async def presence(self, channel: str) -> Any:
-        self._check()
-        return await super().presence(channel)
-
-    async def stats(self, channel: str) -> Any:
-        self._check()
-        return await super().stats(channel)
+from tests.actors.harness import BlockingPresence, FailingPresence, Harness, make_config
 
 
 def _outage_harness(**config: Any) -> tuple[Harness, FailingPresence]:
@@ -131,18 +101,6 @@ async def test_a_stopped_channel_actor_is_replaced_with_its_subscribers() -> Non
         new = h.hub._channels["h:news"]
         assert new.is_alive() and new is not old
         assert isinstance(new.actor_inbox._actor, ChannelActor)  # type: ignore[attr-defined]
-
-
-class BlockingPresence(MemoryPresence):
-    """Presence whose stats wait for `release` (a slow storage round trip)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = asyncio.Event()
-
-    async def stats(self, channel: str) -> Any:
-        await self.release.wait()
-        return await super().stats(channel)
 
 
 async def test_frames_waiting_are_counted_and_reading_resumes_at_half() -> None:

@@ -142,6 +142,16 @@ def test_announced_body_over_the_limit_gets_413_unread(server: ServerProcess, pa
     assert response.startswith(b"HTTP/1.1 413"), response
 
 
+def test_sockjs_send_over_its_own_limit_gets_413_unread(server_factory: ServerFactory) -> None:
+    server = server_factory({**HOSTILE, "api_max_request_body_size": 50_000_000})
+    sock = _connect(server)
+    sock.sendall(
+        b"POST /connection/sockjs/1/s/xhr_send HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 2000000\r\n\r\n"
+    )
+    assert _read_all(sock).startswith(b"HTTP/1.1 413")
+
+
 def test_chunked_api_body_with_wrong_key_refused_before_the_body(server: ServerProcess) -> None:
     """Chunked bodies go through Tornado's handlers: the key is checked in `prepare`."""
     sock = _connect(server)

@@ -651,3 +651,31 @@ async def test_cors_and_websocket_origin_checks(
     ws = await tornado.websocket.websocket_connect(request)
     assert await asyncio.wait_for(ws.read_message(), WAIT) == "o"
     ws.close()
+
+
+async def test_session_saturates_at_the_pending_frame_bound_and_resumes() -> None:
+    """A session whose actor has `client_max_pending_frames` frames waiting takes no more
+    (xhr_send answers 503, the session WebSocket stops being read) until it resumes."""
+    from tests.actors.harness import BlockingPresence, Harness, make_config
+
+    h = Harness(make_config(client_max_pending_frames=4))
+    presence = BlockingPresence()
+    h.node.presence_manager = presence
+    async with h:
+        session = Session("s", heartbeat=0, disconnect_delay=10)
+        session.start(h.ctx)
+        recv = FakeReceiver()
+        assert session.attach(recv)
+        assert session.accept(['{"id":1,"connect":{}}'])
+        async with asyncio.timeout(2):
+            while len(recv.frames) < 2:
+                await asyncio.sleep(0.01)
+        stats = '{"id":2,"presence_stats":{"channel":"h:x"}}'
+        assert session.accept([stats] * 5)  # the first blocks in the store, 4 wait
+        await asyncio.sleep(0.05)
+        assert session.saturated(4)
+        resumed = session.resumed()
+        presence.release.set()
+        await asyncio.wait_for(resumed, 2)  # down to half the bound
+        assert not session.saturated(4)
+        session.close()
