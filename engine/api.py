@@ -170,8 +170,8 @@ class _Obj:
         if value is _ABSENT:
             return None
         try:
-            return orjson.dumps(value)
-        except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
+            return json_codec.dumps_exact(value)
+        except ValueError as exc:  # nested deeper than the encoders go
             raise self._bad(key, "encodable JSON") from exc
 
     def obj(self, key: str) -> _Obj | None:
@@ -614,10 +614,10 @@ class Executor:
         if method not in DISPATCH_METHODS:
             return
         try:
-            value = orjson.loads(payload)
+            value = json_codec.loads_exact(payload)
             if isinstance(value, str):
-                value = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
+                value = json_codec.loads_exact(value.encode())
+        except ValueError as exc:  # UnicodeEncodeError (a lone surrogate) too
             raise DecodeError(f"{method} payload is not JSON: {exc}") from None
         if not isinstance(value, dict):
             raise DecodeError(f"{method} payload is not a JSON object")

@@ -26,6 +26,7 @@ from tornado.web import RequestHandler, stream_request_body
 
 from engine.api import METHODS, DecodeError, Executor, api_error, decode_request, error_body
 from engine.config import Config
+from engine.protocol import json_codec
 from engine.protocol.codes import Error
 
 JSON_TYPE: Final = "application/json"
@@ -122,8 +123,8 @@ def _load_body(body: bytes) -> object:
     if not body:
         raise DecodeError("empty request body")
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return json_codec.loads_exact(body)  # integers beyond 64 bits stay exact in `data`
+    except ValueError as exc:
         raise DecodeError(f"request body is not JSON: {exc}") from None
 
 

@@ -18,6 +18,7 @@ per channel (`encode_pub_push`), never once per subscriber.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -91,10 +92,28 @@ def is_valid_json(data: bytes) -> bool:
     return True
 
 
+# A run of 20 digits may be an integer beyond 64 bits, which orjson reads as a float.
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+
+
+def loads_exact(data: bytes) -> Any:
+    """`orjson.loads`, except that integers beyond 64 bits stay exact: a document holding
+    one is parsed again by `json`, so `dumps_exact` writes back the sender's digits rather
+    than a float (Centrifugo passes payload bytes through). Raises ValueError (orjson's
+    JSONDecodeError included) for what is not JSON or cannot be held."""
+    value = orjson.loads(data)
+    if _LONG_NUMBER.search(data) is None:
+        return value
+    try:
+        return json.loads(data)  # valid JSON (orjson said so): only the numbers differ
+    except RecursionError:  # deeper than Python recurses
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _loads(data: bytes) -> Any:
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        return loads_exact(data)
+    except ValueError as exc:  # 4,300+ digits too
         raise ProtocolError(f"invalid JSON: {exc}") from None
 
 
@@ -160,17 +179,25 @@ def _raw(body: JsonObj, key: str) -> bytes:
     return _dump(value)
 
 
-def _dump(value: object) -> bytes:
-    """Compact JSON bytes of an already-parsed value (no raw newlines can survive)."""
+def dumps_exact(value: object) -> bytes:
+    """Compact JSON bytes of a value `loads_exact` returned (no raw newline survives).
+    Raises ValueError when it cannot be written."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # orjson stops at 254 levels of nesting; the parser allows 1024.
+    except TypeError:  # over 254 levels of nesting (the parser allows 1024), or > 64 bits
         pass
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (RecursionError, ValueError):
-        raise ProtocolError("payload nested too deeply") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     return text.encode()
+
+
+def _dump(value: object) -> bytes:
+    try:
+        return dumps_exact(value)
+    except ValueError:
+        raise ProtocolError("payload nested too deeply") from None
 
 
 def _subscribe(body: JsonObj) -> SubscribeRequest:

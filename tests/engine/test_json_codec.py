@@ -612,3 +612,16 @@ def test_error_round_trip(cmd_id: int, code: int, message: str) -> None:
     assert decoded["id"] == cmd_id
     assert decoded["error"]["code"] == code and decoded["error"]["message"] == message
     assert decoded["error"].get("temporary", False) is (code in (100, 111))
+
+
+def test_loads_exact_keeps_integers_beyond_64_bits_and_nothing_else_changes() -> None:
+    from engine.protocol.json_codec import dumps_exact, loads_exact
+
+    doc = b'{"big":-123456789012345678901234567890,"s":"12345678901234567890","f":1.5}'
+    value = loads_exact(doc)
+    assert value["big"] == -123456789012345678901234567890
+    assert dumps_exact(value) == doc
+    assert loads_exact(b'{"n":18446744073709551615}') == {"n": 2**64 - 1}
+    for bad in (b"NaN", b'{"a":1', b"1" * 5000, b"[" * 2000 + b"1" * 20 + b"]" * 2000):
+        with pytest.raises(ValueError):
+            loads_exact(bad)

@@ -268,3 +268,17 @@ def test_tls_listener_combinations(
     else:
         assert _tls_info(internal, ctx) == 200
         assert _plain_info(internal) is None
+
+
+async def test_big_integers_in_data_reach_subscribers_exactly(server: ServerProcess) -> None:
+    """orjson reads integers beyond 64 bits as floats: the API and client publications keep
+    the sender's digits, as Centrifugo passes payload bytes through."""
+    async with Witness(server.ws_url, "witness") as witness:
+        body = b'{"channel":"witness","data":{"n":123456789012345678901234567890}}'
+        status, _ = await asyncio.to_thread(server.api_raw, "publish", body)
+        assert status == 200
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not witness.received and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert witness.received == [{"n": 123456789012345678901234567890}]
