@@ -4,13 +4,22 @@ never a zombie connection or a dead channel actor behind a committed publication
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 from actors.channel import ChannelActor, RemoveSubscriber
 from actors.connection_core import frames_waiting, tell_frame
 from actors.hub import ServerSubscribeMsg
+from engine.auth import make_token
 from engine.sessions import ServerSubscribe
-from tests.actors.harness import BlockingPresence, FailingPresence, Harness, make_config
+from tests.actors.harness import (
+    SECRET,
+    BlockingPresence,
+    Client,
+    FailingPresence,
+    Harness,
+    make_config,
+)
 
 
 def _outage_harness(**config: Any) -> tuple[Harness, FailingPresence]:
@@ -137,3 +146,17 @@ async def test_server_api_subscribe_respects_client_channel_limit() -> None:
         pushes = [m for m in client.transport.messages if "push" in m]
         assert [m["push"]["channel"] for m in pushes] == ["b"]
         assert h.hub.stats().num_subs == 2
+
+
+async def test_poison_tokens_in_connect_and_refresh_close_with_3500() -> None:
+    """A token whose header is deeply nested JSON (RecursionError in a naive parser)."""
+    header = base64.urlsafe_b64encode(b"[" * 100_000).rstrip(b"=").decode()
+    poison = f"{header}.e30.c2ln"
+    async with Harness(make_config(allow_anonymous_connect_without_token=False)) as h:
+        victim = Client(h.ctx)
+        victim.send({"connect": {"token": poison}})
+        assert (await victim.closed())[0] == 3500
+        user = await h.client({"token": make_token(SECRET, "u1", 60)})
+        user.send({"refresh": {"token": poison}})
+        assert (await user.closed())[0] == 3500
+        assert h.hub.stats().num_clients == 0
