@@ -150,11 +150,18 @@ class Node:
         results: list[PublishResult | Error] = [PublishResult()] * len(items)
         requests: list[AppendRequest] = []
         logged: list[int] = []
+        fenced: set[str] = set()  # channels whose broker barrier was passed in this call
         for i, item in enumerate(items):
             request = self._append_request(item)
             if request is None:
                 tags = dict(sorted(item.tags.items())) if item.tags else {}
                 pub = Publication(data=item.data, info=item.info, tags=tags)
+                channel = item.name.channel
+                if self._broker is not None and channel not in fenced:
+                    # No offset to sequence by: deliver after what other nodes published
+                    # before (they get ours through the broker, after it too).
+                    await self._broker.barrier(channel)
+                    fenced.add(channel)
                 self._deliver(item.name.channel, pub, "")
                 await self._broadcast(item.name.channel, pub, "")
             else:

@@ -185,6 +185,13 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish_join_leave(self, channel: str, info: ClientInfo, join: bool) -> None: ...
 
+    async def barrier(self, channel: str) -> None:
+        """Return once every message of `channel` that any node published before this call
+        has been handed to the handler, so that a publication without an offset (which no
+        receiver can sequence) is delivered locally after them: publish order. Default:
+        nothing to wait for."""
+        return None
+
     @abc.abstractmethod
     async def publish_control(self, data: bytes, node_uid: str = "") -> None:
         """To every other node ("") or to one node."""

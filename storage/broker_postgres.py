@@ -100,6 +100,9 @@ class PostgresBroker(Broker):
         self._first_attempt = asyncio.Event()
         self._table_ready = False
         self._last_gc = 0.0
+        self._barriers: dict[str, asyncio.Future[None]] = {}
+        self._barrier_seq = 0
+        self._listening = False  # a LISTEN session is up
 
     # -- Broker ---------------------------------------------------------------------------
 
@@ -154,6 +157,26 @@ class PostgresBroker(Broker):
         control messages, even when addressed to itself."""
         body = encode_control(self._uid, data, node_uid)
         await self._notify(self._ctl_channel, body, KIND_CONTROL, node_uid)
+
+    async def barrier(self, channel: str) -> None:
+        """NOTIFY a token to ourselves on the control channel and wait until the listener
+        hands it over: notifications arrive in commit order, so everything committed
+        before it (any node's publications) has been handled by then."""
+        if self._pool is None or not self._listening:
+            return  # nothing is received now; the reconnect resyncs
+        self._barrier_seq += 1
+        token = f"b{self._uid}:{self._barrier_seq}"
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[token] = waiter
+        try:
+            await self._with_conn(
+                lambda c: c.execute("SELECT pg_notify($1, $2)", self._ctl_channel, token)
+            )
+            await asyncio.wait_for(waiter, self._io_timeout)  # set on a lost session too
+        except (StorageError, TimeoutError) as exc:
+            log.debug("postgres broker: barrier failed: %s", exc)
+        finally:
+            self._barriers.pop(token, None)
 
     # -- sending --------------------------------------------------------------------------
 
@@ -240,6 +263,7 @@ class PostgresBroker(Broker):
                 try:
                     established = await self._listen_session(conn, lost)
                 finally:
+                    self._end_barriers()
                     conn.terminate()
             except PG_ERRORS as exc:
                 if attempt == 0:
@@ -250,6 +274,13 @@ class PostgresBroker(Broker):
             attempt = 0 if established else attempt + 1
             await asyncio.sleep(backoff_delay(attempt, *self._backoff))
 
+    def _end_barriers(self) -> None:
+        """The LISTEN session is gone: nothing waits for it (the reconnect resyncs)."""
+        self._listening = False
+        for waiter in self._barriers.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
     def listener_name(self) -> str:
         """The application_name of the listening connection (tests terminate it by name)."""
         return f"centripy-listen-{self._uid}"[:63]
@@ -259,6 +290,7 @@ class PostgresBroker(Broker):
         conn.add_termination_listener(lambda _conn: closed.set())
         await conn.add_listener(self._pub_channel, self._on_notify)
         await conn.add_listener(self._ctl_channel, self._on_notify)
+        self._listening = True
         self._first_attempt.set()
         if lost:
             log.warning("postgres broker: listener reconnected")
@@ -289,6 +321,11 @@ class PostgresBroker(Broker):
                 log.warning("postgres broker: dropped a malformed notification: %s", exc)
 
     async def _handle(self, payload: str) -> None:
+        if payload.startswith("b"):
+            waiter = self._barriers.pop(payload, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         if payload.startswith("r"):
             row_id, origin, kind, key = orjson.loads(payload[1:])
             if not self._wanted(origin, kind, key):

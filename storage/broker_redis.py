@@ -246,6 +246,7 @@ class _Shard:
         self.conn: Connection | None = None
         self.names: set[bytes] = set()  # subscribed client channels (redis names)
         self.acks: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self.pongs: dict[bytes, asyncio.Future[None]] = {}  # barrier token -> waiter
         self.task: asyncio.Task[None] | None = None
         self.established = False  # the current session subscribed everything
         self.first_attempt = asyncio.Event()  # the first session is up or failed
@@ -262,6 +263,10 @@ class _Shard:
                 if not waiter.done():
                     waiter.cancel()
         self.acks.clear()
+        for pong in self.pongs.values():
+            if not pong.done():
+                pong.set_result(None)  # the session is gone: on_reconnect resyncs
+        self.pongs.clear()
 
 
 class RedisBroker(Broker):
@@ -384,6 +389,24 @@ class RedisBroker(Broker):
         shard = self._shards[next(self._round) % len(self._shards)]
         await self._publish(shard, name, encode_control(self._uid, data, node_uid))
 
+    async def barrier(self, channel: str) -> None:
+        """PING <token> on the channel's PUB/SUB connection: Redis answers in order, after
+        every message it had sent on it before."""
+        shard = self._shard_for(channel)
+        conn = shard.conn
+        if conn is None or not shard.established:
+            return
+        token = f"b{next(self._round)}".encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        shard.pongs[token] = waiter
+        try:
+            await _send(conn, "PING", token)
+            await asyncio.wait_for(waiter, self._io_timeout)  # set on a lost session too
+        except REDIS_ERRORS as exc:
+            log.debug("redis broker: barrier on %s failed: %s", shard.label, exc)
+        finally:
+            shard.pongs.pop(token, None)
+
     # -- internals ------------------------------------------------------------------------
 
     async def _publish(self, shard: _Shard, name: bytes, body: bytes) -> None:
@@ -471,9 +494,15 @@ class RedisBroker(Broker):
         timeout = self._ping_interval + self._io_timeout
         while True:
             reply = await conn.read_response(timeout=timeout)
+            if isinstance(reply, bytes):  # RESP3: PING <token> answers the token
+                self._pong(shard, reply)
+                continue
             if not isinstance(reply, list) or not reply:
                 continue
             kind = reply[0]
+            if kind == b"pong":
+                self._pong(shard, reply[1] if len(reply) > 1 else b"")
+                continue
             if kind == b"message":
                 self._dispatch(shard, reply[1], reply[2])
             elif kind == b"subscribe":
@@ -482,6 +511,12 @@ class RedisBroker(Broker):
                     waiter = waiters.popleft()
                     if not waiter.done():
                         waiter.set_result(None)
+
+    @staticmethod
+    def _pong(shard: _Shard, token: bytes) -> None:
+        waiter = shard.pongs.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _dispatch(self, shard: _Shard, name: bytes, body: bytes) -> None:
         try:

@@ -238,6 +238,32 @@ async def test_clients_of_a_killed_node_recover_on_another(
     assert [p["offset"] for p in result["publications"]] == list(range(6, 13))
 
 
+async def test_publications_without_history_keep_publish_order_across_nodes(
+    server_factory: ServerFactory,
+    cluster_config: dict[str, Any],
+    clients: list[Client],
+    make_token: Any,
+) -> None:
+    """No history, so no offsets to sequence by: a publish acknowledged before the next one
+    is sent (to another node) must reach every subscriber first (issue 21, item 0)."""
+    nodes = _start_nodes(server_factory, cluster_config, 2)
+    channel = f"plain{uuid.uuid4().hex[:8]}"
+    subs = [
+        await _client(clients, node, make_token(f"u{i}"), channel)
+        for i, node in enumerate(nodes * 3)
+    ]
+    total = 400
+    for i in range(total):
+        await nodes[i % 2].api_async("publish", {"channel": channel, "data": {"i": i}})
+
+    def seen(sub: Client) -> list[int]:
+        return [p["pub"]["data"]["i"] for p in sub.pushes if p.get("channel") == channel]
+
+    for sub in subs:
+        await sub.until(lambda s=sub: len(seen(s)) >= total)
+        assert seen(sub) == list(range(total))
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[dict[str, Any]]:
     binary = shutil.which("redis-server")

@@ -191,6 +191,24 @@ async def test_a_node_never_receives_its_own_messages(cluster: Cluster) -> None:
     assert await ra.next() == ("pub", "ch", Publication(b"2", 2), "E")
 
 
+async def test_barrier_returns_after_what_other_nodes_published_before(
+    cluster: Cluster,
+) -> None:
+    """A publication without an offset cannot be sequenced by its receivers: a node delivers
+    its own only after `barrier`, which returns once every message of the channel that
+    other nodes published before the call has been handed to the handler."""
+    a, _, _ = await cluster.node()
+    b, rb, _ = await cluster.node()
+    await b.subscribe("ch")
+    for rounds in range(20):
+        for i in range(5):
+            await a.publish("ch", Publication(f"{rounds}-{i}".encode(), 0), "")
+        await b.barrier("ch")
+        assert rb.events.qsize() == 5, f"round {rounds}: {rb.events.qsize()} of 5 handed over"
+        for _ in range(5):
+            rb.events.get_nowait()
+
+
 async def test_join_and_leave(cluster: Cluster) -> None:
     a, _, _ = await cluster.node()
     b, rb, _ = await cluster.node()
