@@ -16,13 +16,13 @@ from typing import Any, NamedTuple, cast
 
 from pykka import ActorDeadError, ActorRef
 
-from actors.base import FanOut, LoopActor, tell_if_alive
-from actors.transport import Format, protobuf_codec
-from engine.node import Node
-from engine.protocol import json_codec
-from engine.protocol.codes import Error, ErrorCode
-from engine.sequencer import ChannelSequencer
-from engine.types import ClientInfo, Publication, StreamPosition
+from centripy.actors.base import FanOut, LoopActor, tell_if_alive
+from centripy.actors.transport import Format, protobuf_codec
+from centripy.engine.node import Node
+from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.codes import Error, ErrorCode
+from centripy.engine.sequencer import ChannelSequencer
+from centripy.engine.types import ClientInfo, Publication, StreamPosition
 
 log = logging.getLogger("centripy.channel")
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from actors.hub import Hub, SessionsAdapter
-from engine.cluster import (
+from centripy.actors.hub import Hub, SessionsAdapter
+from centripy.engine.cluster import (
     HEARTBEAT_INTERVAL,
     ControlError,
     DisconnectCommand,
@@ -31,10 +31,10 @@ from engine.cluster import (
     decode_control,
     encode_control,
 )
-from engine.node import VERSION, Node
-from engine.sessions import NodeStats, ServerSubscribe
-from engine.types import ClientInfo, Publication
-from storage.base import Broker, StorageError
+from centripy.engine.node import VERSION, Node
+from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.types import ClientInfo, Publication
+from centripy.storage.base import Broker, StorageError
 
 log = logging.getLogger("centripy.cluster")
 

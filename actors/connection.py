@@ -11,13 +11,13 @@ import logging
 import time
 from typing import Any
 
-from actors.connection_core import ConnectionCore, Subscription
-from actors.hub import ServerDisconnectMsg
-from engine import auth, channels, recovery
-from engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
-from engine.node import VERSION
-from engine.protocol.codes import Disconnect, DisconnectCode, Error, ErrorCode
-from engine.protocol.commands import (
+from centripy.actors.connection_core import ConnectionCore, Subscription
+from centripy.actors.hub import ServerDisconnectMsg
+from centripy.engine import auth, channels, recovery
+from centripy.engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
+from centripy.engine.node import VERSION
+from centripy.engine.protocol.codes import Disconnect, DisconnectCode, Error, ErrorCode
+from centripy.engine.protocol.commands import (
     Command,
     ConnectRequest,
     HistoryRequest,
@@ -30,8 +30,8 @@ from engine.protocol.commands import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from engine.sessions import ServerSubscribe
-from engine.types import ClientInfo, StreamPosition
+from centripy.engine.sessions import ServerSubscribe
+from centripy.engine.types import ClientInfo, StreamPosition
 
 log = logging.getLogger("centripy.connection")
 

@@ -23,20 +23,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from actors.base import LoopActor, actor_of, tell_if_alive
-from actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
-from actors.context import ConnContext
-from actors.hub import (
+from centripy.actors.base import LoopActor, actor_of, tell_if_alive
+from centripy.actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
+from centripy.actors.context import ConnContext
+from centripy.actors.hub import (
     ServerDisconnectMsg,
     ServerRefreshMsg,
     ServerSubscribeMsg,
     ServerUnsubscribeMsg,
     Shutdown,
 )
-from actors.transport import Format, Transport
-from engine import recovery
-from engine.channels import ChannelName
-from engine.protocol.codes import (
+from centripy.actors.transport import Format, Transport
+from centripy.engine import recovery
+from centripy.engine.channels import ChannelName
+from centripy.engine.protocol.codes import (
     UNSUBSCRIBE_REASONS,
     Disconnect,
     DisconnectCode,
@@ -44,9 +44,9 @@ from engine.protocol.codes import (
     ErrorCode,
     UnsubscribeCode,
 )
-from engine.protocol.commands import Command, ConnectRequest, ProtocolError
-from engine.sessions import ServerSubscribe
-from engine.types import ClientInfo
+from centripy.engine.protocol.commands import Command, ConnectRequest, ProtocolError
+from centripy.engine.sessions import ServerSubscribe
+from centripy.engine.types import ClientInfo
 
 log = logging.getLogger("centripy.connection")
 

@@ -6,13 +6,13 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from actors.hub import Hub
-from actors.transport import Format, protobuf_codec
-from engine.auth import TokenVerifier
-from engine.config import Config
-from engine.node import Node
-from engine.protocol import json_codec
-from engine.protocol.commands import Command
+from centripy.actors.hub import Hub
+from centripy.actors.transport import Format, protobuf_codec
+from centripy.engine.auth import TokenVerifier
+from centripy.engine.config import Config
+from centripy.engine.node import Node
+from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.commands import Command
 
 
 @dataclass(slots=True)

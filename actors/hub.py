@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 from pykka import ActorDeadError, ActorRef
 
-from actors.base import actor_of
-from actors.channel import (
+from centripy.actors.base import actor_of
+from centripy.actors.channel import (
     AddSubscriber,
     ChannelActor,
     Deliver,
@@ -27,11 +27,11 @@ from actors.channel import (
     Resync,
     SequencedChannelActor,
 )
-from engine.cluster import NodeInfo
-from engine.node import VERSION, Node
-from engine.sessions import NodeStats, ServerSubscribe
-from engine.types import ClientInfo, Publication
-from storage.base import Broker
+from centripy.engine.cluster import NodeInfo
+from centripy.engine.node import VERSION, Node
+from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.types import ClientInfo, Publication
+from centripy.storage.base import Broker
 
 log = logging.getLogger("centripy.hub")
 

@@ -43,4 +43,4 @@ class Transport(Protocol):
 
 def protobuf_codec() -> Any:
     """The protobuf codec module, imported on first use (only protobuf clients need it)."""
-    return importlib.import_module("engine.protocol.protobuf_codec")
+    return importlib.import_module("centripy.engine.protocol.protobuf_codec")

@@ -19,19 +19,19 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actors.connection import ConnectionActor
-from actors.connection_core import Frame
-from actors.context import ConnContext
-from actors.hub import Hub
-from actors.transport import Format
-from engine.auth import TokenVerifier
-from engine.config import Config
-from engine.node import Node
-from engine.options import ChannelOptions
-from storage.memory import MemoryEventLog
-from storage.presence_memory import MemoryPresence
-from storage.writer import GroupCommitWriter
-from transports.server import tune_gc
+from centripy.actors.connection import ConnectionActor
+from centripy.actors.connection_core import Frame
+from centripy.actors.context import ConnContext
+from centripy.actors.hub import Hub
+from centripy.actors.transport import Format
+from centripy.engine.auth import TokenVerifier
+from centripy.engine.config import Config
+from centripy.engine.node import Node
+from centripy.engine.options import ChannelOptions
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.writer import GroupCommitWriter
+from centripy.transports.server import tune_gc
 
 
 class CountingTransport:

@@ -24,11 +24,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.types import ClientInfo
-from storage.base import AppendRequest, EventLog
-from storage.factory import open_event_log
-from storage.sql import make_tables
-from storage.writer import GroupCommitWriter
+from centripy.engine.types import ClientInfo
+from centripy.storage.base import AppendRequest, EventLog
+from centripy.storage.factory import open_event_log
+from centripy.storage.sql import make_tables
+from centripy.storage.writer import GroupCommitWriter
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 INFO = ClientInfo("user-42", "2b3c4d5e-client", b'{"name":"bench"}')

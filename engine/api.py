@@ -30,12 +30,12 @@ from typing import Final
 
 import orjson
 
-from engine.channels import SubscribeOverride
-from engine.node import Node, PublishItem
-from engine.protocol import json_codec
-from engine.protocol.codes import Error
-from engine.sessions import ServerSubscribe, Sessions
-from engine.types import Publication, StreamPosition
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.node import Node, PublishItem
+from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.codes import Error
+from centripy.engine.sessions import ServerSubscribe, Sessions
+from centripy.engine.types import Publication, StreamPosition
 
 log = logging.getLogger("centripy.api")
 

@@ -29,8 +29,8 @@ from jwt import PyJWK
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWKError, PyJWTError
 
-from engine.channels import SubscribeOverride
-from engine.config import Config, load_public_key
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.config import Config, load_public_key
 
 __all__ = [
     "MAX_TOKEN_LENGTH",

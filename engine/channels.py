@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.options import ChannelOptions
-from engine.protocol.codes import Error, ErrorCode
+from centripy.engine.options import ChannelOptions
+from centripy.engine.protocol.codes import Error, ErrorCode
 
 
 class ChannelRules(Protocol):

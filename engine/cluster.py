@@ -28,9 +28,9 @@ from typing import Any
 
 import orjson
 
-from engine.channels import SubscribeOverride
-from engine.sessions import NodeStats, ServerSubscribe, Sessions
-from engine.types import StreamPosition
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.sessions import NodeStats, ServerSubscribe, Sessions
+from centripy.engine.types import StreamPosition
 
 HEARTBEAT_INTERVAL = 3.0  # seconds between two NodeInfo broadcasts of a node
 NODE_EXPIRE_AFTER = 7.0  # seconds of silence after which a node is forgotten

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from engine.options import ChannelOptions, Namespace
+from centripy.engine.options import ChannelOptions, Namespace
 
 __all__ = [
     "Config",

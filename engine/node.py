@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.channels import ChannelName, resolve
-from engine.config import Config
-from engine.metrics import Metrics
-from engine.protocol.codes import Error, ErrorCode
-from engine.types import ClientInfo, Publication, StreamPosition
-from storage.base import (
+from centripy.engine.channels import ChannelName, resolve
+from centripy.engine.config import Config
+from centripy.engine.metrics import Metrics
+from centripy.engine.protocol.codes import Error, ErrorCode
+from centripy.engine.types import ClientInfo, Publication, StreamPosition
+from centripy.storage.base import (
     AppendRequest,
     AppendResult,
     Broker,

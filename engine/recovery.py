@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from engine.types import Publication, StreamPosition
+from centripy.engine.types import Publication, StreamPosition
 
 PositionVerdict = Literal["deliver", "drop", "insufficient"]
 

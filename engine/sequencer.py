@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Literal
 
-from engine.types import Publication, StreamPosition
+from centripy.engine.types import Publication, StreamPosition
 
 InsufficientReason = Literal["epoch", "gap"]
 

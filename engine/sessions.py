@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from engine.channels import SubscribeOverride
-from engine.types import StreamPosition
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.types import StreamPosition
 
 if TYPE_CHECKING:
-    from engine.cluster import NodeInfo
+    from centripy.engine.cluster import NodeInfo
 
 
 @dataclass(frozen=True, slots=True)

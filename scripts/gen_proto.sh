@@ -35,5 +35,7 @@ prepend "$OUT/client_pb2.py" "# ruff: noqa
 prepend "$OUT/client_pb2.pyi" "# ruff: noqa
 # mypy: ignore-errors"
 
+# The module is imported as centripy.engine.protocol.client_pb2 (the package namespace).
+sed -i 's/"engine\.protocol\.client_pb2"/"centripy.engine.protocol.client_pb2"/' "$OUT/client_pb2.py"
 .venv/bin/ruff format --quiet "$OUT/client_pb2.py" "$OUT/client_pb2.pyi"
 echo "gen_proto.sh: generated with $("$PY" -m grpc_tools.protoc --version)" >&2

@@ -31,7 +31,7 @@ run_pytest() {
 
 step "ruff check" .venv/bin/ruff check .
 step "ruff format --check" .venv/bin/ruff format --check .
-step "mypy" .venv/bin/mypy engine storage actors transports
+step "mypy" .venv/bin/mypy -p centripy
 step "pytest" run_pytest "$@"
 
 if [ "${#failed[@]}" -ne 0 ]; then

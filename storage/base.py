@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.types import ClientInfo, Publication, StreamPosition
+from centripy.engine.types import ClientInfo, Publication, StreamPosition
 
 
 class StorageError(Exception):

@@ -29,9 +29,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from engine.types import ClientInfo, Publication
-from storage.base import Broker, BrokerHandler, StorageError
-from storage.broker_redis import (
+from centripy.engine.types import ClientInfo, Publication
+from centripy.storage.base import Broker, BrokerHandler, StorageError
+from centripy.storage.broker_redis import (
     KIND_CONTROL,
     backoff_delay,
     decode_message,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.base import EventLog
-from storage.memory import MemoryEventLog
-from storage.postgres import SCHEME as PG_SCHEME
-from storage.postgres import PostgresEventLog
-from storage.sqlite import SCHEME as SQLITE_SCHEME
-from storage.sqlite import SqliteEventLog
+from centripy.storage.base import EventLog
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.postgres import SCHEME as PG_SCHEME
+from centripy.storage.postgres import PostgresEventLog
+from centripy.storage.sqlite import SCHEME as SQLITE_SCHEME
+from centripy.storage.sqlite import SqliteEventLog
 
 _REWRITES = {
     "postgresql": PG_SCHEME,

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.types import EMPTY_TAGS, Publication, StreamPosition
-from storage.base import (
+from centripy.engine.types import EMPTY_TAGS, Publication, StreamPosition
+from centripy.storage.base import (
     AppendRequest,
     AppendResult,
     EventLog,

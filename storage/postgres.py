@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from storage.memory import DEFAULT_GC_INTERVAL
-from storage.sql import Session, Sql, SqlEventLog, json_dumps
+from centripy.storage.memory import DEFAULT_GC_INTERVAL
+from centripy.storage.sql import Session, Sql, SqlEventLog, json_dumps
 
 SCHEME = "postgresql+asyncpg"
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import asyncpg
 
-from engine.types import ClientInfo
-from storage.base import PresenceManager, PresenceStats, StorageError
-from storage.broker_postgres import PG_ERRORS, asyncpg_dsn, check_identifier
+from centripy.engine.types import ClientInfo
+from centripy.storage.base import PresenceManager, PresenceStats, StorageError
+from centripy.storage.broker_postgres import PG_ERRORS, asyncpg_dsn, check_identifier
 
 
 class PostgresPresence(PresenceManager):

@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from engine.types import ClientInfo
-from storage.base import PresenceManager, PresenceStats, StorageError
-from storage.broker_redis import (
+from centripy.engine.types import ClientInfo
+from centripy.storage.base import PresenceManager, PresenceStats, StorageError
+from centripy.storage.broker_redis import (
     REDIS_ERRORS,
     connection_kwargs,
     decode_client_info,

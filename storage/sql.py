@@ -46,8 +46,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from engine.types import EMPTY_TAGS, ClientInfo, Publication, StreamPosition
-from storage.base import (
+from centripy.engine.types import EMPTY_TAGS, ClientInfo, Publication, StreamPosition
+from centripy.storage.base import (
     AppendRequest,
     AppendResult,
     EventLog,
@@ -55,7 +55,7 @@ from storage.base import (
     HistoryResult,
     StorageError,
 )
-from storage.memory import (
+from centripy.storage.memory import (
     DEFAULT_GC_INTERVAL,
     check_append,
     check_epoch,

@@ -24,8 +24,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
-from storage.memory import DEFAULT_GC_INTERVAL
-from storage.sql import Session, Sql, SqlEventLog, json_dumps
+from centripy.storage.memory import DEFAULT_GC_INTERVAL
+from centripy.storage.sql import Session, Sql, SqlEventLog, json_dumps
 
 SCHEME = "sqlite+aiosqlite"
 

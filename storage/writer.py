@@ -24,8 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from storage.base import AppendRequest, AppendResult, EventLog, StorageError
-from storage.memory import check_append
+from centripy.storage.base import AppendRequest, AppendResult, EventLog, StorageError
+from centripy.storage.memory import check_append
 
 log = logging.getLogger("centripy.storage.writer")
 

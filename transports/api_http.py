@@ -24,10 +24,17 @@ from urllib.parse import parse_qs
 import orjson
 from tornado.web import RequestHandler, stream_request_body
 
-from engine.api import METHODS, DecodeError, Executor, api_error, decode_request, error_body
-from engine.config import Config
-from engine.protocol import json_codec
-from engine.protocol.codes import Error
+from centripy.engine.api import (
+    METHODS,
+    DecodeError,
+    Executor,
+    api_error,
+    decode_request,
+    error_body,
+)
+from centripy.engine.config import Config
+from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.codes import Error
 
 JSON_TYPE: Final = "application/json"
 TEXT_TYPE: Final = "text/plain; charset=utf-8"

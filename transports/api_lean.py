@@ -32,14 +32,19 @@ import tornado.iostream
 import tornado.web
 from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 
-from transports.api_http import (
+from centripy.transports.api_http import (
     JSON_TYPE,
     TOO_LARGE,
     ApiEndpoint,
     ApiLegacyHandler,
     ApiMethodHandler,
 )
-from transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket, parse_upgrade
+from centripy.transports.websocket import (
+    LeanWebSocket,
+    WebSocketHandler,
+    lean_websocket,
+    parse_upgrade,
+)
 
 log = logging.getLogger("centripy.api")
 access_log = logging.getLogger("tornado.access")

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import yaml
 
-from engine.auth import (
+from centripy.engine.auth import (
     JWKSCache,
     JWKSFetchError,
     TokenError,
@@ -31,7 +31,7 @@ from engine.auth import (
     make_token,
     token_payload,
 )
-from engine.config import Config, ConfigError, load_config
+from centripy.engine.config import Config, ConfigError, load_config
 
 __all__ = ["format_go_duration", "main"]
 
@@ -157,9 +157,9 @@ def _serve(argv: list[str]) -> int:
     config, warnings = load_config(path, os.environ, args)
     _print_warnings(warnings)
     try:
-        from transports.server import run  # the composition root; imported only to serve
+        from centripy.transports.server import run  # the composition root; imported only to serve
     except ModuleNotFoundError as exc:
-        if exc.name != "transports.server":
+        if exc.name != "centripy.transports.server":
             raise
         raise _UsageError("the server module transports.server is not installed") from None
 
@@ -327,7 +327,7 @@ def _migrate(argv: list[str]) -> int:
     parser = _Parser(prog="centripy migrate", description="Create or upgrade the database schema")
     _config_arg(parser, "path to config file")
     config = _load(parser.parse_args(argv).config)
-    from storage.factory import migrate  # storage back ends load only when needed
+    from centripy.storage.factory import migrate  # storage back ends load only when needed
 
     asyncio.run(migrate(config.database_url))
     print(f"database schema is up to date: {_redact(config.database_url)}")

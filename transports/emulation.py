@@ -24,13 +24,13 @@ from typing import Any, NamedTuple
 import orjson
 from pykka import ActorDeadError
 
-from actors.connection_core import Frame, frames_waiting, tell_frame
-from actors.context import ConnContext
-from actors.transport import Format, protobuf_codec
-from engine.config import Config
-from engine.protocol import json_codec
-from engine.protocol.commands import ProtocolError
-from transports.http_common import (
+from centripy.actors.connection_core import Frame, frames_waiting, tell_frame
+from centripy.actors.context import ConnContext
+from centripy.actors.transport import Format, protobuf_codec
+from centripy.engine.config import Config
+from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.commands import ProtocolError
+from centripy.transports.http_common import (
     JSON_STREAM_CONTENT_TYPE,
     PROTOBUF_CONTENT_TYPE,
     SSE_CONTENT_TYPE,

@@ -25,11 +25,11 @@ import tornado.iostream
 import tornado.web
 from pykka import ActorDeadError
 
-from actors.connection import ConnectionActor
-from actors.connection_core import TransportClosed
-from actors.context import ConnContext
-from actors.transport import Format
-from transports.websocket import origin_allowed
+from centripy.actors.connection import ConnectionActor
+from centripy.actors.connection_core import TransportClosed
+from centripy.actors.context import ConnContext
+from centripy.actors.transport import Format
+from centripy.transports.websocket import origin_allowed
 
 # Centrifugo gives each streamed write (and the response head) one second.
 WRITE_TIMEOUT = 1.0

@@ -24,27 +24,27 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.web
 
-from actors.cluster import ClusterLink, ClusterSessions
-from actors.context import ConnContext
-from actors.hub import Hub, SessionsAdapter
-from engine.api import Executor
-from engine.auth import JWKSCache, TokenVerifier
-from engine.config import Config
-from engine.metrics import Metrics
-from engine.node import VERSION, Node
-from engine.sessions import Sessions
-from storage.base import Broker, PresenceManager
-from storage.broker_postgres import PostgresBroker
-from storage.broker_redis import RedisBroker
-from storage.factory import open_event_log
-from storage.presence_memory import MemoryPresence
-from storage.presence_postgres import PostgresPresence
-from storage.presence_redis import RedisPresence
-from storage.writer import GroupCommitWriter
-from transports.api_http import InFlight, api_routes
-from transports.api_lean import LeanHTTPServer, Limits
-from transports.consumers import Consumers, start_consumers
-from transports.websocket import WebSocketHandler
+from centripy.actors.cluster import ClusterLink, ClusterSessions
+from centripy.actors.context import ConnContext
+from centripy.actors.hub import Hub, SessionsAdapter
+from centripy.engine.api import Executor
+from centripy.engine.auth import JWKSCache, TokenVerifier
+from centripy.engine.config import Config
+from centripy.engine.metrics import Metrics
+from centripy.engine.node import VERSION, Node
+from centripy.engine.sessions import Sessions
+from centripy.storage.base import Broker, PresenceManager
+from centripy.storage.broker_postgres import PostgresBroker
+from centripy.storage.broker_redis import RedisBroker
+from centripy.storage.factory import open_event_log
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.presence_postgres import PostgresPresence
+from centripy.storage.presence_redis import RedisPresence
+from centripy.storage.writer import GroupCommitWriter
+from centripy.transports.api_http import InFlight, api_routes
+from centripy.transports.api_lean import LeanHTTPServer, Limits
+from centripy.transports.consumers import Consumers, start_consumers
+from centripy.transports.websocket import WebSocketHandler
 
 log = logging.getLogger("centripy.server")
 access_log = logging.getLogger("tornado.access")
@@ -173,12 +173,12 @@ def client_routes(config: Config, ctx: ConnContext) -> list[Any]:
     routes: list[Any] = []
     if not config.websocket_disable:
         routes.append((config.websocket_handler_prefix, WebSocketHandler, {"ctx": ctx}))
-    from transports import emulation, uni  # each adds only the transports switched on
+    from centripy.transports import emulation, uni  # each adds only the transports switched on
 
     routes.extend(emulation.routes(config, ctx))
     routes.extend(uni.routes(config, ctx))
     if config.sockjs:
-        from transports.sockjs import sockjs_routes
+        from centripy.transports.sockjs import sockjs_routes
 
         routes.extend(sockjs_routes(config, ctx))
     return routes

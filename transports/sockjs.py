@@ -38,10 +38,10 @@ import orjson
 import tornado.websocket
 from tornado.web import RequestHandler
 
-from actors.context import ConnContext
-from engine.config import Config
-from transports.http_common import write_timeout
-from transports.sockjs_session import (
+from centripy.actors.context import ConnContext
+from centripy.engine.config import Config
+from centripy.transports.http_common import write_timeout
+from centripy.transports.sockjs_session import (
     ANOTHER_CONNECTION_FRAME,
     RESPONSE_LIMIT,
     BadPayload,
@@ -53,7 +53,7 @@ from transports.sockjs_session import (
     quote,
     retrieve,
 )
-from transports.websocket import origin_allowed
+from centripy.transports.websocket import origin_allowed
 
 JS_TYPE: Final = "application/javascript; charset=UTF-8"
 TEXT_TYPE: Final = "text/plain; charset=UTF-8"

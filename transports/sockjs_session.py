@@ -33,12 +33,12 @@ import tornado.websocket
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
-from actors.connection import ConnectionActor
-from actors.connection_core import TransportClosed, frames_waiting, tell_frame
-from actors.context import ConnContext
-from actors.transport import Format
-from engine.protocol.codes import DisconnectCode
-from transports.http_common import WRITE_TIMEOUT, abort_unless_done
+from centripy.actors.connection import ConnectionActor
+from centripy.actors.connection_core import TransportClosed, frames_waiting, tell_frame
+from centripy.actors.context import ConnContext
+from centripy.actors.transport import Format
+from centripy.engine.protocol.codes import DisconnectCode
+from centripy.transports.http_common import WRITE_TIMEOUT, abort_unless_done
 
 OPEN_FRAME = b"o"
 HEARTBEAT_FRAME = b"h"

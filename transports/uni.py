@@ -26,14 +26,14 @@ from typing import Any
 import tornado.websocket
 from pykka import ActorDeadError
 
-from actors.connection import ConnectionActor
-from actors.connection_core import TransportClosed, UniConnect
-from actors.context import ConnContext
-from actors.transport import Format
-from engine.config import Config
-from engine.protocol import json_codec
-from engine.protocol.commands import ConnectRequest, ProtocolError
-from transports.http_common import (
+from centripy.actors.connection import ConnectionActor
+from centripy.actors.connection_core import TransportClosed, UniConnect
+from centripy.actors.context import ConnContext
+from centripy.actors.transport import Format
+from centripy.engine.config import Config
+from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.commands import ConnectRequest, ProtocolError
+from centripy.transports.http_common import (
     SSE_CONTENT_TYPE,
     SSE_PREAMBLE,
     WRITE_TIMEOUT,
@@ -43,7 +43,7 @@ from transports.http_common import (
     frame_sse,
     prefix_route,
 )
-from transports.websocket import origin_allowed
+from centripy.transports.websocket import origin_allowed
 
 CONNECT_PARAM = "cf_connect"
 # Centrifugo's uni_websocket pings natively every 25 s and drops a connection that sent

@@ -32,10 +32,10 @@ import tornado.iostream
 import tornado.websocket
 from tornado.util import _websocket_mask
 
-from actors.connection import ConnectionActor
-from actors.connection_core import TransportClosed, tell_frame
-from actors.context import ConnContext
-from actors.transport import Format, protobuf_codec
+from centripy.actors.connection import ConnectionActor
+from centripy.actors.connection_core import TransportClosed, tell_frame
+from centripy.actors.context import ConnContext
+from centripy.actors.transport import Format, protobuf_codec
 
 PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
 JSON_SUBPROTOCOL = "centrifuge-json"

@@ -27,7 +27,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "engine.protocol.client_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "centripy.engine.protocol.client_pb2", _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
     _globals["_PUBLICATION_TAGSENTRY"]._loaded_options = None

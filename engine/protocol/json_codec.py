@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from engine.protocol.codes import Error
-from engine.protocol.commands import (
+from centripy.engine.protocol.codes import Error
+from centripy.engine.protocol.commands import (
     METHODS,
     Command,
     ConnectRequest,
@@ -43,7 +43,7 @@ from engine.protocol.commands import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from engine.types import ClientInfo, Publication
+from centripy.engine.types import ClientInfo, Publication
 
 JsonObj = dict[str, Any]
 

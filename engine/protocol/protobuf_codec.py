@@ -31,9 +31,9 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as _PbMessage
 
-from engine.protocol import client_pb2 as pb
-from engine.protocol.codes import Error
-from engine.protocol.commands import (
+from centripy.engine.protocol import client_pb2 as pb
+from centripy.engine.protocol.codes import Error
+from centripy.engine.protocol.commands import (
     METHODS,
     Command,
     ConnectRequest,
@@ -51,7 +51,7 @@ from engine.protocol.commands import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from engine.types import ClientInfo, Publication
+from centripy.engine.types import ClientInfo, Publication
 
 PING = b""
 

@@ -8,19 +8,19 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from actors.connection import ConnectionActor
-from actors.connection_core import Frame, TransportClosed
-from actors.context import ConnContext
-from actors.hub import Hub
-from actors.transport import Format
-from engine.auth import TokenVerifier
-from engine.config import Config
-from engine.node import Node
-from engine.options import ChannelOptions, Namespace
-from engine.types import ClientInfo
-from storage.memory import MemoryEventLog
-from storage.presence_memory import MemoryPresence
-from storage.writer import GroupCommitWriter
+from centripy.actors.connection import ConnectionActor
+from centripy.actors.connection_core import Frame, TransportClosed
+from centripy.actors.context import ConnContext
+from centripy.actors.hub import Hub
+from centripy.actors.transport import Format
+from centripy.engine.auth import TokenVerifier
+from centripy.engine.config import Config
+from centripy.engine.node import Node
+from centripy.engine.options import ChannelOptions, Namespace
+from centripy.engine.types import ClientInfo
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.writer import GroupCommitWriter
 
 SECRET = "harness-secret"
 

@@ -9,7 +9,7 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.base import FanOut, LoopActor
+from centripy.actors.base import FanOut, LoopActor
 
 
 class Recorder(LoopActor):

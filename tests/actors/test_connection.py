@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.auth import make_token
+from centripy.engine.auth import make_token
 from tests.actors.harness import SECRET, Client, Harness, make_config
 
 
@@ -399,7 +399,7 @@ async def test_binary_publication_disconnects_json_client_with_3506() -> None:
 
 
 def test_ttl_of_a_far_expiry_fits_the_protocols_uint32() -> None:
-    from actors.connection import _ttl
+    from centripy.actors.connection import _ttl
 
     now = time.time()
     assert _ttl(0, now) == 0

@@ -21,9 +21,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import actors.channel as channel_module
-from actors.base import LoopActor
-from actors.channel import (
+import centripy.actors.channel as channel_module
+from centripy.actors.base import LoopActor
+from centripy.actors.channel import (
     AddSubscriber,
     Deliver,
     Init,
@@ -32,11 +32,11 @@ from actors.channel import (
     SequencedChannelActor,
     _GapCheck,
 )
-from engine.protocol.codes import Error, ErrorCode
-from engine.sequencer import ChannelSequencer
-from engine.types import Publication, StreamPosition
-from storage.base import AppendRequest, HistoryQuery, HistoryResult, UnrecoverablePosition
-from storage.memory import MemoryEventLog
+from centripy.engine.protocol.codes import Error, ErrorCode
+from centripy.engine.sequencer import ChannelSequencer
+from centripy.engine.types import Publication, StreamPosition
+from centripy.storage.base import AppendRequest, HistoryQuery, HistoryResult, UnrecoverablePosition
+from centripy.storage.memory import MemoryEventLog
 
 CHANNEL = "room:seq"
 META_TTL = 10.0  # a stream idle for longer is forgotten: the next append makes a new epoch

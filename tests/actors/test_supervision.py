@@ -7,11 +7,11 @@ import asyncio
 import base64
 from typing import Any
 
-from actors.channel import ChannelActor, RemoveSubscriber
-from actors.connection_core import frames_waiting, tell_frame
-from actors.hub import ServerSubscribeMsg
-from engine.auth import make_token
-from engine.sessions import ServerSubscribe
+from centripy.actors.channel import ChannelActor, RemoveSubscriber
+from centripy.actors.connection_core import frames_waiting, tell_frame
+from centripy.actors.hub import ServerSubscribeMsg
+from centripy.engine.auth import make_token
+from centripy.engine.sessions import ServerSubscribe
 from tests.actors.harness import (
     SECRET,
     BlockingPresence,

@@ -16,7 +16,7 @@ from unittest.mock import ANY
 import orjson
 import pytest
 
-from engine.api import (
+from centripy.engine.api import (
     CommandFailed,
     DecodeError,
     DispatchError,
@@ -24,18 +24,18 @@ from engine.api import (
     compile_glob,
     decode_request,
 )
-from engine.channels import SubscribeOverride
-from engine.cluster import NodeInfo
-from engine.config import Config
-from engine.node import VERSION, Node
-from engine.options import ChannelOptions, Namespace
-from engine.protocol.codes import Error
-from engine.sessions import NodeStats, ServerSubscribe
-from engine.types import ClientInfo, Publication, StreamPosition
-from storage.base import AppendRequest, AppendResult, StorageError
-from storage.memory import MemoryEventLog
-from storage.presence_memory import MemoryPresence
-from storage.writer import GroupCommitWriter
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.cluster import NodeInfo
+from centripy.engine.config import Config
+from centripy.engine.node import VERSION, Node
+from centripy.engine.options import ChannelOptions, Namespace
+from centripy.engine.protocol.codes import Error
+from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.types import ClientInfo, Publication, StreamPosition
+from centripy.storage.base import AppendRequest, AppendResult, StorageError
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.writer import GroupCommitWriter
 
 HISTORY = ChannelOptions(history_size=100, history_ttl=300, presence=True)
 CONFIG = Config(

@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from engine import auth as auth_module
-from engine.auth import (
+from centripy.engine import auth as auth_module
+from centripy.engine.auth import (
     MAX_TOKEN_LENGTH,
     ConnectToken,
     InvalidToken,
@@ -34,7 +34,7 @@ from engine.auth import (
     make_token,
     token_payload,
 )
-from engine.config import Config
+from centripy.engine.config import Config
 
 NOW = 1_700_000_000
 SECRET = "secret"

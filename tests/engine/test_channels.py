@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.channels import (
+from centripy.engine.channels import (
     ChannelName,
     SubscribeOverride,
     SubscriptionFeatures,
@@ -27,8 +27,8 @@ from engine.channels import (
     subscribe_proxy_decides,
     subscription_features,
 )
-from engine.options import ChannelOptions
-from engine.protocol.codes import Error
+from centripy.engine.options import ChannelOptions
+from centripy.engine.protocol.codes import Error
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.channels import SubscribeOverride
-from engine.cluster import (
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.cluster import (
     HEARTBEAT_INTERVAL,
     NODE_EXPIRE_AFTER,
     ControlError,
@@ -26,8 +26,8 @@ from engine.cluster import (
     decode_control,
     encode_control,
 )
-from engine.sessions import NodeStats, ServerSubscribe
-from engine.types import StreamPosition
+from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.types import StreamPosition
 
 MESSAGES: list[ControlMessage] = [
     NodeInfo("u1", "host_8000", "5.2.2", 3, 2, 4, 5, 12, {"chat:a": 2, "news": 1}),

@@ -12,14 +12,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.config import (
+from centripy.engine.config import (
     Config,
     ConfigError,
     load_config,
     parse_go_bool,
     parse_go_duration,
 )
-from engine.options import ChannelOptions
+from centripy.engine.options import ChannelOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -496,7 +496,7 @@ def test_example_config_is_valid() -> None:
 
 
 def test_several_nodes_on_a_sqlite_log_are_refused() -> None:
-    from engine.config import ConfigError, load_config
+    from centripy.engine.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(None, {}, {"engine": "redis"})

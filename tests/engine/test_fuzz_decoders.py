@@ -23,14 +23,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.context import ConnContext
-from actors.transport import Format
-from engine import api
-from engine.channels import SubscribeOverride
-from engine.protocol import client_pb2 as pb
-from engine.protocol import commands as c
-from engine.protocol import json_codec, protobuf_codec
-from engine.protocol.codes import Error
+from centripy.actors.context import ConnContext
+from centripy.actors.transport import Format
+from centripy.engine import api
+from centripy.engine.channels import SubscribeOverride
+from centripy.engine.protocol import client_pb2 as pb
+from centripy.engine.protocol import commands as c
+from centripy.engine.protocol import json_codec, protobuf_codec
+from centripy.engine.protocol.codes import Error
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.protocol import json_codec as jc
-from engine.protocol.codes import Error
-from engine.protocol.commands import (
+from centripy.engine.protocol import json_codec as jc
+from centripy.engine.protocol.codes import Error
+from centripy.engine.protocol.commands import (
     METHODS,
     Command,
     ConnectRequest,
@@ -28,7 +28,7 @@ from engine.protocol.commands import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from engine.types import ClientInfo, Publication
+from centripy.engine.types import ClientInfo, Publication
 
 # ------------------------------------------------------------------ decoding: examples
 
@@ -615,7 +615,7 @@ def test_error_round_trip(cmd_id: int, code: int, message: str) -> None:
 
 
 def test_loads_exact_keeps_integers_beyond_64_bits_and_nothing_else_changes() -> None:
-    from engine.protocol.json_codec import dumps_exact, loads_exact
+    from centripy.engine.protocol.json_codec import dumps_exact, loads_exact
 
     doc = b'{"big":-123456789012345678901234567890,"s":"12345678901234567890","f":1.5}'
     value = loads_exact(doc)

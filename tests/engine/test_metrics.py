@@ -1,4 +1,4 @@
-from engine.metrics import Metrics
+from centripy.engine.metrics import Metrics
 
 
 def test_render_counters_gauges_and_collectors() -> None:

@@ -14,11 +14,11 @@ from centrifuge.protocol import client_pb2 as sdk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.protocol import client_pb2 as pb
-from engine.protocol import json_codec as jc
-from engine.protocol import protobuf_codec as pc
-from engine.protocol.codes import Error
-from engine.protocol.commands import (
+from centripy.engine.protocol import client_pb2 as pb
+from centripy.engine.protocol import json_codec as jc
+from centripy.engine.protocol import protobuf_codec as pc
+from centripy.engine.protocol.codes import Error
+from centripy.engine.protocol.commands import (
     Command,
     ConnectRequest,
     HistoryRequest,
@@ -34,7 +34,7 @@ from engine.protocol.commands import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from engine.types import ClientInfo, Publication
+from centripy.engine.types import ClientInfo, Publication
 
 ALICE = ClientInfo("42", "9b1c6e0e-0000-4000-8000-000000000001", b'{"name":"Alex"}', b"\x00\xff")
 

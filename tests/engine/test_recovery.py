@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.recovery import check_position, merge_buffered, recovery_verdict
-from engine.types import Publication, StreamPosition
-from storage.base import AppendRequest, HistoryQuery
-from storage.memory import MemoryEventLog
+from centripy.engine.recovery import check_position, merge_buffered, recovery_verdict
+from centripy.engine.types import Publication, StreamPosition
+from centripy.storage.base import AppendRequest, HistoryQuery
+from centripy.storage.memory import MemoryEventLog
 
 
 def pubs(*offsets: int) -> list[Publication]:

@@ -14,8 +14,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine.sequencer import ChannelSequencer, InsufficientReason
-from engine.types import Publication, StreamPosition
+from centripy.engine.sequencer import ChannelSequencer, InsufficientReason
+from centripy.engine.types import Publication, StreamPosition
 
 
 class Clock:

@@ -15,11 +15,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from storage.base import EventLog
-from storage.memory import MemoryEventLog
-from storage.postgres import PostgresEventLog
-from storage.sql import make_tables
-from storage.sqlite import SqliteEventLog
+from centripy.storage.base import EventLog
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.postgres import PostgresEventLog
+from centripy.storage.sql import make_tables
+from centripy.storage.sqlite import SqliteEventLog
 from tests.support.services import postgres_url
 
 BACKENDS = ("memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres))

@@ -19,10 +19,10 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.types import ClientInfo, Publication
-from storage.base import Broker, StorageError
-from storage.broker_postgres import PostgresBroker, asyncpg_dsn
-from storage.broker_redis import (
+from centripy.engine.types import ClientInfo, Publication
+from centripy.storage.base import Broker, StorageError
+from centripy.storage.broker_postgres import PostgresBroker, asyncpg_dsn
+from centripy.storage.broker_redis import (
     RedisBroker,
     connection_kwargs,
     decode_client_info,

@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from engine.types import ClientInfo, StreamPosition
-from storage.base import (
+from centripy.engine.types import ClientInfo, StreamPosition
+from centripy.storage.base import (
     AppendRequest,
     EventLog,
     HistoryQuery,
     StorageError,
     UnrecoverablePosition,
 )
-from storage.factory import migrate, open_event_log
-from storage.memory import MemoryEventLog
-from storage.postgres import PostgresEventLog
-from storage.sql import SCHEMA_VERSION, SqlEventLog
-from storage.sqlite import SqliteEventLog
+from centripy.storage.factory import migrate, open_event_log
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.postgres import PostgresEventLog
+from centripy.storage.sql import SCHEMA_VERSION, SqlEventLog
+from centripy.storage.sqlite import SqliteEventLog
 from tests.storage.conftest import FakeClock, LogFactory
 
 pytestmark = pytest.mark.timeout(60)

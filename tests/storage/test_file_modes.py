@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.base import AppendRequest, HistoryQuery
-from storage.factory import open_event_log
-from storage.sqlite import SqliteEventLog, create_private_file
+from centripy.storage.base import AppendRequest, HistoryQuery
+from centripy.storage.factory import open_event_log
+from centripy.storage.sqlite import SqliteEventLog, create_private_file
 
 
 @pytest.fixture(params=[0o000, 0o022], ids=["umask-000", "umask-022"])

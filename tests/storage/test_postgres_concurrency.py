@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from storage.base import AppendRequest, AppendResult, HistoryQuery, StorageError
-from storage.postgres import PostgresEventLog
-from storage.writer import GroupCommitWriter
+from centripy.storage.base import AppendRequest, AppendResult, HistoryQuery, StorageError
+from centripy.storage.postgres import PostgresEventLog
+from centripy.storage.writer import GroupCommitWriter
 from tests.storage.conftest import drop_prefix, new_prefix
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]

@@ -12,13 +12,13 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from engine.types import ClientInfo
-from storage.base import PresenceManager, PresenceStats, StorageError
-from storage.broker_postgres import asyncpg_dsn
-from storage.broker_redis import decode_client_info
-from storage.presence_memory import MemoryPresence
-from storage.presence_postgres import PostgresPresence
-from storage.presence_redis import RedisPresence
+from centripy.engine.types import ClientInfo
+from centripy.storage.base import PresenceManager, PresenceStats, StorageError
+from centripy.storage.broker_postgres import asyncpg_dsn
+from centripy.storage.broker_redis import decode_client_info
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.presence_postgres import PostgresPresence
+from centripy.storage.presence_redis import RedisPresence
 from tests.storage.conftest import FakeClock
 from tests.support.server import free_port
 from tests.support.services import postgres_url, redis_url

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.types import StreamPosition
-from storage.base import AppendRequest, AppendResult, EventLog, HistoryQuery
-from storage.writer import GroupCommitWriter
+from centripy.engine.types import StreamPosition
+from centripy.storage.base import AppendRequest, AppendResult, EventLog, HistoryQuery
+from centripy.storage.writer import GroupCommitWriter
 from tests.storage.conftest import BACKENDS, FakeClock, LogFactory
 
 pytestmark = pytest.mark.timeout(300)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from storage.base import (
+from centripy.storage.base import (
     AppendRequest,
     AppendResult,
     EventLog,
@@ -15,8 +15,8 @@ from storage.base import (
     HistoryResult,
     StorageError,
 )
-from storage.memory import MemoryEventLog
-from storage.writer import GroupCommitWriter
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.writer import GroupCommitWriter
 from tests.storage.conftest import LogFactory
 
 pytestmark = pytest.mark.timeout(30)

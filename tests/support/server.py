@@ -59,7 +59,11 @@ def server_command() -> list[str]:
     script = Path(sys.executable).with_name("centripy")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from transports.cli import main; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from centripy.transports.cli import main; sys.exit(main())",
+    ]
 
 
 def tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:

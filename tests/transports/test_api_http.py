@@ -19,17 +19,17 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application
 
-from engine.api import Executor
-from engine.config import Config
-from engine.node import Node
-from engine.options import ChannelOptions, Namespace
-from engine.sessions import ServerSubscribe
-from storage.memory import MemoryEventLog
-from storage.presence_memory import MemoryPresence
-from storage.writer import GroupCommitWriter
+from centripy.engine.api import Executor
+from centripy.engine.config import Config
+from centripy.engine.node import Node
+from centripy.engine.options import ChannelOptions, Namespace
+from centripy.engine.sessions import ServerSubscribe
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.writer import GroupCommitWriter
+from centripy.transports.api_http import InFlight, api_key_valid, api_routes
+from centripy.transports.api_lean import LeanHTTPServer
 from tests.engine.test_api import RecordingSessions
-from transports.api_http import InFlight, api_key_valid, api_routes
-from transports.api_lean import LeanHTTPServer
 
 KEY = "secret"
 NAMESPACES = (

@@ -14,15 +14,15 @@ import pytest
 import tornado.web
 from tornado.testing import bind_unused_port
 
-from engine.api import Executor
-from engine.config import Config
-from engine.node import Node
-from storage.memory import MemoryEventLog
-from storage.presence_memory import MemoryPresence
-from storage.writer import GroupCommitWriter
+from centripy.engine.api import Executor
+from centripy.engine.config import Config
+from centripy.engine.node import Node
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.writer import GroupCommitWriter
+from centripy.transports.api_http import api_routes
+from centripy.transports.api_lean import LeanHTTPServer, parse_head, response_bytes
 from tests.engine.test_api import RecordingSessions
-from transports.api_http import api_routes
-from transports.api_lean import LeanHTTPServer, parse_head, response_bytes
 
 KEY = "secret"
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.auth import TokenVerifier, make_token
-from engine.config import Config, load_config
-from transports.cli import format_go_duration, main
+from centripy.engine.auth import TokenVerifier, make_token
+from centripy.engine.config import Config, load_config
+from centripy.transports.cli import format_go_duration, main
 
 ROOT = Path(__file__).resolve().parents[2]
 Capture = pytest.CaptureFixture[str]
@@ -194,9 +194,9 @@ def test_serve_passes_overrides_to_server(
         seen.append(config)
         return 7
 
-    module = types.ModuleType("transports.server")
+    module = types.ModuleType("centripy.transports.server")
     module.run = fake_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "transports.server", module)
+    monkeypatch.setitem(sys.modules, "centripy.transports.server", module)
     monkeypatch.setenv("CENTRIFUGO_ADDRESS", "127.0.0.2")
     path = write_config(tmp_path, {"port": 1000, "api_key": "k", "foo": 1})
     code, _, err = run(
@@ -239,9 +239,9 @@ def test_migrate_calls_storage(
     async def fake_migrate(database_url: str) -> None:
         urls.append(database_url)
 
-    module = types.ModuleType("storage.factory")
+    module = types.ModuleType("centripy.storage.factory")
     module.migrate = fake_migrate  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "storage.factory", module)
+    monkeypatch.setitem(sys.modules, "centripy.storage.factory", module)
     path = write_config(tmp_path, {"database_url": "postgresql+asyncpg://u:pw@h/db"})
     code, out, _ = run(capsys, "migrate", "-c", path)
     assert code == 0 and urls == ["postgresql+asyncpg://u:pw@h/db"]

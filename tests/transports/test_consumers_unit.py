@@ -19,12 +19,17 @@ import pytest
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from engine.api import CommandFailed, DecodeError, Executor
-from engine.config import Config, ConsumerConfig, KafkaConsumerConfig, PostgresConsumerConfig
-from engine.protocol.codes import Error
-from transports.consumers import Consumers, start_consumers
-from transports.consumers.backoff import CAP, Backoff, backoff_delay
-from transports.consumers.dispatch import (
+from centripy.engine.api import CommandFailed, DecodeError, Executor
+from centripy.engine.config import (
+    Config,
+    ConsumerConfig,
+    KafkaConsumerConfig,
+    PostgresConsumerConfig,
+)
+from centripy.engine.protocol.codes import Error
+from centripy.transports.consumers import Consumers, start_consumers
+from centripy.transports.consumers.backoff import CAP, Backoff, backoff_delay
+from centripy.transports.consumers.dispatch import (
     BatchOutcome,
     Command,
     ConsumerStartError,
@@ -36,19 +41,23 @@ from transports.consumers.dispatch import (
     outbox_item,
     payload_bytes,
 )
-from transports.consumers.kafka import (
+from centripy.transports.consumers.kafka import (
     KafkaConsumerHandle,
     KafkaTuning,
     client_options,
 )
-from transports.consumers.outbox import Apply, OutboxConsumer, OutboxSettings
-from transports.consumers.postgres_outbox import (
+from centripy.transports.consumers.outbox import Apply, OutboxConsumer, OutboxSettings
+from centripy.transports.consumers.postgres_outbox import (
     asyncpg_dsn,
     lock_key,
     parse_partition,
     table_identifier,
 )
-from transports.consumers.sqlite_outbox import SqliteOutboxStore, is_sqlite_dsn, sqlite_path
+from centripy.transports.consumers.sqlite_outbox import (
+    SqliteOutboxStore,
+    is_sqlite_dsn,
+    sqlite_path,
+)
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 10.0

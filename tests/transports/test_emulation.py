@@ -14,10 +14,15 @@ from typing import Any
 
 import pytest
 
+from centripy.transports.emulation import BadEmulationRequest, decode_emulation_request
+from centripy.transports.http_common import (
+    content_length_exceeds,
+    cors_headers,
+    frame_lines,
+    frame_sse,
+)
 from tests.integration.conftest import BASE_CONFIG, make_jwt
 from tests.support.server import ServerFactory, ServerProcess
-from transports.emulation import BadEmulationRequest, decode_emulation_request
-from transports.http_common import content_length_exceeds, cors_headers, frame_lines, frame_sse
 
 WAIT = 10.0
 CHAT = {
@@ -553,7 +558,7 @@ def _field(number: int, payload: bytes) -> bytes:
 @pytest.mark.integration
 @pytest.mark.timeout(30)
 async def test_http_stream_protobuf(server_factory: ServerFactory) -> None:
-    pytest.importorskip("engine.protocol.protobuf_codec")
+    pytest.importorskip("centripy.engine.protocol.protobuf_codec")
     server = server_factory(CONFIG)
     # Command{id=1, connect=ConnectRequest{token=...}}, varint-length-prefixed.
     command = b"\x08\x01" + _field(4, _field(1, make_jwt("pb").encode()))

@@ -22,16 +22,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.connection_core import Frame
-from actors.transport import Format
-from engine.api import DecodeError
-from engine.config import Config
-from engine.protocol import client_pb2
-from transports.api_http import LegacyCommand, decode_legacy
-from transports.api_lean import LeanRequest, parse_head
-from transports.emulation import BadEmulationRequest, EmulationRequest, decode_emulation_request
-from transports.sockjs_session import BadPayload, parse_messages
-from transports.websocket import LeanWebSocket, Upgrade, parse_upgrade
+from centripy.actors.connection_core import Frame
+from centripy.actors.transport import Format
+from centripy.engine.api import DecodeError
+from centripy.engine.config import Config
+from centripy.engine.protocol import client_pb2
+from centripy.transports.api_http import LegacyCommand, decode_legacy
+from centripy.transports.api_lean import LeanRequest, parse_head
+from centripy.transports.emulation import (
+    BadEmulationRequest,
+    EmulationRequest,
+    decode_emulation_request,
+)
+from centripy.transports.sockjs_session import BadPayload, parse_messages
+from centripy.transports.websocket import LeanWebSocket, Upgrade, parse_upgrade
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

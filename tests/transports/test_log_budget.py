@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from transports.server import LogBudget
+from centripy.transports.server import LogBudget
 
 
 def _record(n: int) -> logging.LogRecord:

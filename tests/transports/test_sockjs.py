@@ -18,10 +18,8 @@ import tornado.escape
 import tornado.httpclient
 import tornado.websocket
 
-from tests.integration.conftest import make_jwt
-from tests.support.server import ServerFactory, ServerProcess
-from transports.sockjs import callback_error, htmlfile_prelude, iframe_page, info_body
-from transports.sockjs_session import (
+from centripy.transports.sockjs import callback_error, htmlfile_prelude, iframe_page, info_body
+from centripy.transports.sockjs_session import (
     BadPayload,
     Session,
     SessionState,
@@ -30,6 +28,8 @@ from transports.sockjs_session import (
     parse_messages,
     quote,
 )
+from tests.integration.conftest import make_jwt
+from tests.support.server import ServerFactory, ServerProcess
 
 pytestmark = pytest.mark.timeout(30)
 

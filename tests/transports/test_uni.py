@@ -16,7 +16,8 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
-from engine.protocol.commands import ProtocolError
+from centripy.engine.protocol.commands import ProtocolError
+from centripy.transports.uni import decode_uni_connect
 from tests.integration.conftest import make_jwt
 from tests.support.server import ServerFactory, ServerProcess
 from tests.transports.test_emulation import (
@@ -27,7 +28,6 @@ from tests.transports.test_emulation import (
     start_server,
     wait_no_clients,
 )
-from transports.uni import decode_uni_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from transports.websocket import frame
+from centripy.transports.websocket import frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])

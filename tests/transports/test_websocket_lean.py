@@ -17,19 +17,19 @@ import pytest
 import tornado.web
 from tornado.testing import bind_unused_port
 
-from actors.context import ConnContext
-from actors.hub import Hub
-from engine.auth import TokenVerifier
-from engine.config import Config
-from engine.node import Node
-from engine.options import ChannelOptions
-from storage.memory import MemoryEventLog
-from storage.presence_memory import MemoryPresence
-from storage.writer import GroupCommitWriter
-from transports import websocket
-from transports.api_lean import LeanHTTPServer
-from transports.server import client_routes
-from transports.websocket import parse_upgrade
+from centripy.actors.context import ConnContext
+from centripy.actors.hub import Hub
+from centripy.engine.auth import TokenVerifier
+from centripy.engine.config import Config
+from centripy.engine.node import Node
+from centripy.engine.options import ChannelOptions
+from centripy.storage.memory import MemoryEventLog
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.writer import GroupCommitWriter
+from centripy.transports import websocket
+from centripy.transports.api_lean import LeanHTTPServer
+from centripy.transports.server import client_routes
+from centripy.transports.websocket import parse_upgrade
 
 CONNECT = b'{"id":1,"connect":{}}'
 SUBSCRIBE = b'{"id":2,"subscribe":{"channel":"news"}}'

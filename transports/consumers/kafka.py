@@ -40,9 +40,9 @@ import pykka
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from engine.config import KafkaConsumerConfig
-from transports.consumers.backoff import Backoff
-from transports.consumers.dispatch import (
+from centripy.engine.config import KafkaConsumerConfig
+from centripy.transports.consumers.backoff import Backoff
+from centripy.transports.consumers.dispatch import (
     BatchOutcome,
     ConsumerStartError,
     ConsumerStats,

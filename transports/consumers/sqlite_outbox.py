@@ -30,13 +30,13 @@ from typing import Final
 
 import aiosqlite
 
-from transports.consumers.dispatch import (
+from centripy.transports.consumers.dispatch import (
     BatchOutcome,
     ConsumerStartError,
     Item,
     outbox_item,
 )
-from transports.consumers.outbox import Apply
+from centripy.transports.consumers.outbox import Apply
 
 log = logging.getLogger("centripy.consumers")
 
