@@ -28,10 +28,10 @@ from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
 from centripy.engine.node import Node
 from centripy.engine.options import ChannelOptions
+from centripy.server import tune_gc
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter
-from centripy.transports.server import tune_gc
 
 
 class CountingTransport:

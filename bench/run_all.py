@@ -238,7 +238,7 @@ def centripy_command(project_python: Path) -> list[str]:
     return [
         str(project_python),
         "-c",
-        "import sys; from centripy.transports.cli import main; sys.exit(main())",
+        "import sys; from centripy.cli import main; sys.exit(main())",
     ]
 
 

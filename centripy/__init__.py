@@ -5,5 +5,7 @@ namespace (`centripy/engine` and its siblings are links to them in a source chec
 wheel holds real copies): `centripy.engine` (protocol, config, channels, auth, recovery,
 node orchestration, the API executor and the contracts), `centripy.storage` (back ends of
 those contracts), `centripy.actors` (connection and channel actors on the event loop) and
-`centripy.transports` (Tornado handlers, the lean HTTP/WebSocket path, consumers, the CLI).
+`centripy.transports` (Tornado handlers, the lean HTTP/WebSocket path). What belongs to no
+layer is this package's own: `centripy.cli` (the command line), `centripy.server` (the one
+composition root) and `centripy.consumers` (the Kafka and outbox consumers).
 """

@@ -16,14 +16,13 @@ Schema (every name starts with `table_prefix`, default `centripy_`):
 Reads never create rows: a read of a channel without a live stream reports offset 0 and the
 epoch its first append will get (`stream_epoch`); it only touches the meta of live streams.
 
-Concurrency (docs/design/ARCHITECTURE.md decision 2): offsets are assigned inside the batch
-transaction by one multi-row
-`INSERT .. ON CONFLICT (channel) DO UPDATE SET top_offset = top_offset + n .. RETURNING`, which
-row-locks each stream until commit, so several processes appending to one channel get
-consecutive offsets. Idempotency keys are claimed first by an insert-on-conflict (a concurrent
-claim of the same key waits for the other transaction). Rows are locked in sorted order (keys,
-then channels) so concurrent batches cannot deadlock. Timestamps come from the injected clock,
-never from the database.
+Concurrency (ARCHITECTURE.md decision 2): offsets are assigned inside the batch transaction
+by one multi-row `INSERT .. ON CONFLICT (channel) DO UPDATE SET top_offset = top_offset + n
+.. RETURNING`, which row-locks each stream until commit, so several processes appending to
+one channel get consecutive offsets. Idempotency keys are claimed first by an insert-on-
+conflict (a concurrent claim of the same key waits for the other transaction). Rows are
+locked in sorted order (keys, then channels) so concurrent batches cannot deadlock.
+Timestamps come from the injected clock, never from the database.
 
 Execution: SQLAlchemy Core defines the schema, runs migrations and *builds* every statement;
 the statements are compiled once per dialect (multi-row ones once per row count) and run on

@@ -1,4 +1,4 @@
-"""The node's one group-committing writer to the event log (docs/design/ARCHITECTURE.md decision 2).
+"""The node's one group-committing writer to the event log (ARCHITECTURE.md decision 2).
 
 Single-row commits cap at ~1-3k rows/s; batching up to `max_batch` rows or `max_delay`
 seconds per transaction reaches ~70-140k rows/s. A caller's `submit` returns only after the

@@ -16,7 +16,7 @@ def test_the_server_imports_only_namespaced_modules(tmp_path: Path) -> None:
     imports, and no top-level `engine`/`actors`/... module is loaded or importable."""
     script = (
         "import importlib.util, sys\n"
-        "import centripy.transports.server, centripy.transports.cli\n"
+        "import centripy.server, centripy.cli\n"
         "import centripy.engine.protocol.protobuf_codec\n"
         f"layers = {LAYERS!r}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in layers))\n"

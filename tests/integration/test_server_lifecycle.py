@@ -192,7 +192,7 @@ def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"ping_interval": "5s", "pong_timeout": "10s"}))
     proc = subprocess.run(
-        [sys.executable, "-m", "centripy.transports.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "centripy.cli", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,

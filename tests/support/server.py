@@ -62,7 +62,7 @@ def server_command() -> list[str]:
     return [
         sys.executable,
         "-c",
-        "import sys; from centripy.transports.cli import main; sys.exit(main())",
+        "import sys; from centripy.cli import main; sys.exit(main())",
     ]
 
 

@@ -23,12 +23,12 @@ from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
 from centripy.engine.node import Node
 from centripy.engine.options import ChannelOptions
+from centripy.server import client_routes
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports import websocket
 from centripy.transports.api_lean import LeanHTTPServer
-from centripy.transports.server import client_routes
 from centripy.transports.websocket import parse_upgrade
 
 CONNECT = b'{"id":1,"connect":{}}'

@@ -157,11 +157,11 @@ def _serve(argv: list[str]) -> int:
     config, warnings = load_config(path, os.environ, args)
     _print_warnings(warnings)
     try:
-        from centripy.transports.server import run  # the composition root; imported only to serve
+        from centripy.server import run  # the composition root; imported only to serve
     except ModuleNotFoundError as exc:
-        if exc.name != "centripy.transports.server":
+        if exc.name != "centripy.server":
             raise
-        raise _UsageError("the server module transports.server is not installed") from None
+        raise _UsageError("the server module centripy.server is not installed") from None
 
     return int(run(config))
 

@@ -16,12 +16,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from centripy.consumers.dispatch import ConsumerStartError, ConsumerStats, Dispatcher
+from centripy.consumers.kafka import KafkaConsumerHandle, KafkaTuning
+from centripy.consumers.outbox import OutboxConsumer, OutboxSettings, OutboxStore
+from centripy.consumers.postgres_outbox import NotifyListener, PostgresOutboxStore
+from centripy.consumers.sqlite_outbox import SqliteOutboxStore, is_sqlite_dsn
 from centripy.engine.config import Config, ConsumerConfig
-from centripy.transports.consumers.dispatch import ConsumerStartError, ConsumerStats, Dispatcher
-from centripy.transports.consumers.kafka import KafkaConsumerHandle, KafkaTuning
-from centripy.transports.consumers.outbox import OutboxConsumer, OutboxSettings, OutboxStore
-from centripy.transports.consumers.postgres_outbox import NotifyListener, PostgresOutboxStore
-from centripy.transports.consumers.sqlite_outbox import SqliteOutboxStore, is_sqlite_dsn
 
 log = logging.getLogger("centripy.consumers")
 

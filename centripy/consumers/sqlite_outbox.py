@@ -8,7 +8,7 @@ is absolute; `sqlite+aiosqlite://` is accepted too) reads the outbox table of th
       method TEXT NOT NULL, payload TEXT NOT NULL, partition INTEGER NOT NULL DEFAULT 0,
       created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);
 
-The algorithm is the PostgreSQL one (see transports/consumers/outbox.py). SQLite has no
+The algorithm is the PostgreSQL one (see centripy/consumers/outbox.py). SQLite has no
 advisory locks: a batch runs inside `BEGIN IMMEDIATE`, which takes the database's write lock,
 so two processes never work a partition at once (the other waits up to the busy timeout and
 retries). A quick lock-free look first skips the write lock when the partition is empty, so
@@ -30,13 +30,13 @@ from typing import Final
 
 import aiosqlite
 
-from centripy.transports.consumers.dispatch import (
+from centripy.consumers.dispatch import (
     BatchOutcome,
     ConsumerStartError,
     Item,
     outbox_item,
 )
-from centripy.transports.consumers.outbox import Apply
+from centripy.consumers.outbox import Apply
 
 log = logging.getLogger("centripy.consumers")
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from centripy.cli import format_go_duration, main
 from centripy.engine.auth import TokenVerifier, make_token
 from centripy.engine.config import Config, load_config
-from centripy.transports.cli import format_go_duration, main
 
 ROOT = Path(__file__).resolve().parents[2]
 Capture = pytest.CaptureFixture[str]
@@ -194,9 +194,9 @@ def test_serve_passes_overrides_to_server(
         seen.append(config)
         return 7
 
-    module = types.ModuleType("centripy.transports.server")
+    module = types.ModuleType("centripy.server")
     module.run = fake_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "centripy.transports.server", module)
+    monkeypatch.setitem(sys.modules, "centripy.server", module)
     monkeypatch.setenv("CENTRIFUGO_ADDRESS", "127.0.0.2")
     path = write_config(tmp_path, {"port": 1000, "api_key": "k", "foo": 1})
     code, _, err = run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from centripy.transports.server import LogBudget
+from centripy.server import LogBudget
 
 
 def _record(n: int) -> logging.LogRecord:

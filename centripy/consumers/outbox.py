@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from centripy.transports.consumers.backoff import Backoff
-from centripy.transports.consumers.dispatch import (
+from centripy.consumers.backoff import Backoff
+from centripy.consumers.dispatch import (
     BatchOutcome,
     ConsumerStats,
     Dispatcher,

@@ -28,13 +28,13 @@ from typing import Any, Final
 
 import asyncpg
 
-from centripy.transports.consumers.dispatch import (
+from centripy.consumers.dispatch import (
     BatchOutcome,
     ConsumerStartError,
     Item,
     outbox_item,
 )
-from centripy.transports.consumers.outbox import Apply
+from centripy.consumers.outbox import Apply
 
 log = logging.getLogger("centripy.consumers")
 

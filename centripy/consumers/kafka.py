@@ -40,9 +40,8 @@ import pykka
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from centripy.engine.config import KafkaConsumerConfig
-from centripy.transports.consumers.backoff import Backoff
-from centripy.transports.consumers.dispatch import (
+from centripy.consumers.backoff import Backoff
+from centripy.consumers.dispatch import (
     BatchOutcome,
     ConsumerStartError,
     ConsumerStats,
@@ -51,6 +50,7 @@ from centripy.transports.consumers.dispatch import (
     apply_in_order,
     decode_record,
 )
+from centripy.engine.config import KafkaConsumerConfig
 
 log = logging.getLogger("centripy.consumers")
 

@@ -1,4 +1,4 @@
-"""Unit tests of the consumers (transports/consumers): backoff, decoding of consumed values
+"""Unit tests of the consumers (centripy/consumers): backoff, decoding of consumed values
 (including a payload given as a JSON string), the error policy with a fake dispatcher, the
 outbox loop against a fake store and a real SQLite file, and the Kafka actor driving a fake
 kafka-python client on its own thread. No server process, no external services."""
@@ -19,17 +19,9 @@ import pytest
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from centripy.engine.api import CommandFailed, DecodeError, Executor
-from centripy.engine.config import (
-    Config,
-    ConsumerConfig,
-    KafkaConsumerConfig,
-    PostgresConsumerConfig,
-)
-from centripy.engine.protocol.codes import Error
-from centripy.transports.consumers import Consumers, start_consumers
-from centripy.transports.consumers.backoff import CAP, Backoff, backoff_delay
-from centripy.transports.consumers.dispatch import (
+from centripy.consumers import Consumers, start_consumers
+from centripy.consumers.backoff import CAP, Backoff, backoff_delay
+from centripy.consumers.dispatch import (
     BatchOutcome,
     Command,
     ConsumerStartError,
@@ -41,23 +33,31 @@ from centripy.transports.consumers.dispatch import (
     outbox_item,
     payload_bytes,
 )
-from centripy.transports.consumers.kafka import (
+from centripy.consumers.kafka import (
     KafkaConsumerHandle,
     KafkaTuning,
     client_options,
 )
-from centripy.transports.consumers.outbox import Apply, OutboxConsumer, OutboxSettings
-from centripy.transports.consumers.postgres_outbox import (
+from centripy.consumers.outbox import Apply, OutboxConsumer, OutboxSettings
+from centripy.consumers.postgres_outbox import (
     asyncpg_dsn,
     lock_key,
     parse_partition,
     table_identifier,
 )
-from centripy.transports.consumers.sqlite_outbox import (
+from centripy.consumers.sqlite_outbox import (
     SqliteOutboxStore,
     is_sqlite_dsn,
     sqlite_path,
 )
+from centripy.engine.api import CommandFailed, DecodeError, Executor
+from centripy.engine.config import (
+    Config,
+    ConsumerConfig,
+    KafkaConsumerConfig,
+    PostgresConsumerConfig,
+)
+from centripy.engine.protocol.codes import Error
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 10.0

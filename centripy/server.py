@@ -27,6 +27,7 @@ import tornado.web
 from centripy.actors.cluster import ClusterLink, ClusterSessions
 from centripy.actors.context import ConnContext
 from centripy.actors.hub import Hub, SessionsAdapter
+from centripy.consumers import Consumers, start_consumers
 from centripy.engine.api import Executor
 from centripy.engine.auth import JWKSCache, TokenVerifier
 from centripy.engine.config import Config
@@ -43,7 +44,6 @@ from centripy.storage.presence_redis import RedisPresence
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports.api_http import InFlight, api_routes
 from centripy.transports.api_lean import LeanHTTPServer, Limits
-from centripy.transports.consumers import Consumers, start_consumers
 from centripy.transports.websocket import WebSocketHandler
 
 log = logging.getLogger("centripy.server")
