@@ -31,10 +31,10 @@ from centripy.engine.cluster import (
     decode_control,
     encode_control,
 )
+from centripy.engine.contracts import Broker, StorageError
 from centripy.engine.node import VERSION, Node
 from centripy.engine.sessions import NodeStats, ServerSubscribe
 from centripy.engine.types import ClientInfo, Publication
-from centripy.storage.base import Broker, StorageError
 
 log = logging.getLogger("centripy.cluster")
 

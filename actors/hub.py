@@ -28,10 +28,10 @@ from centripy.actors.channel import (
     SequencedChannelActor,
 )
 from centripy.engine.cluster import NodeInfo
+from centripy.engine.contracts import Broker
 from centripy.engine.node import VERSION, Node
 from centripy.engine.sessions import NodeStats, ServerSubscribe
 from centripy.engine.types import ClientInfo, Publication
-from centripy.storage.base import Broker
 
 log = logging.getLogger("centripy.hub")
 

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from centripy.engine.contracts import AppendRequest, EventLog
 from centripy.engine.types import ClientInfo
-from centripy.storage.base import AppendRequest, EventLog
 from centripy.storage.factory import open_event_log
 from centripy.storage.sql import make_tables
 from centripy.storage.writer import GroupCommitWriter

@@ -20,10 +20,7 @@ from typing import Protocol
 
 from centripy.engine.channels import ChannelName, resolve
 from centripy.engine.config import Config
-from centripy.engine.metrics import Metrics
-from centripy.engine.protocol.codes import Error, ErrorCode
-from centripy.engine.types import ClientInfo, Publication, StreamPosition
-from centripy.storage.base import (
+from centripy.engine.contracts import (
     AppendRequest,
     AppendResult,
     Broker,
@@ -35,6 +32,9 @@ from centripy.storage.base import (
     StorageError,
     UnrecoverablePosition,
 )
+from centripy.engine.metrics import Metrics
+from centripy.engine.protocol.codes import Error, ErrorCode
+from centripy.engine.types import ClientInfo, Publication, StreamPosition
 
 log = logging.getLogger("centripy.node")
 

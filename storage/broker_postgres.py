@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
-from centripy.storage.base import Broker, BrokerHandler, StorageError
 from centripy.storage.broker_redis import (
     KIND_CONTROL,
     backoff_delay,

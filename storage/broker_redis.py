@@ -41,8 +41,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import EMPTY_TAGS, ClientInfo, Publication
-from centripy.storage.base import Broker, BrokerHandler, StorageError
 
 log = logging.getLogger("centripy.broker.redis")
 

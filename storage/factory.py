@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from centripy.storage.base import EventLog
+from centripy.engine.contracts import EventLog
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.postgres import SCHEME as PG_SCHEME
 from centripy.storage.postgres import PostgresEventLog

@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from centripy.engine.types import EMPTY_TAGS, Publication, StreamPosition
-from centripy.storage.base import (
+from centripy.engine.contracts import (
     AppendRequest,
     AppendResult,
     EventLog,
@@ -28,6 +27,7 @@ from centripy.storage.base import (
     HistoryResult,
     UnrecoverablePosition,
 )
+from centripy.engine.types import EMPTY_TAGS, Publication, StreamPosition
 
 Clock = Callable[[], float]
 

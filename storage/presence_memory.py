@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from centripy.engine.contracts import PresenceManager, PresenceStats
 from centripy.engine.types import ClientInfo
-from centripy.storage.base import PresenceManager, PresenceStats
 
 
 class MemoryPresence(PresenceManager):

@@ -17,8 +17,8 @@ from typing import Any
 
 import asyncpg
 
+from centripy.engine.contracts import PresenceManager, PresenceStats, StorageError
 from centripy.engine.types import ClientInfo
-from centripy.storage.base import PresenceManager, PresenceStats, StorageError
 from centripy.storage.broker_postgres import PG_ERRORS, asyncpg_dsn, check_identifier
 
 

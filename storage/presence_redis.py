@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from centripy.engine.contracts import PresenceManager, PresenceStats, StorageError
 from centripy.engine.types import ClientInfo
-from centripy.storage.base import PresenceManager, PresenceStats, StorageError
 from centripy.storage.broker_redis import (
     REDIS_ERRORS,
     connection_kwargs,

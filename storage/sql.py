@@ -16,13 +16,14 @@ Schema (every name starts with `table_prefix`, default `centripy_`):
 Reads never create rows: a read of a channel without a live stream reports offset 0 and the
 epoch its first append will get (`stream_epoch`); it only touches the meta of live streams.
 
-Concurrency (ARCHITECTURE.md decision 2): offsets are assigned inside the batch transaction
-by one multi-row `INSERT .. ON CONFLICT (channel) DO UPDATE SET top_offset = top_offset + n
-.. RETURNING`, which row-locks each stream until commit, so several processes appending to
-one channel get consecutive offsets. Idempotency keys are claimed first by an insert-on-
-conflict (a concurrent claim of the same key waits for the other transaction). Rows are
-locked in sorted order (keys, then channels) so concurrent batches cannot deadlock.
-Timestamps come from the injected clock, never from the database.
+Concurrency (docs/design/ARCHITECTURE.md decision 2): offsets are assigned inside the batch
+transaction by one multi-row
+`INSERT .. ON CONFLICT (channel) DO UPDATE SET top_offset = top_offset + n .. RETURNING`, which
+row-locks each stream until commit, so several processes appending to one channel get
+consecutive offsets. Idempotency keys are claimed first by an insert-on-conflict (a concurrent
+claim of the same key waits for the other transaction). Rows are locked in sorted order (keys,
+then channels) so concurrent batches cannot deadlock. Timestamps come from the injected clock,
+never from the database.
 
 Execution: SQLAlchemy Core defines the schema, runs migrations and *builds* every statement;
 the statements are compiled once per dialect (multi-row ones once per row count) and run on
@@ -46,8 +47,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from centripy.engine.types import EMPTY_TAGS, ClientInfo, Publication, StreamPosition
-from centripy.storage.base import (
+from centripy.engine.contracts import (
     AppendRequest,
     AppendResult,
     EventLog,
@@ -55,6 +55,7 @@ from centripy.storage.base import (
     HistoryResult,
     StorageError,
 )
+from centripy.engine.types import EMPTY_TAGS, ClientInfo, Publication, StreamPosition
 from centripy.storage.memory import (
     DEFAULT_GC_INTERVAL,
     check_append,

@@ -1,4 +1,4 @@
-"""The node's one group-committing writer to the event log (ARCHITECTURE.md decision 2).
+"""The node's one group-committing writer to the event log (docs/design/ARCHITECTURE.md decision 2).
 
 Single-row commits cap at ~1-3k rows/s; batching up to `max_batch` rows or `max_delay`
 seconds per transaction reaches ~70-140k rows/s. A caller's `submit` returns only after the
@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from centripy.storage.base import AppendRequest, AppendResult, EventLog, StorageError
+from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
 from centripy.storage.memory import check_append
 
 log = logging.getLogger("centripy.storage.writer")

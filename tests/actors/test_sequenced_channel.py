@@ -32,10 +32,15 @@ from centripy.actors.channel import (
     SequencedChannelActor,
     _GapCheck,
 )
+from centripy.engine.contracts import (
+    AppendRequest,
+    HistoryQuery,
+    HistoryResult,
+    UnrecoverablePosition,
+)
 from centripy.engine.protocol.codes import Error, ErrorCode
 from centripy.engine.sequencer import ChannelSequencer
 from centripy.engine.types import Publication, StreamPosition
-from centripy.storage.base import AppendRequest, HistoryQuery, HistoryResult, UnrecoverablePosition
 from centripy.storage.memory import MemoryEventLog
 
 CHANNEL = "room:seq"

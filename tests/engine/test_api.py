@@ -27,12 +27,12 @@ from centripy.engine.api import (
 from centripy.engine.channels import SubscribeOverride
 from centripy.engine.cluster import NodeInfo
 from centripy.engine.config import Config
+from centripy.engine.contracts import AppendRequest, AppendResult, StorageError
 from centripy.engine.node import VERSION, Node
 from centripy.engine.options import ChannelOptions, Namespace
 from centripy.engine.protocol.codes import Error
 from centripy.engine.sessions import NodeStats, ServerSubscribe
 from centripy.engine.types import ClientInfo, Publication, StreamPosition
-from centripy.storage.base import AppendRequest, AppendResult, StorageError
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from centripy.engine.contracts import AppendRequest, HistoryQuery
 from centripy.engine.recovery import check_position, merge_buffered, recovery_verdict
 from centripy.engine.types import Publication, StreamPosition
-from centripy.storage.base import AppendRequest, HistoryQuery
 from centripy.storage.memory import MemoryEventLog
 
 

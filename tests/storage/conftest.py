@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from centripy.storage.base import EventLog
+from centripy.engine.contracts import EventLog
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.postgres import PostgresEventLog
 from centripy.storage.sql import make_tables

@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from centripy.engine.contracts import Broker, StorageError
 from centripy.engine.types import ClientInfo, Publication
-from centripy.storage.base import Broker, StorageError
 from centripy.storage.broker_postgres import PostgresBroker, asyncpg_dsn
 from centripy.storage.broker_redis import (
     RedisBroker,

@@ -1,4 +1,4 @@
-"""The EventLog contract (storage/base.py), one suite run against memory, SQLite and
+"""The EventLog contract (engine/contracts.py), one suite run against memory, SQLite and
 PostgreSQL. Time is a FakeClock; nothing sleeps."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from centripy.engine.types import ClientInfo, StreamPosition
-from centripy.storage.base import (
+from centripy.engine.contracts import (
     AppendRequest,
     EventLog,
     HistoryQuery,
     StorageError,
     UnrecoverablePosition,
 )
+from centripy.engine.types import ClientInfo, StreamPosition
 from centripy.storage.factory import migrate, open_event_log
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.postgres import PostgresEventLog

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from centripy.storage.base import AppendRequest, HistoryQuery
+from centripy.engine.contracts import AppendRequest, HistoryQuery
 from centripy.storage.factory import open_event_log
 from centripy.storage.sqlite import SqliteEventLog, create_private_file
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from centripy.storage.base import AppendRequest, AppendResult, HistoryQuery, StorageError
+from centripy.engine.contracts import AppendRequest, AppendResult, HistoryQuery, StorageError
 from centripy.storage.postgres import PostgresEventLog
 from centripy.storage.writer import GroupCommitWriter
 from tests.storage.conftest import drop_prefix, new_prefix

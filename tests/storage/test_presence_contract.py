@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from centripy.engine.contracts import PresenceManager, PresenceStats, StorageError
 from centripy.engine.types import ClientInfo
-from centripy.storage.base import PresenceManager, PresenceStats, StorageError
 from centripy.storage.broker_postgres import asyncpg_dsn
 from centripy.storage.broker_redis import decode_client_info
 from centripy.storage.presence_memory import MemoryPresence

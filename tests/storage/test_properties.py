@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, HistoryQuery
 from centripy.engine.types import StreamPosition
-from centripy.storage.base import AppendRequest, AppendResult, EventLog, HistoryQuery
 from centripy.storage.writer import GroupCommitWriter
 from tests.storage.conftest import BACKENDS, FakeClock, LogFactory
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from centripy.storage.base import (
+from centripy.engine.contracts import (
     AppendRequest,
     AppendResult,
     EventLog,

@@ -1,5 +1,8 @@
-"""Storage contracts. No SQLAlchemy here: back ends implement these in their own modules
-(`storage/memory.py`, `storage/sqlite.py`, `storage/postgres.py`).
+"""The contracts the engine needs from storage, owned by the engine: `EventLog` (the
+publication log), `PresenceManager` and `Broker` (cross-node fan-out), with their request,
+result and error types. No SQLAlchemy or client library here: the back ends under
+`centripy.storage` implement these (memory, SQLite, PostgreSQL, Redis), and nothing under
+`centripy.engine` imports `centripy.storage` (tests/test_layout.py checks it).
 
 The event log is the source of truth for channels with history and for idempotency keys.
 Guarantees every implementation must give (checked by tests/storage/test_contract.py):
