@@ -1,7 +1,7 @@
 """Loop-driven pykka actors: many actors, one asyncio loop, no thread per actor.
 
-ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread each and
-~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s. `LoopActor` is a
+docs/design/ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread
+each and ~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s. `LoopActor` is a
 pykka actor type built on pykka's extension points (`_create_actor_inbox`,
 `_create_future`, `_start_actor_loop`):
 

@@ -1,4 +1,4 @@
-"""One actor per client connection: the protocol state machine of spec/protocol.md.
+"""One actor per client connection: the protocol state machine of docs/spec/protocol.md.
 
 `ConnectionCore` (`connection_core.py`) keeps the lifecycle (outbound queue, timers,
 closing); this module keeps the command handlers, whose decisions are mostly pure helpers
@@ -495,7 +495,7 @@ def _ttl(expire_at: float, now: float) -> int:
 
 
 def _uni_disconnect(code: int) -> tuple[int, str]:
-    """Unidirectional connect errors map to disconnects (spec/protocol.md 4.4)."""
+    """Unidirectional connect errors map to disconnects (docs/spec/protocol.md 4.4)."""
     mapped = {109: 3005, 110: 3005, 111: 3013, 103: 3507}.get(code, 3004)
     return mapped, Disconnect.of(mapped).reason
 

@@ -485,7 +485,7 @@ class ConnectionCore(LoopActor):
     async def _check_positions(self) -> None:
         """A positioned subscription must have reached, by now, the stream top seen at the
         previous check (publications in flight then have arrived since); otherwise, or on
-        an epoch change, its state is insufficient (spec/protocol.md 3.3)."""
+        an epoch change, its state is insufficient (docs/spec/protocol.md 3.3)."""
         for channel, sub in list(self.subs.items()):
             if not sub.positioned:
                 continue

@@ -1,4 +1,4 @@
-"""JWT verification for connection and subscription tokens (spec/protocol.md section 6).
+"""JWT verification for connection and subscription tokens (docs/spec/protocol.md section 6).
 
 Sans-I/O: HMAC/RSA/ECDSA keys come from the config; JWKS documents are fetched through an
 injected coroutine (`JWKSCache`). `TokenExpired` maps to reply error 109; `InvalidToken` maps to

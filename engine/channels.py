@@ -1,4 +1,4 @@
-"""Channel names, namespaces and client-side permissions (spec/server_api.md 2.1, 2.4, 7).
+"""Channel names, namespaces and client-side permissions (docs/spec/server_api.md 2.1, 2.4, 7).
 
 Pure functions over a `ChannelRules` (the real `engine.config.Config` satisfies it
 structurally). Called from connection actors (subscribe/publish/presence/history

@@ -1,4 +1,5 @@
-"""Typed, validated configuration read from Centrifugo v5 config sources (spec/server_api.md 3).
+"""Typed, validated configuration read from Centrifugo v5 config sources
+(docs/spec/server_api.md 3).
 
 `load_config` merges the config file (JSON, YAML or TOML), `CENTRIFUGO_<KEY>` environment
 variables and CLI overrides (in increasing precedence) into one frozen `Config`, then validates
@@ -1003,7 +1004,7 @@ def _positive(path: str, obj: object, keys: tuple[str, ...]) -> None:
 
 
 def validate_config(config: Config) -> None:
-    """Centrifugo's start-up validation (spec/server_api.md 2.3 and 3); raises ConfigError."""
+    """Centrifugo's start-up validation (docs/spec/server_api.md 2.3 and 3); raises ConfigError."""
     _validate_core(config)
     _validate_tokens(config)
     _validate_namespaces(config)

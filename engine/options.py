@@ -1,4 +1,4 @@
-"""Channel options: the top-level set and one per namespace (spec/server_api.md 2.2).
+"""Channel options: the top-level set and one per namespace (docs/spec/server_api.md 2.2).
 
 Field names are Centrifugo's config keys; durations are seconds (float). No inheritance
 from the top level into namespaces, as in Centrifugo.

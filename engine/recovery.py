@@ -1,4 +1,4 @@
-"""Pure recovery and positioning decisions (spec/protocol.md 3.3, 3.4; centrifuge's
+"""Pure recovery and positioning decisions (docs/spec/protocol.md 3.3, 3.4; centrifuge's
 `internal/recovery` helpers and `isStreamRecovered`).
 
 Used by the connection actor on the asyncio loop: on subscribe with `recover` it joins the

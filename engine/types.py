@@ -2,7 +2,7 @@
 
 All are frozen and slotted: they cross actor boundaries and must never be mutated after
 creation. Payloads (`data`, `conn_info`, `chan_info`) are raw JSON bytes, exactly as the
-client protocol embeds them (see spec/protocol.md 1.5); an empty payload is `b""`.
+client protocol embeds them (see docs/spec/protocol.md 1.5); an empty payload is `b""`.
 """
 
 from __future__ import annotations

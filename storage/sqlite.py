@@ -1,7 +1,8 @@
-"""SQLite event log (`sqlite+aiosqlite:///path.db`): the embedded default (ARCHITECTURE.md
-decision 3). WAL, synchronous=NORMAL, a busy timeout, and ONE connection through which every
-transaction runs in turn (`BEGIN IMMEDIATE`): one process owns the file, and SQLite allows
-one writer at a time anyway. Reads touch stream meta, so they use that connection too.
+"""SQLite event log (`sqlite+aiosqlite:///path.db`): the embedded default
+(docs/design/ARCHITECTURE.md decision 3). WAL, synchronous=NORMAL, a busy timeout, and ONE
+connection through which every transaction runs in turn (`BEGIN IMMEDIATE`): one process owns the
+file, and SQLite allows one writer at a time anyway. Reads touch stream meta, so they use that
+connection too.
 
 The database file holds every publication: it is created owner-only (0600) before SQLite opens
 it, and SQLite gives its `-wal` and `-shm` files the mode of the database file.

@@ -1,4 +1,4 @@
-"""The HTTP server API (spec/server_api.md 1.1-1.3): thin Tornado handlers over
+"""The HTTP server API (docs/spec/server_api.md 1.1-1.3): thin Tornado handlers over
 `engine.api.Executor`.
 
 Order of checks, as Centrifugo's middleware chain: POST only (else 405, empty body) ->

@@ -5,7 +5,7 @@ The client opens a long-lived response carrying its first commands (normally jus
 `session` and `node`. Later commands (subscribes, pongs, ...) arrive as separate
 `POST /emulation` requests naming the session; they are told to the session's actor as
 frames, and their replies go down the original stream. Disconnects are a disconnect push,
-then the response ends (spec/protocol.md 4.4, 5.2).
+then the response ends (docs/spec/protocol.md 4.4, 5.2).
 
 - http_stream: `POST`, JSON (each message + `\\n`) unless `Content-Type:
   application/octet-stream` (protobuf: each message varint-length-prefixed).

@@ -1,4 +1,4 @@
-"""`/connection/sockjs`: the SockJS 0.3 endpoint (spec/protocol.md 5.3), as Centrifugo v5
+"""`/connection/sockjs`: the SockJS 0.3 endpoint (docs/spec/protocol.md 5.3), as Centrifugo v5
 serves it through igm/sockjs-go v3. Thin Tornado handlers; sessions and framing live in
 `transports/sockjs_session.py`.
 

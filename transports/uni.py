@@ -2,7 +2,7 @@
 
 The client sends one bare `ConnectRequest` object (not a command); the server answers with
 pushes without the `{"push": ...}` envelope: a `connect` push first, then publications,
-joins, leaves, `{}` pings and finally a `disconnect` push (spec/protocol.md 5.4). Only
+joins, leaves, `{}` pings and finally a `disconnect` push (docs/spec/protocol.md 5.4). Only
 server-side subscriptions exist; nothing the client sends later is a command.
 
 - uni_websocket: the first text message is the ConnectRequest (malformed: the connection is

@@ -1,4 +1,4 @@
-"""Numbered meanings of the client protocol (spec/protocol.md section 4).
+"""Numbered meanings of the client protocol (docs/spec/protocol.md section 4).
 
 Reply errors 100-112 (apps: 400-1999); disconnects 3000-3499 reconnect, 3500-3999 are
 terminal, 4000-4999 are the application's; unsubscribe codes < 2500 are terminal for the

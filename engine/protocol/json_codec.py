@@ -1,4 +1,4 @@
-"""Sans-I/O JSON codec for client protocol v2 (spec/protocol.md sections 1, 2 and 8).
+"""Sans-I/O JSON codec for client protocol v2 (docs/spec/protocol.md sections 1, 2 and 8).
 
 Decoding: one frame (WebSocket message, emulation body, HTTP-stream body) of JSON lines ->
 typed `Command`s. Any malformed input raises `ProtocolError` (the caller closes with 3501);

@@ -1,4 +1,4 @@
-"""Sans-I/O Protobuf codec for client protocol v2 (spec/protocol.md 1.7 and 1.8).
+"""Sans-I/O Protobuf codec for client protocol v2 (docs/spec/protocol.md 1.7 and 1.8).
 
 Same public API as `json_codec`, so the connection actor picks a codec module per
 connection. Messages are `Command` / `Reply` / `Push` of `client.proto` (Centrifugo's

@@ -1,4 +1,4 @@
-"""JWT verification (spec/protocol.md section 6): HMAC/RSA/ECDSA, claims, JWKS."""
+"""JWT verification (docs/spec/protocol.md section 6): HMAC/RSA/ECDSA, claims, JWKS."""
 
 from __future__ import annotations
 

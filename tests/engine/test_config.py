@@ -1,4 +1,4 @@
-"""Config loading, precedence, parsing and validation (spec/server_api.md 2.2-2.3, 3, 4)."""
+"""Config loading, precedence, parsing and validation (docs/spec/server_api.md 2.2-2.3, 3, 4)."""
 
 from __future__ import annotations
 

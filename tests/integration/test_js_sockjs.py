@@ -2,7 +2,7 @@
 constructor for the `sockjs` transport) against a real centripy process: each SockJS
 sub-transport that works in Node (websocket, xhr-streaming, xhr-polling, eventsource)
 connects, subscribes, receives API publications, publishes, and gets server-side
-disconnects with their codes through SockJS close frames (spec/protocol.md 4.4, 5.3)."""
+disconnects with their codes through SockJS close frames (docs/spec/protocol.md 4.4, 5.3)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 bidirectional emulation (`/emulation`), against a real `centripy serve` process: connect,
 subscribe, publications from the server API, presence, fallback from an unavailable
 WebSocket, server-side disconnects reaching the client with their code, and recovery after a
-reconnect. Expected behaviour: spec/protocol.md 4.4, 5.2 and 7.1."""
+reconnect. Expected behaviour: docs/spec/protocol.md 4.4, 5.2 and 7.1."""
 
 from __future__ import annotations
 

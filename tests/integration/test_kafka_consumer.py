@@ -1,6 +1,6 @@
 """The Kafka consumer end to end against the Tansu broker: a real `centripy serve` process
 consumes a topic and a real centrifuge-python subscriber receives the publications
-(spec/server_api.md 4.3). Group timings are shortened for Tansu through
+(docs/spec/server_api.md 4.3). Group timings are shortened for Tansu through
 CENTRIPY_KAFKA_SESSION_TIMEOUT_MS / CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The PostgreSQL outbox consumer end to end: a real `centripy serve` process consumes an
 outbox table in the `test` database and a real centrifuge-python subscriber receives the
-publications (spec/server_api.md 4.2)."""
+publications (docs/spec/server_api.md 4.2)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The WebSocket transport and the server API driven by the real SDKs against a real process:
 centrifuge-python 0.7 and centrifuge-js 5.x (tests/js/client.mjs) as clients, cent 5.2 (and
-raw HTTP) as the server API client. Expected behaviour: spec/protocol.md and
-spec/server_api.md (Centrifugo v5)."""
+raw HTTP) as the server API client. Expected behaviour: docs/spec/protocol.md and
+docs/spec/server_api.md (Centrifugo v5)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """HTTP-streaming, SSE and `/emulation` against a real `centripy serve` process, driven by a
 raw HTTP/1.1 client (so framing, status codes and headers are seen byte for byte), plus the
 pure helpers of `transports/emulation.py` and `transports/http_common.py`. Expected
-behaviour: spec/protocol.md 4.4, 5.2 and 8 (traps 10-11)."""
+behaviour: docs/spec/protocol.md 4.4, 5.2 and 8 (traps 10-11)."""
 
 from __future__ import annotations
 

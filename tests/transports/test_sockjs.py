@@ -1,4 +1,4 @@
-"""The SockJS endpoint (spec/protocol.md 5.3, SockJS protocol 0.3) on a real centripy
+"""The SockJS endpoint (docs/spec/protocol.md 5.3, SockJS protocol 0.3) on a real centripy
 process, driven with raw HTTP (asyncio streams, so streaming bodies can be read frame by
 frame and dropped mid-way) and raw WebSockets; plus the session state machine alone with a
 recording receiver."""

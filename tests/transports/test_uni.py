@@ -1,5 +1,5 @@
 """uni_websocket, uni_sse and uni_http_stream against a real `centripy serve` process, with
-raw HTTP and WebSocket clients. Expected behaviour: spec/protocol.md 1.7, 4.4, 5.4 and 8
+raw HTTP and WebSocket clients. Expected behaviour: docs/spec/protocol.md 1.7, 4.4, 5.4 and 8
 (trap 12): a bare ConnectRequest in, pushes without the `{"push":..}` envelope out, the
 `connect` push first, a `disconnect` push last."""
 
