@@ -1,4 +1,4 @@
-"""The `centripy` command line (spec/server_api.md 3.2), shaped like Centrifugo's.
+"""The `centripy` command line (docs/spec/server_api.md 3.2), shaped like Centrifugo's.
 
 `centripy [flags]` or `centripy serve [flags]` runs the server; the other subcommands are
 `version`, `genconfig`, `checkconfig`, `gentoken`, `gensubtoken`, `checktoken`,

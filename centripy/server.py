@@ -31,10 +31,10 @@ from centripy.consumers import Consumers, start_consumers
 from centripy.engine.api import Executor
 from centripy.engine.auth import JWKSCache, TokenVerifier
 from centripy.engine.config import Config
+from centripy.engine.contracts import Broker, PresenceManager
 from centripy.engine.metrics import Metrics
 from centripy.engine.node import VERSION, Node
 from centripy.engine.sessions import Sessions
-from centripy.storage.base import Broker, PresenceManager
 from centripy.storage.broker_postgres import PostgresBroker
 from centripy.storage.broker_redis import RedisBroker
 from centripy.storage.factory import open_event_log

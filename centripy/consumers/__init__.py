@@ -1,4 +1,4 @@
-"""Asynchronous consumers (spec/server_api.md 4): the PostgreSQL transactional outbox (also on
+"""Asynchronous consumers (docs/spec/server_api.md 4): the PostgreSQL transactional outbox (also on
 a SQLite file) and Kafka topics, feeding consumed `{method, payload}` commands to the server
 API executor.
 

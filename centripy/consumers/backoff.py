@@ -1,4 +1,4 @@
-"""Retry backoff shared by the consumers (spec/server_api.md 4.1).
+"""Retry backoff shared by the consumers (docs/spec/server_api.md 4.1).
 
 Centrifugo waits `min(5 s, (10 ms + jitter[0, 10 ms)) * 2**retries)` before retrying a
 command that failed with a retryable error (or after a lost connection), and starts over

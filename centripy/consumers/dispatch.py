@@ -1,5 +1,5 @@
 """What every consumer shares: the narrow dispatch interface, consumed items, the error
-policy and the counters (spec/server_api.md 4.1).
+policy and the counters (docs/spec/server_api.md 4.1).
 
 A consumer turns each outbox row or Kafka record into an `Item` (a `Command`, or `Malformed`
 when it cannot even be read) and hands runs of them, in order, to `apply_in_order`, which

@@ -1,6 +1,6 @@
-"""The Kafka consumer (spec/server_api.md 4.3): a `pykka.ThreadingActor` that owns a blocking
-kafka-python `KafkaConsumer` (ARCHITECTURE.md decision 1: the one actor that wraps a blocking
-client gets its own thread).
+"""The Kafka consumer (docs/spec/server_api.md 4.3): a `pykka.ThreadingActor` that owns a blocking
+kafka-python `KafkaConsumer` (docs/design/ARCHITECTURE.md decision 1: the one actor that wraps a
+blocking client gets its own thread).
 
 Record value: `{"method": "publish", "payload": {...}}` (key ignored; `payload` may be a JSON
 string holding the JSON). The actor thread polls up to `max_poll_records` records, then runs

@@ -1,5 +1,5 @@
 """The outbox consumer loop shared by the PostgreSQL and SQLite outboxes
-(spec/server_api.md 4.2).
+(docs/spec/server_api.md 4.2).
 
 One task per partition 0..N-1 repeats: in one transaction that owns the partition (a
 PostgreSQL advisory lock, or SQLite's write lock), select up to `partition_select_limit`

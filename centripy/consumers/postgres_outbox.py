@@ -1,4 +1,4 @@
-"""The PostgreSQL transactional outbox consumer (spec/server_api.md 4.2), on asyncpg.
+"""The PostgreSQL transactional outbox consumer (docs/spec/server_api.md 4.2), on asyncpg.
 
 The application inserts `(method, payload, partition)` rows into the outbox table in the same
 transaction as its own data; this consumer applies them in id order per partition:
