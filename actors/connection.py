@@ -11,7 +11,13 @@ import logging
 import time
 from typing import Any
 
-from centripy.actors.connection_core import ConnectionCore, Subscription
+from centripy.actors.connection_core import (
+    CONNECTED,
+    NEW,
+    UNUSABLE,
+    ConnectionCore,
+    Subscription,
+)
 from centripy.actors.hub import ServerDisconnectMsg
 from centripy.engine import auth, channels, recovery
 from centripy.engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
@@ -53,9 +59,9 @@ class ConnectionActor(ConnectionCore):
             return
         if cmd.method == "" or cmd.request is None:
             raise _bad_request()
-        if self.state == "new" and cmd.method != "connect":
+        if self.state is NEW and cmd.method != "connect":
             raise _bad_request()
-        if self.state == "connected" and cmd.method == "connect":
+        if self.state is CONNECTED and cmd.method == "connect":
             raise _bad_request()
         handler = _HANDLERS[cmd.method]
         try:
@@ -76,7 +82,7 @@ class ConnectionActor(ConnectionCore):
 
     def _reply_error(self, cmd: Command, err: Error) -> None:
         if cmd.method == "connect":
-            self.state = "unusable"
+            self.state = UNUSABLE
         self._enqueue(self.codec.encode_error(cmd.id, err))
 
     # -- connect --------------------------------------------------------------------------
@@ -98,7 +104,7 @@ class ConnectionActor(ConnectionCore):
                 self._leave_channel(channel, sub)
             self.subs.clear()
             raise
-        self.state = "connected"
+        self.state = CONNECTED
         hub.add_connection(self.client_id, self.user, self.session, self.actor_ref)
         if config.user_personal_single_connection and self.user:
             others = [c for c in hub.matching(self.user, "", "") if c.client_id != self.client_id]
@@ -179,7 +185,7 @@ class ConnectionActor(ConnectionCore):
         return results
 
     def _after_connect(self) -> None:
-        if self.state == "connected":
+        if self.state is CONNECTED:
             self._start_timers()
 
     async def uni_connect(self, req: ConnectRequest) -> None:

@@ -16,6 +16,7 @@ import abc
 import asyncio
 import collections
 import contextvars
+import enum
 import logging
 import random
 import time
@@ -87,14 +88,37 @@ def frames_waiting(ref: Any) -> int:
     return actor.frames_pending if isinstance(actor, ConnectionCore) else 0
 
 
-class _Timer(NamedTuple):
-    kind: str  # "ping", "pong", "stale", "expire", "tick"
+class ConnState(enum.IntEnum):
+    """Where a connection is in its lifecycle (compared with `is` on the hot paths)."""
+
+    NEW = 0  # waiting for `connect`
+    CONNECTED = 1
+    UNUSABLE = 2  # `connect` failed: the next command disconnects with 3501
+    CLOSING = 3  # close() on a connected connection: no longer CONNECTED, the queue flushes
+    CLOSED = 4  # released: out of the hub and every channel, the actor stops
 
 
-# One message object per timer kind, and one context for every timer callback (asyncio
-# copies the current context for each TimerHandle otherwise): thousands of connections each
-# keep two or three timers, and every object they hold is one more for the cyclic GC to scan.
-_TIMERS: dict[str, _Timer] = {}
+NEW = ConnState.NEW
+CONNECTED = ConnState.CONNECTED
+UNUSABLE = ConnState.UNUSABLE
+CLOSING = ConnState.CLOSING
+CLOSED = ConnState.CLOSED
+
+
+class Timer(enum.IntEnum):
+    """A connection's timers; the member itself is the message the timer tells the actor
+    (one object per kind, whatever the number of connections)."""
+
+    STALE = 0  # not connected within client_stale_close_delay: close with 3502
+    PING = 1  # time to send a ping
+    PONG = 2  # no pong within pong_timeout: close with 3012
+    EXPIRE = 3  # connection expiry (plus client_expired_close_delay): close with 3005
+    TICK = 4  # presence update, subscription expiry and position check
+
+
+# One context for every timer callback (asyncio copies the current context for each
+# TimerHandle otherwise): thousands of connections each keep two or three timers, and every
+# object they hold is one more for the cyclic GC to scan.
 _TIMER_CONTEXT = contextvars.Context()
 
 
@@ -133,7 +157,7 @@ class ConnectionCore(LoopActor):
         self.conn_info = b""
         self.meta = b""
         self.expire_at = 0  # unix seconds; 0 = never
-        self.state = "new"  # new -> connected -> closed; "unusable" after a connect error
+        self.state = NEW  # NEW -> CONNECTED -> CLOSING -> CLOSED; UNUSABLE after a connect error
         self.subs: dict[str, Subscription] = {}
         self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
@@ -141,7 +165,7 @@ class ConnectionCore(LoopActor):
         self._writing = False  # a flush is scheduled or waiting for the transport
         self._loop = asyncio.get_running_loop()
         self._closing: tuple[int, str] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._pong_pending = False
         self._last_position_check = time.monotonic()
         self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
@@ -174,7 +198,7 @@ class ConnectionCore(LoopActor):
             transport=self.transport.name,
         )
         if not self.transport.unidirectional:
-            self._set_timer("stale", self.config.client_stale_close_delay)
+            self._set_timer(Timer.STALE, self.config.client_stale_close_delay)
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)
@@ -190,19 +214,19 @@ class ConnectionCore(LoopActor):
                 resume = getattr(self.transport, "resume_reading", None)
                 if resume is not None:
                     resume()
-        if self.state == "closed" or self._closing is not None:
+        if self.state is CLOSED or self._closing is not None:
             return None
         if kind is Frame:
             return self._on_frame(message.data)
         if kind is JoinLeave:
-            if message.channel in self.subs and self.state == "connected":
+            if message.channel in self.subs and self.state is CONNECTED:
                 self._enqueue(message.encoded.get(self.fmt))
             return None
-        if kind is _Timer:
-            return self._on_timer(message.kind)
+        if kind is Timer:
+            return self._on_timer(message)
         if kind is Insufficient:
             sub = self.subs.get(message.channel)
-            if sub is not None and sub.positioned and self.state == "connected":
+            if sub is not None and sub.positioned and self.state is CONNECTED:
                 self._insufficient_state(message.channel, sub)
             return None
         if kind is UniConnect:
@@ -215,7 +239,7 @@ class ConnectionCore(LoopActor):
             self.close(message.code, message.reason)
         elif kind is Shutdown:
             self.close(DisconnectCode.SHUTDOWN)
-        elif self.state != "connected":
+        elif self.state is not CONNECTED:
             return None
         elif kind is ServerUnsubscribeMsg:
             if message.channel in self.subs:
@@ -244,9 +268,9 @@ class ConnectionCore(LoopActor):
                     self._enqueue(self.codec.encode_error(cmd.id, busy))
             commands = commands[:cap]
         for cmd in commands:
-            if self._closing is not None or self.state == "closed":
+            if self._closing is not None or self.state is CLOSED:
                 return
-            if self.state == "unusable":
+            if self.state is UNUSABLE:
                 self.close(DisconnectCode.BAD_REQUEST)
                 return
             try:
@@ -259,7 +283,7 @@ class ConnectionCore(LoopActor):
 
     def _on_publication(self, message: Deliver) -> None:
         sub = self.subs.get(message.channel)
-        if sub is None or self.state != "connected":
+        if sub is None or self.state is not CONNECTED:
             return
         pub = message.pub
         if sub.positioned and pub.offset:
@@ -329,7 +353,7 @@ class ConnectionCore(LoopActor):
 
     def on_drained(self) -> None:
         """After a run of messages (e.g. a burst of publications): one write for them all."""
-        if self._out and not self._writing and self.state != "closed":
+        if self._out and not self._writing and self.state is not CLOSED:
             self._writing = True
             self._flush()
 
@@ -338,7 +362,7 @@ class ConnectionCore(LoopActor):
         the transport between writes (a callback, not a task, on this hot path). Messages
         queued meanwhile join the next write, so a busy connection batches."""
         out = self._out
-        while out and self.state != "closed":
+        while out and self.state is not CLOSED:
             if len(out) == 1:  # the common case of a fan-out: one message
                 batch = [out.popleft()]
                 self._out_size -= len(batch[0])
@@ -363,7 +387,7 @@ class ConnectionCore(LoopActor):
                     self._write_failed(future.exception())
                     return
         self._writing = False
-        if self._closing is not None and self.state != "closed":
+        if self._closing is not None and self.state is not CLOSED:
             self._finish_close()
 
     def _write_stalled(self) -> None:
@@ -397,71 +421,70 @@ class ConnectionCore(LoopActor):
 
     # -- timers ---------------------------------------------------------------------------
 
-    def _set_timer(self, kind: str, delay: float) -> None:
+    def _set_timer(self, kind: Timer, delay: float) -> None:
         old = self._timers.pop(kind, None)
         if old is not None:
             old.cancel()
         ref = self.actor_ref
-        message = _TIMERS.get(kind) or _TIMERS.setdefault(kind, _Timer(kind))
         self._timers[kind] = asyncio.get_running_loop().call_later(
-            max(delay, 0.0), tell_if_alive, ref, message, context=_TIMER_CONTEXT
+            max(delay, 0.0), tell_if_alive, ref, kind, context=_TIMER_CONTEXT
         )
 
     def _start_timers(self) -> None:
-        stale = self._timers.pop("stale", None)
+        stale = self._timers.pop(Timer.STALE, None)
         if stale is not None:
             stale.cancel()  # connected: nothing for it to check
         interval = self.config.ping_interval
         if interval > 0:
-            self._set_timer("ping", random.uniform(interval / 2, interval))
-        self._set_timer("tick", self.config.client_presence_update_interval)
+            self._set_timer(Timer.PING, random.uniform(interval / 2, interval))
+        self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
         self._schedule_expiry()
 
     def _schedule_expiry(self) -> None:
-        old = self._timers.pop("expire", None)
+        old = self._timers.pop(Timer.EXPIRE, None)
         if old is not None:
             old.cancel()
         if self.expire_at:
             delay = self.expire_at - time.time() + self.config.client_expired_close_delay
-            self._set_timer("expire", delay)
+            self._set_timer(Timer.EXPIRE, delay)
 
-    def _on_timer(self, kind: str) -> Any:
+    def _on_timer(self, kind: Timer) -> Any:
         self._timers.pop(kind, None)
-        if kind == "stale":
-            if self.state != "connected":
+        if kind is Timer.STALE:
+            if self.state is not CONNECTED:
                 self.close(DisconnectCode.STALE)
-        elif kind == "ping":
+        elif kind is Timer.PING:
             self._send_ping()
-        elif kind == "pong":
+        elif kind is Timer.PONG:
             if self._pong_pending:
                 self.close(DisconnectCode.NO_PONG)
-        elif kind == "expire":
+        elif kind is Timer.EXPIRE:
             if self.expire_at and self.expire_at <= time.time():
                 self.close(DisconnectCode.EXPIRED)
-        elif kind == "tick":
+        elif kind is Timer.TICK:
             return self._periodic()
         return None
 
     def _send_ping(self) -> None:
-        if self.state != "connected":
+        if self.state is not CONNECTED:
             return
         self._enqueue(self.codec.PING)
         if self.transport.pong and self.config.pong_timeout > 0 and not self._pong_pending:
             self._pong_pending = True
-            self._set_timer("pong", self.config.pong_timeout)
-        self._set_timer("ping", self.config.ping_interval)
+            self._set_timer(Timer.PONG, self.config.pong_timeout)
+        self._set_timer(Timer.PING, self.config.ping_interval)
 
     def on_pong(self) -> None:
         if not self._pong_pending:
             raise Disconnect.of(DisconnectCode.BAD_REQUEST)
         self._pong_pending = False
-        old = self._timers.pop("pong", None)
+        old = self._timers.pop(Timer.PONG, None)
         if old is not None:
             old.cancel()
 
     async def _periodic(self) -> None:
         """Every client_presence_update_interval: refresh presence, expire subscriptions."""
-        self._set_timer("tick", self.config.client_presence_update_interval)
+        self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
         now = time.time()
         for channel, sub in list(self.subs.items()):
             if sub.expire_at and sub.expire_at + self.config.client_expired_sub_close_delay <= now:
@@ -497,7 +520,7 @@ class ConnectionCore(LoopActor):
                 continue
             if top.epoch != sub.epoch or sub.offset < sub.seen_top:
                 self._insufficient_state(channel, sub)
-                if self.state != "connected":
+                if self.state is not CONNECTED:
                     return
                 continue
             sub.seen_top = top.offset
@@ -506,7 +529,7 @@ class ConnectionCore(LoopActor):
 
     def close(self, code: int, reason: str = "") -> None:
         """Disconnect: flush what is queued, then close the transport with `code`."""
-        if self._closing is not None or self.state == "closed":
+        if self._closing is not None or self.state is CLOSED:
             return
         self._closing = (code, reason or Disconnect.of(code).reason)
         self.node.metrics.inc(
@@ -535,10 +558,10 @@ class ConnectionCore(LoopActor):
 
     def _release(self) -> bool:
         """Leave every channel, the hub and the timers; False if that was done already."""
-        if self.state == "closed":
+        if self.state is CLOSED:
             return False
         self._cleanup()
-        self.state = "closed"
+        self.state = CLOSED
         self._out.clear()
         self._out_size = 0
         if self._write_timer is not None:
@@ -571,8 +594,8 @@ class ConnectionCore(LoopActor):
         for channel, sub in list(self.subs.items()):
             self._leave_channel(channel, sub)
         self.subs.clear()
-        if self.state != "closed":
-            self.state = "closing" if self.state == "connected" else self.state
+        if self.state is CONNECTED:
+            self.state = CLOSING
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -584,9 +607,16 @@ class ConnectionCore(LoopActor):
 
 
 __all__ = [
+    "CLOSED",
+    "CLOSING",
+    "CONNECTED",
+    "NEW",
+    "UNUSABLE",
+    "ConnState",
     "ConnectionCore",
     "Frame",
     "Subscription",
+    "Timer",
     "TransportClosed",
     "UniConnect",
     "frames_waiting",

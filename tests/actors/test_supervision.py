@@ -8,7 +8,7 @@ import base64
 from typing import Any
 
 from centripy.actors.channel import ChannelActor, RemoveSubscriber
-from centripy.actors.connection_core import frames_waiting, tell_frame
+from centripy.actors.connection_core import Timer, frames_waiting, tell_frame
 from centripy.actors.hub import ServerSubscribeMsg
 from centripy.engine.auth import make_token
 from centripy.engine.sessions import ServerSubscribe
@@ -73,7 +73,7 @@ async def test_an_escaping_exception_closes_only_that_connection_and_releases_it
             raise RecursionError("a bug deep in a handler")
 
         actor._on_timer = lambda kind: boom()  # the next timer message fails
-        actor._set_timer("tick", 0)
+        actor._set_timer(Timer.TICK, 0)
         code, reason = await victim.closed()
         assert (code, reason) == (3004, "internal server error")
         assert not victim.ref.is_alive()
