@@ -31,7 +31,8 @@ from centripy.engine.auth import (
     make_token,
     token_payload,
 )
-from centripy.engine.config import Config, ConfigError, load_config
+from centripy.engine.config import Config, ConfigError
+from centripy.engine.config_load import load_config
 
 __all__ = ["format_go_duration", "main"]
 

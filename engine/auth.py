@@ -30,7 +30,8 @@ from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorith
 from jwt.exceptions import PyJWKError, PyJWTError
 
 from centripy.engine.channels import SubscribeOverride
-from centripy.engine.config import Config, load_public_key
+from centripy.engine.config import Config
+from centripy.engine.config_check import load_public_key
 
 __all__ = [
     "MAX_TOKEN_LENGTH",

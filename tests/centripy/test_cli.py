@@ -16,7 +16,8 @@ import yaml
 
 from centripy.cli import format_go_duration, main
 from centripy.engine.auth import TokenVerifier, make_token
-from centripy.engine.config import Config, load_config
+from centripy.engine.config import Config
+from centripy.engine.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 Capture = pytest.CaptureFixture[str]

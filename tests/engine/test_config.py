@@ -12,13 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from centripy.engine.config import (
-    Config,
-    ConfigError,
-    load_config,
-    parse_go_bool,
-    parse_go_duration,
-)
+from centripy.engine.config import Config, ConfigError
+from centripy.engine.config_load import load_config, parse_go_bool, parse_go_duration
 from centripy.engine.options import ChannelOptions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -496,7 +491,8 @@ def test_example_config_is_valid() -> None:
 
 
 def test_several_nodes_on_a_sqlite_log_are_refused() -> None:
-    from centripy.engine.config import ConfigError, load_config
+    from centripy.engine.config import ConfigError
+    from centripy.engine.config_load import load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(None, {}, {"engine": "redis"})
