@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from centripy.actors.base import LoopActor, actor_of
 from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import Frame, TransportClosed
 from centripy.actors.context import ConnContext
-from centripy.actors.hub import Hub
+from centripy.actors.hub import Hub, Shutdown
 from centripy.actors.transport import Format
 from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
@@ -198,3 +199,31 @@ class BlockingPresence(MemoryPresence):
     async def stats(self, channel: str) -> Any:
         await self.release.wait()
         return await super().stats(channel)
+
+
+class Recorder(LoopActor):
+    """A loop-driven actor standing where a connection actor would: it records every message
+    it is told (fan-out inline, as ConnectionActor takes it). `on_shutdown` runs for the
+    hub's `Shutdown` (e.g. to leave the hub as a connection does)."""
+
+    inline = True
+
+    def __init__(self, on_shutdown: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.got: list[Any] = []
+        self.on_shutdown = on_shutdown
+
+    def on_receive(self, message: Any) -> Any:
+        self.got.append(message)
+        if type(message) is Shutdown and self.on_shutdown is not None:
+            self.on_shutdown()
+
+    def of(self, kind: type) -> list[Any]:
+        return [m for m in self.got if type(m) is kind]
+
+    @staticmethod
+    def start_recorder(on_shutdown: Callable[[], None] | None = None) -> tuple[Any, Recorder]:
+        ref = Recorder.start(on_shutdown, register=False)
+        actor = actor_of(ref)
+        assert isinstance(actor, Recorder)
+        return ref, actor
