@@ -167,9 +167,11 @@ class FailingPresence(MemoryPresence):
     def __init__(self) -> None:
         super().__init__()
         self.down = False
+        self.failures = 0  # calls refused while down (proof that a periodic update ran)
 
     def _check(self) -> None:
         if self.down:
+            self.failures += 1
             raise ConnectionError("presence storage is down")
 
     async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
@@ -187,6 +189,19 @@ class FailingPresence(MemoryPresence):
     async def stats(self, channel: str) -> Any:
         self._check()
         return await super().stats(channel)
+
+
+class CountingPresence(MemoryPresence):
+    """The memory presence store counting `add` calls: a connection's periodic tick adds its
+    presence-enabled subscriptions, so the count proves that the tick ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds = 0
+
+    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        self.adds += 1
+        await super().add(channel, info, ttl)
 
 
 class BlockingPresence(MemoryPresence):

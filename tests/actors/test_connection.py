@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from centripy.engine.auth import make_token
-from tests.actors.harness import SECRET, Client, Harness, make_config
+from tests.actors.harness import SECRET, Client, CountingPresence, Harness, make_config
+from tests.support.wait import eventually
 
 
 async def test_connect_anonymous_result_shape() -> None:
@@ -381,12 +382,17 @@ async def test_position_check_passes_when_delivery_keeps_up() -> None:
     config = make_config(
         client_presence_update_interval=0.05, client_channel_position_check_delay=0.0
     )
-    async with Harness(config) as h:
+    h = Harness(config)
+    presence = h.node.presence_manager = CountingPresence()
+    async with h:
         client = await h.client()
         await client.call("subscribe", {"channel": "h:ok", "positioned": True})
-        for _ in range(5):
+        for n in range(1, 6):
             await h.node.publish("h:ok", b"{}")
-            await asyncio.sleep(0.06)
+            await client.wait(lambda m, n=n: m.get("push", {}).get("pub", {}).get("offset") == n)
+            # two more ticks: the position check of a whole tick ran after this publication
+            ticks = presence.adds
+            await eventually(lambda t=ticks: presence.adds >= t + 2, 3, "two ticks")
         assert not any("unsubscribe" in m.get("push", {}) for m in client.transport.messages)
 
 
