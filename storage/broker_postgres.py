@@ -5,7 +5,7 @@ of every channel (each node drops those of channels it has no local subscriber f
 `<channel_prefix>_ctl` carries control messages (to all nodes, or addressed to one uid).
 
 A NOTIFY payload is text shorter than 8000 bytes, so a message body (the binary envelope of
-`storage.broker_redis`) is sent as `i<base64(body)>` when that fits in `inline_limit`
+`storage.wire`) is sent as `i<base64(body)>` when that fits in `inline_limit`
 characters, otherwise the body is inserted into `<table>(id bigserial, body bytea,
 created_at timestamptz)` and the NOTIFY (same transaction, so it is delivered only once the
 row is visible) carries `r["<id>","<origin>","<kind>","<channel or target>"]`; receivers that
@@ -31,7 +31,7 @@ import orjson
 
 from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
-from centripy.storage.broker_redis import (
+from centripy.storage.wire import (
     KIND_CONTROL,
     backoff_delay,
     decode_message,

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from centripy.storage.memory import DEFAULT_GC_INTERVAL
+from centripy.storage.rules import DEFAULT_GC_INTERVAL
 from centripy.storage.sql import Session, Sql, SqlEventLog, json_dumps
 
 SCHEME = "postgresql+asyncpg"

@@ -22,14 +22,8 @@ from redis.commands.core import AsyncScript
 
 from centripy.engine.contracts import PresenceManager, PresenceStats, StorageError
 from centripy.engine.types import ClientInfo
-from centripy.storage.broker_redis import (
-    REDIS_ERRORS,
-    connection_kwargs,
-    decode_client_info,
-    encode_client_info,
-    make_client,
-    shard_index,
-)
+from centripy.storage.broker_redis import REDIS_ERRORS, connection_kwargs, make_client, shard_index
+from centripy.storage.wire import decode_client_info, encode_client_info
 
 # KEYS[1] expire zset, KEYS[2] data hash; ARGV[1] key ttl (s), ARGV[2] expiry score,
 # ARGV[3] client id, ARGV[4] encoded info.

@@ -56,7 +56,7 @@ from centripy.engine.contracts import (
     StorageError,
 )
 from centripy.engine.types import EMPTY_TAGS, ClientInfo, Publication, StreamPosition
-from centripy.storage.memory import (
+from centripy.storage.rules import (
     DEFAULT_GC_INTERVAL,
     check_append,
     check_epoch,

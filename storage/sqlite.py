@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
-from centripy.storage.memory import DEFAULT_GC_INTERVAL
+from centripy.storage.rules import DEFAULT_GC_INTERVAL
 from centripy.storage.sql import Session, Sql, SqlEventLog, json_dumps
 
 SCHEME = "sqlite+aiosqlite"

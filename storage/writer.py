@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
-from centripy.storage.memory import check_append
+from centripy.storage.rules import check_append
 
 log = logging.getLogger("centripy.storage.writer")
 

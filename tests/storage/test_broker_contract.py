@@ -25,15 +25,17 @@ from centripy.storage.broker_postgres import PostgresBroker, asyncpg_dsn
 from centripy.storage.broker_redis import (
     RedisBroker,
     connection_kwargs,
+    fnv1a64,
+    jump_hash,
+    shard_index,
+)
+from centripy.storage.wire import (
     decode_client_info,
     decode_message,
     encode_client_info,
     encode_control,
     encode_join_leave,
     encode_publication,
-    fnv1a64,
-    jump_hash,
-    shard_index,
 )
 from tests.support.server import free_port
 from tests.support.services import postgres_url, redis_url

@@ -15,10 +15,10 @@ import redis.asyncio as aioredis
 from centripy.engine.contracts import PresenceManager, PresenceStats, StorageError
 from centripy.engine.types import ClientInfo
 from centripy.storage.broker_postgres import asyncpg_dsn
-from centripy.storage.broker_redis import decode_client_info
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.presence_postgres import PostgresPresence
 from centripy.storage.presence_redis import RedisPresence
+from centripy.storage.wire import decode_client_info
 from tests.storage.conftest import FakeClock
 from tests.support.server import free_port
 from tests.support.services import postgres_url, redis_url
