@@ -22,7 +22,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from centripy.actors.base import LoopActor, actor_of, tell_if_alive
 from centripy.actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
@@ -37,6 +37,7 @@ from centripy.actors.hub import (
 from centripy.actors.transport import Format, Transport
 from centripy.engine import recovery
 from centripy.engine.channels import ChannelName
+from centripy.engine.protocol.codec import Codec
 from centripy.engine.protocol.codes import (
     UNSUBSCRIBE_REASONS,
     Disconnect,
@@ -150,7 +151,7 @@ class ConnectionCore(LoopActor):
         self.node = ctx.node
         self.transport = transport
         self.fmt = int(transport.format)
-        self.codec = ctx.codec(self.fmt)  # json_codec or protobuf_codec (same functions)
+        self.codec: Codec = ctx.codec(self.fmt)  # json_codec or protobuf_codec
         self.client_id = str(uuid.uuid4())
         self.session = str(uuid.uuid4())
         self.user = ""
@@ -603,7 +604,7 @@ class ConnectionCore(LoopActor):
         task.add_done_callback(self.ctx.background.discard)
 
     def encode_reply(self, cmd_id: int, key: str, result: dict[str, Any]) -> bytes:
-        return cast(bytes, self.codec.encode_reply(cmd_id, key, result))
+        return self.codec.encode_reply(cmd_id, key, result)
 
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from centripy.actors.hub import Hub
 from centripy.actors.transport import Format, protobuf_codec
@@ -12,6 +12,7 @@ from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
 from centripy.engine.node import Node
 from centripy.engine.protocol import json_codec
+from centripy.engine.protocol.codec import Codec
 from centripy.engine.protocol.commands import Command
 
 
@@ -23,10 +24,13 @@ class ConnContext:
     verifier: TokenVerifier
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def codec(self, fmt: int) -> Any:
+    def codec(self, fmt: int) -> Codec:
         """The codec module of a wire format: `json_codec` or `protobuf_codec`, which
-        expose the same functions (typed as Any: modules have no structural type)."""
-        return protobuf_codec() if fmt == Format.PROTOBUF else json_codec
+        both implement the `Codec` protocol."""
+        if fmt == Format.PROTOBUF:
+            codec: Codec = protobuf_codec()  # imported on first use
+            return codec
+        return json_codec
 
     def decode(self, fmt: int, data: bytes) -> list[Command]:
-        return cast(list[Command], self.codec(fmt).decode_commands(data))
+        return self.codec(fmt).decode_commands(data)
