@@ -32,7 +32,7 @@ from tests.support.wait import eventually
 pytestmark = pytest.mark.timeout(30)
 
 CHANNEL = "news"
-ALEX = ClientInfo("42", "client-a", b'{"name":"Alex"}', None)
+ALEX = ClientInfo("42", "client-a", b'{"name":"Alex"}')
 
 
 class Subscriber(LoopActor):

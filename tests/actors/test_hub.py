@@ -19,7 +19,7 @@ from tests.support.wait import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
-INFO = ClientInfo("42", "c1", None, None)
+INFO = ClientInfo("42", "c1")
 
 
 def channel_ref(hub: Hub, channel: str) -> Any:

@@ -202,7 +202,7 @@ async def test_resolve_applies_namespaces_and_name_rules(setup: Setup) -> None:
 
 async def test_join_leave_and_presence_follow_channel_options(setup: Setup) -> None:
     node = setup.node
-    info = ClientInfo("42", "c1", None, None)
+    info = ClientInfo("42", "c1")
     node.join("h:room", info)
     node.leave("h:room", info)
     assert [(kind, ch) for kind, ch, _ in setup.fanout.calls] == [
