@@ -14,26 +14,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any
 
 from centripy.actors.hub import Hub, SessionsAdapter
 from centripy.engine.cluster import (
     HEARTBEAT_INTERVAL,
     ControlError,
-    DisconnectCommand,
-    NodeInfo,
     NodeRegistry,
-    RefreshCommand,
-    UnsubscribeCommand,
-    UserCommand,
     apply_command,
     decode_control,
     encode_control,
 )
 from centripy.engine.contracts import Broker, StorageError
 from centripy.engine.node import VERSION, Node
-from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.sessions import (
+    DisconnectCommand,
+    NodeInfo,
+    NodeStats,
+    RefreshCommand,
+    ServerSubscribe,
+    UnsubscribeCommand,
+    UserCommand,
+)
 from centripy.engine.types import ClientInfo, Publication
 
 log = logging.getLogger("centripy.cluster")
@@ -135,34 +138,16 @@ class ClusterSessions:
         await self._local.subscribe(cmd)
         await self._link.forward(cmd)
 
-    async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
-        await self._local.unsubscribe(user, channel, client, session)
-        await self._link.forward(UnsubscribeCommand(user, channel, client, session))
-
-    async def disconnect(
-        self,
-        user: str,
-        code: int,
-        reason: str,
-        client: str,
-        session: str,
-        whitelist: Sequence[str],
-    ) -> None:
-        await self._local.disconnect(user, code, reason, client, session, whitelist)
-        cmd = DisconnectCommand(user, code, reason, client, session, tuple(whitelist))
+    async def unsubscribe(self, cmd: UnsubscribeCommand) -> None:
+        await self._local.unsubscribe(cmd)
         await self._link.forward(cmd)
 
-    async def refresh(
-        self,
-        user: str,
-        client: str,
-        session: str,
-        expired: bool,
-        expire_at: int,
-        info: bytes | None,
-    ) -> None:
-        await self._local.refresh(user, client, session, expired, expire_at, info)
-        cmd = RefreshCommand(user, client, session, expired, expire_at, info)
+    async def disconnect(self, cmd: DisconnectCommand) -> None:
+        await self._local.disconnect(cmd)
+        await self._link.forward(cmd)
+
+    async def refresh(self, cmd: RefreshCommand) -> None:
+        await self._local.refresh(cmd)
         await self._link.forward(cmd)
 
     def channels(self) -> dict[str, int]:

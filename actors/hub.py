@@ -27,10 +27,16 @@ from centripy.actors.channel import (
     Resync,
     SequencedChannelActor,
 )
-from centripy.engine.cluster import NodeInfo
 from centripy.engine.contracts import Broker
 from centripy.engine.node import VERSION, Node
-from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.sessions import (
+    DisconnectCommand,
+    NodeInfo,
+    NodeStats,
+    RefreshCommand,
+    ServerSubscribe,
+    UnsubscribeCommand,
+)
 from centripy.engine.types import ClientInfo, Publication
 
 log = logging.getLogger("centripy.hub")
@@ -258,35 +264,20 @@ class SessionsAdapter:
         hub = self._hub
         hub.tell(hub.matching(cmd.user, cmd.client, cmd.session), ServerSubscribeMsg(cmd))
 
-    async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
+    async def unsubscribe(self, cmd: UnsubscribeCommand) -> None:
         hub = self._hub
-        hub.tell(hub.matching(user, client, session), ServerUnsubscribeMsg(channel))
+        hub.tell(hub.matching(cmd.user, cmd.client, cmd.session), ServerUnsubscribeMsg(cmd.channel))
 
-    async def disconnect(
-        self,
-        user: str,
-        code: int,
-        reason: str,
-        client: str,
-        session: str,
-        whitelist: Sequence[str],
-    ) -> None:
-        keep = set(whitelist)
-        conns = [c for c in self._hub.matching(user, client, session) if c.client_id not in keep]
-        self._hub.tell(conns, ServerDisconnectMsg(code, reason))
+    async def disconnect(self, cmd: DisconnectCommand) -> None:
+        keep = set(cmd.whitelist)
+        matching = self._hub.matching(cmd.user, cmd.client, cmd.session)
+        conns = [c for c in matching if c.client_id not in keep]
+        self._hub.tell(conns, ServerDisconnectMsg(cmd.code, cmd.reason))
 
-    async def refresh(
-        self,
-        user: str,
-        client: str,
-        session: str,
-        expired: bool,
-        expire_at: int,
-        info: bytes | None,
-    ) -> None:
+    async def refresh(self, cmd: RefreshCommand) -> None:
         hub = self._hub
-        message = ServerRefreshMsg(expired, expire_at, info)
-        hub.tell(hub.matching(user, client, session), message)
+        message = ServerRefreshMsg(cmd.expired, cmd.expire_at, cmd.info)
+        hub.tell(hub.matching(cmd.user, cmd.client, cmd.session), message)
 
     def channels(self) -> dict[str, int]:
         return self._hub.channels()

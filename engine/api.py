@@ -34,7 +34,13 @@ from centripy.engine.channels import SubscribeOverride
 from centripy.engine.node import Node, PublishItem
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codes import Error
-from centripy.engine.sessions import ServerSubscribe, Sessions
+from centripy.engine.sessions import (
+    DisconnectCommand,
+    RefreshCommand,
+    ServerSubscribe,
+    Sessions,
+    UnsubscribeCommand,
+)
 from centripy.engine.types import Publication, StreamPosition
 
 log = logging.getLogger("centripy.api")
@@ -646,16 +652,22 @@ class Executor:
             case UnsubscribeRequest():
                 if req.channel:
                     self._node.resolve(req.channel)
-                await self._sessions.unsubscribe(req.user, req.channel, req.client, req.session)
+                await self._sessions.unsubscribe(
+                    UnsubscribeCommand(req.user, req.channel, req.client, req.session)
+                )
                 return {}
             case DisconnectRequest():
                 await self._sessions.disconnect(
-                    req.user, req.code, req.reason, req.client, req.session, req.whitelist
+                    DisconnectCommand(
+                        req.user, req.code, req.reason, req.client, req.session, req.whitelist
+                    )
                 )
                 return {}
             case RefreshRequest():
                 await self._sessions.refresh(
-                    req.user, req.client, req.session, req.expired, req.expire_at, req.info
+                    RefreshCommand(
+                        req.user, req.client, req.session, req.expired, req.expire_at, req.info
+                    )
                 )
                 return {}
             case PresenceRequest():

@@ -1,13 +1,14 @@
 """The control protocol between centripy nodes (pure: no I/O, an injectable clock).
 
 Control messages travel as opaque bytes through `Broker.publish_control` and arrive at
-`BrokerHandler.on_control(data)`; this module turns them into typed values and back:
+`BrokerHandler.on_control(data)`; this module turns them into typed values and back (the
+values are defined in `engine/sessions.py`, the `Sessions` contract they belong to):
 
 * `NodeInfo`: the heartbeat every node broadcasts every `HEARTBEAT_INTERVAL` (3 s) with its
   counters and its channels (channel -> local subscriber count, for the `channels` API);
-* `ServerSubscribe` (engine.sessions), `UnsubscribeCommand`, `DisconnectCommand`,
-  `RefreshCommand`: server API actions applied on the local node AND broadcast, so that they
-  reach the user's connections on every node (`apply_command` hands one to `Sessions`).
+* `ServerSubscribe`, `UnsubscribeCommand`, `DisconnectCommand`, `RefreshCommand`: server
+  API actions applied on the local node AND broadcast, so that they reach the user's
+  connections on every node (`apply_command` hands one to `Sessions`).
 
 Wire format: one orjson object with `"v": 1` and a type tag `"t"`; byte payloads (`info`,
 `data`) are base64 so that binary ones survive. Unknown keys are ignored (newer nodes may
@@ -23,90 +24,31 @@ import base64
 import binascii
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from centripy.engine.channels import SubscribeOverride
-from centripy.engine.sessions import NodeStats, ServerSubscribe, Sessions
+from centripy.engine.sessions import (
+    DisconnectCommand,
+    NodeInfo,
+    RefreshCommand,
+    ServerSubscribe,
+    Sessions,
+    UnsubscribeCommand,
+    UserCommand,
+)
 from centripy.engine.types import StreamPosition
 
 HEARTBEAT_INTERVAL = 3.0  # seconds between two NodeInfo broadcasts of a node
 NODE_EXPIRE_AFTER = 7.0  # seconds of silence after which a node is forgotten
 _VERSION = 1
-_EMPTY: Mapping[str, int] = {}
 
 
 class ControlError(ValueError):
     """A control message that cannot be decoded."""
 
 
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    uid: str
-    name: str
-    version: str
-    num_clients: int = 0
-    num_users: int = 0
-    num_channels: int = 0
-    num_subs: int = 0
-    uptime: int = 0  # seconds
-    channels: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
-
-    @classmethod
-    def of(
-        cls,
-        uid: str,
-        name: str,
-        version: str,
-        stats: NodeStats,
-        uptime: float,
-        channels: Mapping[str, int],
-    ) -> NodeInfo:
-        """Build the heartbeat from `Sessions.stats()` and `Sessions.channels()`."""
-        return cls(
-            uid,
-            name,
-            version,
-            stats.num_clients,
-            stats.num_users,
-            stats.num_channels,
-            stats.num_subs,
-            int(uptime),
-            dict(channels),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class UnsubscribeCommand:
-    user: str
-    channel: str
-    client: str = ""
-    session: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class DisconnectCommand:
-    user: str
-    code: int
-    reason: str
-    client: str = ""
-    session: str = ""
-    whitelist: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshCommand:
-    user: str
-    client: str = ""
-    session: str = ""
-    expired: bool = False
-    expire_at: int = 0
-    info: bytes | None = None
-
-
-UserCommand = ServerSubscribe | UnsubscribeCommand | DisconnectCommand | RefreshCommand
 ControlMessage = NodeInfo | UserCommand
 
 # -- encoding -------------------------------------------------------------------------------
@@ -346,15 +288,11 @@ async def apply_command(sessions: Sessions, cmd: UserCommand) -> None:
     if isinstance(cmd, ServerSubscribe):
         await sessions.subscribe(cmd)
     elif isinstance(cmd, UnsubscribeCommand):
-        await sessions.unsubscribe(cmd.user, cmd.channel, cmd.client, cmd.session)
+        await sessions.unsubscribe(cmd)
     elif isinstance(cmd, DisconnectCommand):
-        await sessions.disconnect(
-            cmd.user, cmd.code, cmd.reason, cmd.client, cmd.session, cmd.whitelist
-        )
+        await sessions.disconnect(cmd)
     else:
-        await sessions.refresh(
-            cmd.user, cmd.client, cmd.session, cmd.expired, cmd.expire_at, cmd.info
-        )
+        await sessions.refresh(cmd)
 
 
 # -- registry -------------------------------------------------------------------------------
@@ -412,3 +350,15 @@ class NodeRegistry:
             for channel, count in node.channels.items():
                 total[channel] = total.get(channel, 0) + count
         return total
+
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "NODE_EXPIRE_AFTER",
+    "ControlError",
+    "ControlMessage",
+    "NodeRegistry",
+    "apply_command",
+    "decode_control",
+    "encode_control",
+]

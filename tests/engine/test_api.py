@@ -25,13 +25,19 @@ from centripy.engine.api import (
     decode_request,
 )
 from centripy.engine.channels import SubscribeOverride
-from centripy.engine.cluster import NodeInfo
 from centripy.engine.config import Config
 from centripy.engine.contracts import AppendRequest, AppendResult, StorageError
 from centripy.engine.node import VERSION, Node
 from centripy.engine.options import ChannelOptions, Namespace
 from centripy.engine.protocol.codes import Error
-from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.sessions import (
+    DisconnectCommand,
+    NodeInfo,
+    NodeStats,
+    RefreshCommand,
+    ServerSubscribe,
+    UnsubscribeCommand,
+)
 from centripy.engine.types import ClientInfo, Publication, StreamPosition
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
@@ -79,30 +85,16 @@ class RecordingSessions:
         self.active -= 1
         self.finished.append(cmd.user)
 
-    async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
-        self.calls.append(("unsubscribe", (user, channel, client, session)))
+    async def unsubscribe(self, cmd: UnsubscribeCommand) -> None:
+        self.calls.append(("unsubscribe", (cmd.user, cmd.channel, cmd.client, cmd.session)))
 
-    async def disconnect(
-        self,
-        user: str,
-        code: int,
-        reason: str,
-        client: str,
-        session: str,
-        whitelist: Sequence[str],
-    ) -> None:
-        self.calls.append(("disconnect", (user, code, reason, client, session, tuple(whitelist))))
+    async def disconnect(self, cmd: DisconnectCommand) -> None:
+        fields = (cmd.user, cmd.code, cmd.reason, cmd.client, cmd.session, cmd.whitelist)
+        self.calls.append(("disconnect", fields))
 
-    async def refresh(
-        self,
-        user: str,
-        client: str,
-        session: str,
-        expired: bool,
-        expire_at: int,
-        info: bytes | None,
-    ) -> None:
-        self.calls.append(("refresh", (user, client, session, expired, expire_at, info)))
+    async def refresh(self, cmd: RefreshCommand) -> None:
+        fields = (cmd.user, cmd.client, cmd.session, cmd.expired, cmd.expire_at, cmd.info)
+        self.calls.append(("refresh", fields))
 
     def channels(self) -> dict[str, int]:
         return dict(self.counts)
@@ -411,7 +403,7 @@ async def test_refresh(env: Env) -> None:
 
 async def test_sessions_failure_is_100() -> None:
     class Broken(RecordingSessions):
-        async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
+        async def unsubscribe(self, cmd: UnsubscribeCommand) -> None:
             raise RuntimeError("hub is gone")
 
     api = failing_executor(Broken())

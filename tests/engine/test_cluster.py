@@ -3,7 +3,6 @@ with a fake clock, and apply_command's dispatch to Sessions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -17,16 +16,19 @@ from centripy.engine.cluster import (
     NODE_EXPIRE_AFTER,
     ControlError,
     ControlMessage,
-    DisconnectCommand,
-    NodeInfo,
     NodeRegistry,
-    RefreshCommand,
-    UnsubscribeCommand,
     apply_command,
     decode_control,
     encode_control,
 )
-from centripy.engine.sessions import NodeStats, ServerSubscribe
+from centripy.engine.sessions import (
+    DisconnectCommand,
+    NodeInfo,
+    NodeStats,
+    RefreshCommand,
+    ServerSubscribe,
+    UnsubscribeCommand,
+)
 from centripy.engine.types import StreamPosition
 
 MESSAGES: list[ControlMessage] = [
@@ -189,30 +191,14 @@ class RecordingSessions:
     async def subscribe(self, cmd: ServerSubscribe) -> None:
         self.calls.append(("subscribe", cmd))
 
-    async def unsubscribe(self, user: str, channel: str, client: str, session: str) -> None:
-        self.calls.append(("unsubscribe", user, channel, client, session))
+    async def unsubscribe(self, cmd: UnsubscribeCommand) -> None:
+        self.calls.append(("unsubscribe", cmd))
 
-    async def disconnect(
-        self,
-        user: str,
-        code: int,
-        reason: str,
-        client: str,
-        session: str,
-        whitelist: Sequence[str],
-    ) -> None:
-        self.calls.append(("disconnect", user, code, reason, client, session, tuple(whitelist)))
+    async def disconnect(self, cmd: DisconnectCommand) -> None:
+        self.calls.append(("disconnect", cmd))
 
-    async def refresh(
-        self,
-        user: str,
-        client: str,
-        session: str,
-        expired: bool,
-        expire_at: int,
-        info: bytes | None,
-    ) -> None:
-        self.calls.append(("refresh", user, client, session, expired, expire_at, info))
+    async def refresh(self, cmd: RefreshCommand) -> None:
+        self.calls.append(("refresh", cmd))
 
     def channels(self) -> dict[str, int]:
         return {}
@@ -224,13 +210,14 @@ class RecordingSessions:
 async def test_apply_command_dispatches_to_sessions() -> None:
     sessions = RecordingSessions()
     sub = ServerSubscribe("u", "ch", info=b"{}")
-    await apply_command(sessions, sub)
-    await apply_command(sessions, UnsubscribeCommand("u", "ch", "c", "s"))
-    await apply_command(sessions, DisconnectCommand("u", 3503, "force", whitelist=("k",)))
-    await apply_command(sessions, RefreshCommand("u", expire_at=5, info=b"{}"))
+    unsub = UnsubscribeCommand("u", "ch", "c", "s")
+    disconnect = DisconnectCommand("u", 3503, "force", whitelist=("k",))
+    refresh = RefreshCommand("u", expire_at=5, info=b"{}")
+    for cmd in (sub, unsub, disconnect, refresh):
+        await apply_command(sessions, cmd)
     assert sessions.calls == [
         ("subscribe", sub),
-        ("unsubscribe", "u", "ch", "c", "s"),
-        ("disconnect", "u", 3503, "force", "", "", ("k",)),
-        ("refresh", "u", "", "", False, 5, b"{}"),
+        ("unsubscribe", unsub),
+        ("disconnect", disconnect),
+        ("refresh", refresh),
     ]
