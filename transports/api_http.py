@@ -24,14 +24,8 @@ from urllib.parse import parse_qs
 import orjson
 from tornado.web import RequestHandler, stream_request_body
 
-from centripy.engine.api import (
-    METHODS,
-    DecodeError,
-    Executor,
-    api_error,
-    decode_request,
-    error_body,
-)
+from centripy.engine.api import Executor
+from centripy.engine.api_requests import METHODS, DecodeError, api_error, decode_request, error_body
 from centripy.engine.config import Config
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codes import Error

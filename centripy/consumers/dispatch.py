@@ -16,7 +16,7 @@ from typing import Protocol
 
 import orjson
 
-from centripy.engine.api import DispatchError
+from centripy.engine.api_requests import DispatchError
 
 log = logging.getLogger("centripy.consumers")
 

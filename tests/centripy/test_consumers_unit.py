@@ -50,7 +50,8 @@ from centripy.consumers.sqlite_outbox import (
     is_sqlite_dsn,
     sqlite_path,
 )
-from centripy.engine.api import CommandFailed, DecodeError, Executor
+from centripy.engine.api import Executor
+from centripy.engine.api_requests import CommandFailed, DecodeError
 from centripy.engine.config import (
     Config,
     ConsumerConfig,

@@ -16,14 +16,8 @@ from unittest.mock import ANY
 import orjson
 import pytest
 
-from centripy.engine.api import (
-    CommandFailed,
-    DecodeError,
-    DispatchError,
-    Executor,
-    compile_glob,
-    decode_request,
-)
+from centripy.engine.api import Executor
+from centripy.engine.api_requests import CommandFailed, DecodeError, DispatchError, decode_request
 from centripy.engine.channels import SubscribeOverride
 from centripy.engine.config import Config
 from centripy.engine.contracts import AppendRequest, AppendResult, StorageError
@@ -529,38 +523,6 @@ async def test_channels_filters_by_pattern_and_subscribers(env: Env) -> None:
     }
     assert await env.api.channels({"pattern": "nomatch"}) == {"channels": {}}
     assert (await api_error(env.api.channels({"pattern": "chat:[a"})))[0] == 107
-
-
-@pytest.mark.parametrize(
-    ("pattern", "name", "matches"),
-    [
-        ("*", "chat:index", True),
-        ("chat:*", "chat:index", True),
-        ("chat:*", "news:chat:x", False),
-        ("*:index", "a:b:index", True),
-        ("c?at", "chat", True),
-        ("c?at", "cht", False),
-        ("[a-c]hat", "chat", True),
-        ("[a-c]hat", "dhat", False),
-        ("[!a-c]hat", "dhat", True),
-        ("[!a-c]hat", "chat", False),
-        ("[xc]hat", "chat", True),
-        ("{chat,news}:*", "news:1", True),
-        ("{chat,news}:*", "user:1", False),
-        ("a\\*b", "a*b", True),
-        ("a\\*b", "axb", False),
-        ("a.b", "axb", False),
-        ("chat", "chat:index", False),
-    ],
-)
-def test_glob(pattern: str, name: str, matches: bool) -> None:
-    assert (compile_glob(pattern).fullmatch(name) is not None) is matches
-
-
-@pytest.mark.parametrize("pattern", ["[abc", "a\\", "{a,b", "[]", "[z-a]"])
-def test_bad_glob(pattern: str) -> None:
-    with pytest.raises(ValueError):
-        compile_glob(pattern)
 
 
 async def test_info(env: Env) -> None:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format
-from centripy.engine import api
+from centripy.engine import api_requests as api
 from centripy.engine.channels import SubscribeOverride
 from centripy.engine.protocol import client_pb2 as pb
 from centripy.engine.protocol import commands as c

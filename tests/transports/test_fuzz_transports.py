@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from centripy.actors.connection_core import Frame
 from centripy.actors.transport import Format
-from centripy.engine.api import DecodeError
+from centripy.engine.api_requests import DecodeError
 from centripy.engine.config import Config
 from centripy.engine.protocol import client_pb2
 from centripy.transports.api_http import LegacyCommand, decode_legacy
