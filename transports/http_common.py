@@ -29,7 +29,7 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format
-from centripy.transports.websocket import origin_allowed
+from centripy.transports.origins import origin_allowed
 
 # Centrifugo gives each streamed write (and the response head) one second.
 WRITE_TIMEOUT = 1.0

@@ -41,6 +41,7 @@ from tornado.web import RequestHandler
 from centripy.actors.context import ConnContext
 from centripy.engine.config import Config
 from centripy.transports.http_common import write_timeout
+from centripy.transports.origins import origin_allowed
 from centripy.transports.sockjs_session import (
     ANOTHER_CONNECTION_FRAME,
     RESPONSE_LIMIT,
@@ -53,7 +54,6 @@ from centripy.transports.sockjs_session import (
     quote,
     retrieve,
 )
-from centripy.transports.websocket import origin_allowed
 
 JS_TYPE: Final = "application/javascript; charset=UTF-8"
 TEXT_TYPE: Final = "text/plain; charset=UTF-8"

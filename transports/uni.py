@@ -43,7 +43,7 @@ from centripy.transports.http_common import (
     frame_sse,
     prefix_route,
 )
-from centripy.transports.websocket import origin_allowed
+from centripy.transports.origins import origin_allowed
 
 CONNECT_PARAM = "cf_connect"
 # Centrifugo's uni_websocket pings natively every 25 s and drops a connection that sent

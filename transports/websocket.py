@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fnmatch
 import hashlib
 import struct
 import urllib.parse
@@ -36,19 +35,13 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
+from centripy.transports.origins import origin_allowed
 
 PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
 JSON_SUBPROTOCOL = "centrifuge-json"
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 _VERSIONS: Final = (b"13", b"8", b"7")  # what Tornado accepts
 CLOSE_TIMEOUT: Final = 5.0  # seconds to wait for the client's close frame (as Tornado)
-
-
-def origin_allowed(allowed: Sequence[str], origin: str) -> bool:
-    """Centrifugo's rule: no patterns -> only Origin-less requests pass (handled by the
-    caller); `*` and `https://*.example.com` style wildcards match case-insensitively."""
-    origin = origin.lower()
-    return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in allowed)
 
 
 def select_subprotocol(offered: Sequence[str]) -> str | None:
