@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from centripy.actors.connection_core import (
     CONNECTED,
@@ -47,6 +47,33 @@ Result = Any  # a result object of the connection's codec (a dict for JSON, a me
 
 def _bad_request() -> Disconnect:
     return Disconnect.of(DisconnectCode.BAD_REQUEST)
+
+
+# -- tokens that fail verification ------------------------------------------------------------
+
+TOKEN_FAILURES = (auth.JWKSFetchError, auth.TokenExpired, auth.InvalidToken)
+
+
+class TokenReplies(NamedTuple):
+    """What an expired and an invalid token become, by where the token was sent."""
+
+    expired: ErrorCode | DisconnectCode
+    invalid: ErrorCode | DisconnectCode
+
+
+CONNECT_TOKEN = TokenReplies(ErrorCode.TOKEN_EXPIRED, DisconnectCode.INVALID_TOKEN)
+SUBSCRIPTION_TOKEN = TokenReplies(ErrorCode.TOKEN_EXPIRED, ErrorCode.PERMISSION_DENIED)
+REFRESH_TOKEN = TokenReplies(DisconnectCode.EXPIRED, DisconnectCode.INVALID_TOKEN)
+
+
+def token_failure(exc: Exception, replies: TokenReplies) -> Error | Disconnect:
+    """The error reply or disconnect (to raise) for a token whose verification raised one
+    of `TOKEN_FAILURES`: a JWKS endpoint that cannot be read is an internal error (the
+    client retries), otherwise `replies` decides."""
+    if isinstance(exc, auth.JWKSFetchError):
+        return Error.of(ErrorCode.INTERNAL)
+    code = replies.expired if isinstance(exc, auth.TokenExpired) else replies.invalid
+    return Disconnect.of(code) if isinstance(code, DisconnectCode) else Error.of(code)
 
 
 class ConnectionActor(ConnectionCore):
@@ -131,12 +158,8 @@ class ConnectionActor(ConnectionCore):
             return None
         try:
             token = await self.ctx.verifier.verify_connection_token_async(req.token)
-        except auth.JWKSFetchError:
-            raise Error.of(ErrorCode.INTERNAL) from None
-        except auth.TokenExpired:
-            raise Error.of(ErrorCode.TOKEN_EXPIRED) from None
-        except auth.InvalidToken:
-            raise Disconnect.of(DisconnectCode.INVALID_TOKEN) from None
+        except TOKEN_FAILURES as exc:
+            raise token_failure(exc, CONNECT_TOKEN) from None
         if not token.user_id and config.disallow_anonymous_connection_tokens:
             raise Disconnect.of(DisconnectCode.PERMISSION_DENIED)
         self.user = token.user_id
@@ -243,12 +266,8 @@ class ConnectionActor(ConnectionCore):
     async def _verify_sub_token(self, token: str, channel: str) -> auth.SubscriptionToken:
         try:
             claims = await self.ctx.verifier.verify_subscription_token_async(token)
-        except auth.JWKSFetchError:
-            raise Error.of(ErrorCode.INTERNAL) from None
-        except auth.TokenExpired:
-            raise Error.of(ErrorCode.TOKEN_EXPIRED) from None
-        except auth.InvalidToken:
-            raise Error.of(ErrorCode.PERMISSION_DENIED) from None
+        except TOKEN_FAILURES as exc:
+            raise token_failure(exc, SUBSCRIPTION_TOKEN) from None
         if claims.channel != channel or claims.user_id != self.user:
             raise Disconnect.of(DisconnectCode.INVALID_TOKEN)
         if claims.client and claims.client != self.client_id:
@@ -442,12 +461,8 @@ class ConnectionActor(ConnectionCore):
             raise _bad_request()
         try:
             token = await self.ctx.verifier.verify_connection_token_async(req.token)
-        except auth.JWKSFetchError:
-            raise Error.of(ErrorCode.INTERNAL) from None
-        except auth.TokenExpired:
-            raise Disconnect.of(DisconnectCode.EXPIRED) from None
-        except auth.InvalidToken:
-            raise Disconnect.of(DisconnectCode.INVALID_TOKEN) from None
+        except TOKEN_FAILURES as exc:
+            raise token_failure(exc, REFRESH_TOKEN) from None
         if token.user_id != self.user:
             raise Disconnect.of(DisconnectCode.INVALID_TOKEN)
         now = time.time()

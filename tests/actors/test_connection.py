@@ -10,7 +10,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from centripy.actors.connection import (
+    CONNECT_TOKEN,
+    REFRESH_TOKEN,
+    SUBSCRIPTION_TOKEN,
+    TokenReplies,
+    token_failure,
+)
+from centripy.engine import auth
 from centripy.engine.auth import make_token
+from centripy.engine.protocol.codes import Disconnect, Error
 from tests.actors.harness import SECRET, Client, CountingPresence, Harness, make_config
 from tests.support.wait import eventually
 
@@ -412,3 +421,23 @@ def test_ttl_of_a_far_expiry_fits_the_protocols_uint32() -> None:
     assert _ttl(now - 5, now) == 1
     assert _ttl(now + 30.5, now) == 30
     assert _ttl(now + 10**12, now) == 2**32 - 1  # a token expiring in ~30,000 years
+
+
+@pytest.mark.parametrize(
+    ("replies", "exc", "expected"),
+    [
+        (CONNECT_TOKEN, auth.JWKSFetchError(), Error.of(100)),
+        (CONNECT_TOKEN, auth.TokenExpired(), Error.of(109)),
+        (CONNECT_TOKEN, auth.InvalidToken(), Disconnect.of(3500)),
+        (SUBSCRIPTION_TOKEN, auth.JWKSFetchError(), Error.of(100)),
+        (SUBSCRIPTION_TOKEN, auth.TokenExpired(), Error.of(109)),
+        (SUBSCRIPTION_TOKEN, auth.InvalidToken(), Error.of(103)),
+        (REFRESH_TOKEN, auth.JWKSFetchError(), Error.of(100)),
+        (REFRESH_TOKEN, auth.TokenExpired(), Disconnect.of(3005)),
+        (REFRESH_TOKEN, auth.InvalidToken(), Disconnect.of(3500)),
+    ],
+)
+def test_token_failure_maps_each_use(
+    replies: TokenReplies, exc: Exception, expected: Error | Disconnect
+) -> None:
+    assert token_failure(exc, replies) == expected  # same class, code and message
