@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from pykka import ActorDeadError, ActorRef
 
-from centripy.actors.base import InlineFanOut, LoopActor, tell_if_alive
+from centripy.actors.base import FanOut, LoopActor, tell_if_alive
 from centripy.actors.transport import Format, protobuf_codec
 from centripy.engine.node import Node
 from centripy.engine.protocol import json_codec
@@ -29,8 +29,23 @@ log = logging.getLogger("centripy.channel")
 RETRY_DELAY = 1.0  # seconds before a failed log read of a sequenced channel is retried
 
 
+class Push(bytes):
+    """One wire format's encoding of a push, shared by every subscriber of a fan-out, with
+    a slot for the transport's framing of it: the WebSocket transports frame a `Push` on
+    its first write as a frame's only message and keep that frame in `framed`, so a
+    fan-out frames once per publication and format, not once per subscriber. (Set and read
+    on the event loop only; a `bytes` subclass cannot have `__slots__`, so the slot lives
+    in the instance dict, one per publication and format.)"""
+
+    framed: bytes | None = None
+
+
+NOT_JSON = b""  # the JSON encoding of a publication whose data is not JSON (binary)
+
+
 class Encoded:
-    """A push encoded lazily, once per wire format, and shared by all subscribers."""
+    """A push encoded lazily, once per wire format (`Format` is the index), and shared by
+    all subscribers: `get(fmt)` is a `Push`, or `NOT_JSON` itself."""
 
     __slots__ = ("_cache", "_encoders")
 
@@ -41,11 +56,11 @@ class Encoded:
     def get(self, fmt: int) -> bytes:
         data = self._cache[fmt]
         if data is None:
-            data = self._cache[fmt] = self._encoders[fmt]()
+            data = self._encoders[fmt]()
+            if data is not NOT_JSON:
+                data = Push(data)
+            self._cache[fmt] = data
         return data
-
-
-NOT_JSON = b""  # the JSON encoding of a publication whose data is not JSON (binary)
 
 
 def encoded_pub(channel: str, pub: Publication) -> Encoded:
@@ -146,7 +161,7 @@ class ChannelActor(LoopActor):
         super().__init__()
         self.channel = channel
         self.subscribers: dict[str, tuple[ActorRef[Any], bool]] = {}
-        self._fanout = InlineFanOut()
+        self._fanout = FanOut()
 
     def replacement(self) -> ActorRef[Any]:
         """A new actor for the same channel and subscribers (this one has stopped)."""
@@ -155,7 +170,7 @@ class ChannelActor(LoopActor):
         return ChannelActor.start_instance(new)
 
     def on_start(self) -> None:
-        self._fanout = InlineFanOut()  # made again on the loop thread, whose actors it holds
+        self._fanout = FanOut()  # made again on the loop thread, whose actors it holds
 
     def on_drained(self) -> None:
         """After a run of messages: the subscribers write what this run gave them."""
@@ -209,6 +224,7 @@ __all__ = [
     "Encoded",
     "Format",
     "JoinLeave",
+    "Push",
     "RemoveSubscriber",
 ]
 
