@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 from pykka import ActorDeadError, ActorRef
 
-from centripy.actors.base import FanOut, LoopActor, tell_if_alive
+from centripy.actors.base import InlineFanOut, LoopActor, tell_if_alive
 from centripy.actors.transport import Format, protobuf_codec
 from centripy.engine.node import Node
 from centripy.engine.protocol import json_codec
@@ -161,7 +161,7 @@ class ChannelActor(LoopActor):
         super().__init__()
         self.channel = channel
         self.subscribers: dict[str, tuple[ActorRef[Any], bool]] = {}
-        self._fanout = FanOut()
+        self._fanout = InlineFanOut()
 
     def replacement(self) -> ActorRef[Any]:
         """A new actor for the same channel and subscribers (this one has stopped)."""
@@ -170,7 +170,7 @@ class ChannelActor(LoopActor):
         return ChannelActor.start_instance(new)
 
     def on_start(self) -> None:
-        self._fanout = FanOut()  # made again on the loop thread, whose actors it holds
+        self._fanout = InlineFanOut()  # made again on the loop thread, whose actors it holds
 
     def on_drained(self) -> None:
         """After a run of messages: the subscribers write what this run gave them."""
