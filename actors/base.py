@@ -132,7 +132,7 @@ class _LoopInbox:
         return not self._items
 
 
-class FanOut:
+class InlineFanOut:
     """`tell` for a channel's fan-out, on the loop thread, without an inbox round trip.
 
     A subscriber that is idle (not busy, nothing queued) and accepts inline messages
@@ -277,12 +277,12 @@ class LoopActor(pykka.Actor):
     _registered: bool
     draining = False  # True while messages are being handled synchronously by _drain
     _stopped = False  # actor_stopped.is_set(), as a plain attribute for the hot paths
-    inline = False  # may handle FanOut messages inline (on_receive is synchronous for them)
+    inline = False  # may handle InlineFanOut messages inline (on_receive is synchronous for them)
     # Supervision: a told message whose handler raises stops the actor (pykka's rule; then
     # `on_failure` runs) unless the actor is `resilient`: it then logs the failure, calls
     # `on_message_failed` and goes on with the next message.
     resilient = False
-    _held_by: FanOut | None = None
+    _held_by: InlineFanOut | None = None
     _items: collections.deque[Any]
 
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:

@@ -216,7 +216,7 @@ class ConnectionActor(ConnectionCore):
         try:
             result = await self.cmd_connect(req)
         except Error as err:
-            self.close(*_uni_disconnect(err.code))
+            self.close(*_uni_connect_disconnect(err.code))
             return
         except Disconnect as exc:
             self.close(exc.code, exc.reason)
@@ -515,9 +515,18 @@ def _ttl(expire_at: float, now: float) -> int:
     return min(max(int(expire_at - now), 1), 2**32 - 1)
 
 
-def _uni_disconnect(code: int) -> tuple[int, str]:
-    """Unidirectional connect errors map to disconnects (docs/spec/protocol.md 4.4)."""
-    mapped = {109: 3005, 110: 3005, 111: 3013, 103: 3507}.get(code, 3004)
+_UNI_CONNECT_DISCONNECTS: dict[int, DisconnectCode] = {
+    ErrorCode.TOKEN_EXPIRED: DisconnectCode.EXPIRED,
+    ErrorCode.EXPIRED: DisconnectCode.EXPIRED,
+    ErrorCode.TOO_MANY_REQUESTS: DisconnectCode.TOO_MANY_REQUESTS,
+    ErrorCode.PERMISSION_DENIED: DisconnectCode.PERMISSION_DENIED,
+}
+
+
+def _uni_connect_disconnect(code: int) -> tuple[int, str]:
+    """The disconnect (code, reason) for a connect error on a unidirectional transport,
+    which has no error reply (docs/spec/protocol.md 4.4); any other error is 3004."""
+    mapped = _UNI_CONNECT_DISCONNECTS.get(code, DisconnectCode.INTERNAL)
     return mapped, Disconnect.of(mapped).reason
 
 

@@ -142,7 +142,7 @@ class Subscription:
 
 
 class ConnectionCore(LoopActor):
-    inline = True  # Deliver and JoinLeave are handled synchronously (FanOut)
+    inline = True  # Deliver and JoinLeave are handled synchronously (InlineFanOut)
 
     def __init__(self, ctx: ConnContext, transport: Transport) -> None:
         super().__init__()

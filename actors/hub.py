@@ -2,7 +2,7 @@
 
 The hub is not an actor: it is plain bookkeeping owned by the event loop (every method runs
 on the loop thread, synchronously, so its maps never race). It implements the engine's
-`Fanout` (committed publications and join/leave go to the channel actor) and `Sessions`
+`engine.node.Fanout` (committed publications and join/leave go to the channel actor) and `Sessions`
 (server API actions reach the connections of a user) protocols.
 """
 

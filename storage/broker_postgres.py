@@ -33,12 +33,12 @@ from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
 from centripy.storage.wire import (
     KIND_CONTROL,
-    backoff_delay,
     decode_message,
     deliver_message,
     encode_control,
     encode_join_leave,
     encode_publication,
+    reconnect_delay,
 )
 
 log = logging.getLogger("centripy.broker.postgres")
@@ -272,7 +272,7 @@ class PostgresBroker(Broker):
                 self._first_attempt.set()
             lost = True
             attempt = 0 if established else attempt + 1
-            await asyncio.sleep(backoff_delay(attempt, *self._backoff))
+            await asyncio.sleep(reconnect_delay(attempt, *self._backoff))
 
     def _end_barriers(self) -> None:
         """The LISTEN session is gone: nothing waits for it (the reconnect resyncs)."""

@@ -37,12 +37,12 @@ from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
 from centripy.storage.wire import (
     KIND_CONTROL,
-    backoff_delay,
     decode_message,
     deliver_message,
     encode_control,
     encode_join_leave,
     encode_publication,
+    reconnect_delay,
 )
 
 log = logging.getLogger("centripy.broker.redis")
@@ -349,7 +349,7 @@ class RedisBroker(Broker):
             lost = True
             if shard.established:
                 attempt = 0
-            await asyncio.sleep(backoff_delay(attempt, *self._backoff))
+            await asyncio.sleep(reconnect_delay(attempt, *self._backoff))
             attempt += 1
 
     async def _run_session(self, shard: _Shard, conn: Connection, lost: bool) -> None:

@@ -1,6 +1,6 @@
 """The node-to-node wire format of the brokers (Redis PUB/SUB and PostgreSQL LISTEN/NOTIFY)
 and the byte layout of a Redis presence entry, plus what both brokers do with a decoded
-message (`deliver_message`) and how they wait before reconnecting (`backoff_delay`).
+message (`deliver_message`) and how they wait before reconnecting (`reconnect_delay`).
 
 It lives in storage, not in the engine: the engine's `Broker` contract carries typed values
 (`Publication`, `ClientInfo`, opaque control bytes), and these bodies are only how the back
@@ -147,7 +147,9 @@ def deliver_message(
         call(lambda h: h.on_leave(channel, info))
 
 
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with jitter: about base * 2**attempt, at most cap."""
+def reconnect_delay(attempt: int, base: float, cap: float) -> float:
+    """A broker's wait before reconnect attempt `attempt`: base * 2**attempt capped at cap,
+    times a jitter in [0.5, 1). (Not the consumers' `backoff_delay`, centripy/consumers/
+    backoff.py, which follows Centrifugo's retry formula: jitter added, then capped.)"""
     delay: float = min(cap, base * (2 ** min(attempt, 30)))
     return delay * (0.5 + random.random() / 2)

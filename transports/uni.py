@@ -52,7 +52,7 @@ UNI_WS_PING_INTERVAL = 25.0
 UNI_WS_READ_TIMEOUT = UNI_WS_PING_INTERVAL * 10 / 9
 
 
-def _uni_disconnect(code: int, reason: str) -> bytes:
+def _encode_uni_disconnect(code: int, reason: str) -> bytes:
     return json_codec.encode_disconnect_push(code, reason, unidirectional=True)
 
 
@@ -86,7 +86,7 @@ class _UniStreamHandler(StreamingHandler):
             fmt=Format.JSON_UNI,
             emulation=False,
             frame=frame,
-            disconnect=_uni_disconnect,
+            disconnect=_encode_uni_disconnect,
         )
         self.start_response(self.content_type, self.preamble)
         await self.stream(transport, UniConnect(req))
@@ -152,7 +152,7 @@ class _UniWebSocketTransport:
         """The disconnect push, then drop the TCP connection (no close frame)."""
         handler = self._handler
         try:
-            sent = handler.write_message(_uni_disconnect(code, reason), binary=False)
+            sent = handler.write_message(_encode_uni_disconnect(code, reason), binary=False)
         except tornado.websocket.WebSocketClosedError:
             return
         task = asyncio.get_running_loop().create_task(_drop_after(handler, sent))

@@ -9,7 +9,7 @@ from typing import Any
 import pykka
 import pytest
 
-from centripy.actors.base import FanOut, LoopActor
+from centripy.actors.base import InlineFanOut, LoopActor
 
 
 class Recorder(LoopActor):
@@ -108,7 +108,7 @@ async def test_ten_thousand_actors_fan_out_quickly() -> None:
     assert answers == [2] * 10_000
 
 
-# -- FanOut --------------------------------------------------------------------------------
+# -- InlineFanOut --------------------------------------------------------------------------------
 
 
 class Subscriber(Recorder):
@@ -136,7 +136,7 @@ async def settle() -> None:
 async def test_fanout_handles_idle_actors_inline_and_drains_once_at_release() -> None:
     refs = [Subscriber.start(register=False) for _ in range(3)]
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     for message in ("a", "b"):
         for ref in refs:
             fanout.tell(ref, message)
@@ -157,7 +157,7 @@ async def test_fanout_queues_behind_a_busy_actor() -> None:
     await settle()
     ref.tell(("slow", "first"))  # busy for 10 ms
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     fanout.tell(ref, "second")
     fanout.release()
     actor = actor_of(ref)
@@ -169,7 +169,7 @@ async def test_fanout_queues_behind_a_busy_actor() -> None:
 async def test_fanout_keeps_order_when_the_held_actor_queued_something() -> None:
     ref = Subscriber.start(register=False)
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     fanout.tell(ref, "a")
     ref.tell("b")  # queued in the inbox of the held actor
     fanout.tell(ref, "c")  # must not overtake "b"
@@ -181,7 +181,7 @@ async def test_fanout_keeps_order_when_the_held_actor_queued_something() -> None
 async def test_fanout_plain_tell_for_actors_that_are_not_inline() -> None:
     ref = Recorder.start(register=False)
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     fanout.tell(ref, "a")
     assert actor_of(ref).seen == []
     fanout.release()
@@ -192,7 +192,7 @@ async def test_fanout_plain_tell_for_actors_that_are_not_inline() -> None:
 async def test_fanout_failure_stops_the_actor_and_dead_actors_raise() -> None:
     ref = Subscriber.start(register=False)
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     fanout.tell(ref, "boom")
     fanout.release()
     assert not ref.is_alive()
@@ -203,7 +203,7 @@ async def test_fanout_failure_stops_the_actor_and_dead_actors_raise() -> None:
 async def test_fanout_async_result_becomes_a_task_in_order() -> None:
     ref = Subscriber.start(register=False)
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     fanout.tell(ref, ("slow", "x"))
     fanout.tell(ref, "y")  # no longer held: queued behind the running handler
     fanout.release()
@@ -214,7 +214,7 @@ async def test_fanout_async_result_becomes_a_task_in_order() -> None:
 async def test_fanout_without_hold_finishes_idle_actors_at_once() -> None:
     first, second = (Subscriber.start(register=False) for _ in range(2))
     await settle()
-    fanout = FanOut()
+    fanout = InlineFanOut()
     fanout.tell(first, "a")  # held
     fanout.tell(first, "b", hold=False)  # held already: still waits for release
     fanout.tell(second, "b", hold=False)  # idle: handled and finished now

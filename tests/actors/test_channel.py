@@ -38,7 +38,7 @@ ALEX = ClientInfo("42", "client-a", b'{"name":"Alex"}')
 class Subscriber(LoopActor):
     """Records (kind, bytes of its format) for every Deliver and JoinLeave it is told."""
 
-    inline = True  # as ConnectionActor: the channel's FanOut may hand it messages inline
+    inline = True  # as ConnectionActor: the channel's InlineFanOut may hand it messages inline
 
     def __init__(self, fmt: Format = Format.JSON) -> None:
         super().__init__()
