@@ -1,15 +1,27 @@
-"""The server API's keep-alive fast path on Tornado's own port.
+"""The lean path on Tornado's own port: server API POSTs and WebSocket upgrades answered
+outside Tornado's HTTP/1 stack.
 
 Tornado's HTTP/1 stack (`HTTP1Connection`, `HTTPHeaders`, routing, `RequestHandler`) costs
 ~200 µs of CPU per request on the 2-core machines here: a bare `RequestHandler` answers
 ~5.1k requests/s, below what a backend publishing over single `POST /api/publish` calls
 needs. `LeanHTTPServer` is Tornado's `HTTPServer` with one addition: on each connection it
-reads the request head itself, and when the request is a plain `POST` to an API route
-(Content-Length body, no Transfer-Encoding or Expect, HTTP/1.0 or 1.1) it answers it with
-the same `ApiEndpoint` the Tornado handlers use, then reads the next request. Anything else
-(WebSocket upgrades, SSE, GET, a chunked body, a route another handler owns) is put back in
-front of the stream's read buffer and the connection is handed to Tornado's
-`HTTP1ServerConnection` for the rest of its life, so every other transport is untouched.
+reads the request head itself and parses it once (`http11.parse_request_head`), then
+
+* a POST to an API route that `http11.lean_post` accepts (Content-Length body, no
+  Transfer-Encoding, Expect or Upgrade, HTTP/1.0 or 1.1) is answered with the same
+  `ApiEndpoint` the Tornado handlers use, and the next request is read;
+* a WebSocket handshake to the client WebSocket route (`ws_protocol.accept_upgrade`, and
+  `websocket.lean_websocket`: no compression, an allowed Origin) on a plain TCP stream gets
+  its socket moved to an asyncio transport driving a `websocket.LeanWebSocket`;
+* anything else (SSE, GET, a chunked body, a route another handler owns, a handshake the
+  lean path leaves to Tornado, anything unusual) is put back in front of the stream's read
+  buffer and the connection is handed to Tornado's `HTTP1ServerConnection` for the rest of
+  its life, so every other transport is untouched.
+
+Routing follows the application's own rules (`match`). An application with host-specific
+rules (`add_handlers` with a host pattern other than `.*`, or a `default_host`) is served by
+Tornado alone: the lean router does not look at Host. The Tornado internals this needs
+(`unread`, `detach`) live in `tornado_compat`.
 
 Measured with wrk (64 connections, same machine): the lean path answers ~12.8k requests/s
 where Tornado's stack answers ~5.1k.
@@ -21,7 +33,6 @@ import asyncio
 import email.utils
 import http
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,6 +40,7 @@ from typing import Any, Final
 import tornado.httpserver
 import tornado.httputil
 import tornado.iostream
+import tornado.routing
 import tornado.web
 from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 
@@ -39,74 +51,21 @@ from centripy.transports.api_http import (
     ApiLegacyHandler,
     ApiMethodHandler,
 )
-from centripy.transports.websocket import (
-    LeanWebSocket,
-    WebSocketHandler,
-    lean_websocket,
-    parse_upgrade,
-)
+from centripy.transports.http11 import HEAD_END, RequestHead, lean_post, parse_request_head
+from centripy.transports.tornado_compat import detach, unread
+from centripy.transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket
+from centripy.transports.ws_protocol import accept_upgrade
 
 log = logging.getLogger("centripy.api")
 access_log = logging.getLogger("tornado.access")
 
 MAX_HEAD: Final = 65536  # Tornado's default max_header_size
-_HEAD_END: Final = b"\r\n\r\n"
-_VERSIONS: Final = (b"HTTP/1.1", b"HTTP/1.0")
-# Headers that make a request Tornado's business (it implements them; we do not).
-_HANDED_OVER: Final = (b"transfer-encoding", b"expect", b"upgrade")
 
 # The endpoint of the route and the API method (None for the legacy `POST <prefix>`).
 Route = tuple[ApiEndpoint, str | None]
 # The handler class a path routes to, its keyword arguments and its path arguments.
 Match = tuple[type, dict[str, Any], list[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class LeanRequest:
-    """A request head the lean path can answer (see `parse_head`)."""
-
-    path: str
-    query: str
-    headers: dict[str, str]  # lower-cased names; the first value of each
-    content_length: int
-    keep_alive: bool
-    http10: bool
-
-    def header(self, name: str) -> str:
-        return self.headers.get(name.lower(), "")
-
-
-def parse_head(head: bytes) -> LeanRequest | None:
-    """The request in `head` (request line and headers, ending with an empty line) when it
-    is a POST the lean path may answer; None for anything else or anything unusual (Tornado
-    then parses it, and answers malformed requests as it always does)."""
-    lines = head[: -len(_HEAD_END)].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in _VERSIONS:
-        return None
-    target = parts[1]
-    if not target.startswith(b"/") or b"%" in target or b"#" in target:
-        return None
-    headers: dict[str, str] = {}
-    length: str | None = None
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or b" " in name or b"\t" in name:
-            return None  # no colon, whitespace in the name, or an obsolete folded line
-        key = name.lower()
-        if key in _HANDED_OVER:
-            return None
-        text = value.strip().decode("latin-1")
-        if key == b"content-length":
-            if length is not None or not text.isdigit() or not text.isascii() or len(text) > 18:
-                return None
-            length = text
-        headers.setdefault(key.decode("latin-1"), text)
-    http10 = parts[2] == b"HTTP/1.0"
-    connection = headers.get("connection", "").lower()
-    keep_alive = "keep-alive" in connection if http10 else "close" not in connection
-    path, _, query = target.decode("latin-1").partition("?")
-    return LeanRequest(path, query, headers, int(length or 0), keep_alive, http10)
+_ANY_HOST: Final = ".*$"  # HostMatches(".*")
 
 
 class _DateHeader:
@@ -142,7 +101,7 @@ def response_bytes(
         head.append(b"Connection: close")
     elif keep_alive_10:
         head.append(b"Connection: keep-alive")
-    return b"\r\n".join(head) + _HEAD_END + body
+    return b"\r\n".join(head) + HEAD_END + body
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +113,25 @@ class Limits:
     body_timeout: float = 30.0  # a request body must arrive within this
     idle_timeout: float = 60.0  # a keep-alive connection waits this long for the next head
     max_body: int = 10 << 20  # bodies of routes without a limit of their own
+
+
+def _path_rules(app: tornado.web.Application) -> list[tornado.routing.Rule] | None:
+    """The rules of `app` that route by path, flattened in Tornado's order (each host rule
+    of the default router in turn, the catch-all last), or None when one depends on Host."""
+    rules: list[tornado.routing.Rule] = []
+    for rule in app.default_router.rules:
+        matcher, target = rule.matcher, rule.target
+        any_host = isinstance(matcher, tornado.routing.AnyMatches) or (
+            isinstance(matcher, tornado.routing.HostMatches)
+            and matcher.host_pattern.pattern == _ANY_HOST
+        )
+        if not any_host or not isinstance(target, tornado.routing.RuleRouter):
+            return None
+        for inner in target.rules:
+            if not isinstance(inner.matcher, tornado.routing.PathMatches):
+                return None  # e.g. DefaultHostMatches (a `default_host` with host rules)
+            rules.append(inner)
+    return rules
 
 
 def _expire(stream: tornado.iostream.IOStream) -> None:
@@ -182,12 +160,14 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         app = request_callback
         self._app = app if lean_api and isinstance(app, tornado.web.Application) else None
         self._matches: dict[str, Match | None] = {}
+        self._rules_key = (-1, -1)
+        self._rules: list[tornado.routing.Rule] | None = None
         self._lean: set[tornado.iostream.IOStream] = set()
         self._websockets: set[LeanWebSocket] = set()
         self._date = _DateHeader()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> Any:
-        if self._app is None:
+        if self._app is None or self.lean_rules() is None:
             return super().handle_stream(stream, address)
         return self._serve(stream, address)
 
@@ -198,17 +178,34 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             ws.abort()
         await super().close_all_connections()
 
+    def lean_rules(self) -> list[tornado.routing.Rule] | None:
+        """The application's path rules, in the order Tornado tries them, when routing does
+        not depend on the Host header; None when it does (host patterns other than `.*`, a
+        `default_host`, a rule that is not a path rule): then Tornado serves every request,
+        since the lean path cannot route like it without looking at Host. Rechecked when the
+        application's rules change (`add_handlers` after start-up)."""
+        app = self._app
+        if app is None:
+            return None
+        key = (len(app.default_router.rules), len(app.wildcard_router.rules))
+        if key != self._rules_key:
+            self._rules_key = key
+            self._rules = _path_rules(app)
+            self._matches.clear()
+        return self._rules
+
     def match(self, path: str) -> Match | None:
         """The handler the application routes `path` to (its own rules, in order; remembered
-        per path), or None."""
+        per path), or None (also when routing depends on Host: see `lean_rules`)."""
+        rules = self.lean_rules()
         if path in self._matches:
             return self._matches[path]
         found: Match | None = None
-        if self._app is not None:
+        if rules is not None:
             line = tornado.httputil.RequestStartLine("GET", path, "HTTP/1.1")
             headers = tornado.httputil.HTTPHeaders({"Host": "localhost"})
             request = tornado.httputil.HTTPServerRequest(start_line=line, headers=headers)
-            for rule in self._app.wildcard_router.rules:
+            for rule in rules:
                 params = rule.matcher.match(request)
                 if params is not None:
                     target = rule.target if isinstance(rule.target, type) else type(rule.target)
@@ -254,17 +251,20 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             while True:
                 timer = loop.call_later(wait, _expire, stream)
                 try:
-                    head = await stream.read_until(_HEAD_END, max_bytes=MAX_HEAD)
+                    head = await stream.read_until(HEAD_END, max_bytes=MAX_HEAD)
                 except (StreamClosedError, UnsatisfiableReadError):
                     stream.close()
                     return
                 finally:
                     timer.cancel()
                 wait = self._limits.idle_timeout
-                request = parse_head(head)
-                upgrade = request is None and head.startswith(b"GET ")
-                if upgrade and await self._upgrade(stream, head):
-                    return
+                request = parse_request_head(head)
+                if request is not None and request.method == "GET":
+                    if await self._upgrade(stream, request):
+                        return
+                    request = None
+                elif request is not None and not lean_post(request):
+                    request = None
                 route = None if request is None else self.route(request.path)
                 if request is not None and request.content_length:
                     refusal = self._refusal(request, route)
@@ -273,7 +273,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                         self._log(refusal[0], request, stream, time.monotonic())
                         return
                 if request is None or route is None:
-                    _unread(stream, head)
+                    unread(stream, head)
                     self._lean.discard(stream)
                     super().handle_stream(stream, address)
                     return
@@ -288,23 +288,22 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         finally:
             self._lean.discard(stream)
 
-    async def _upgrade(self, stream: tornado.iostream.IOStream, head: bytes) -> bool:
+    async def _upgrade(self, stream: tornado.iostream.IOStream, request: RequestHead) -> bool:
         """Take a WebSocket upgrade to the client WebSocket route on the lean path: the
         socket leaves `stream` for an asyncio transport with a `LeanWebSocket`. False when
         Tornado must answer it (TLS, another route, compression, a refused Origin, a
-        handshake `parse_upgrade` does not accept)."""
+        handshake `accept_upgrade` does not accept)."""
         if type(stream) is not tornado.iostream.IOStream:
             return False
-        upgrade = parse_upgrade(head)
-        found = None if upgrade is None else self.match(upgrade.path)
+        upgrade = accept_upgrade(request)
+        found = None if upgrade is None else self.match(request.path)
         if upgrade is None or found is None or found[0] is not WebSocketHandler:
             return False
-        early = bytes(stream._read_buffer)
-        protocol = lean_websocket(found[1]["ctx"], upgrade, early, self._websockets)
+        protocol = lean_websocket(found[1]["ctx"], upgrade, self._websockets)
         if protocol is None:
             return False
         self._lean.discard(stream)
-        sock = _detach(stream)
+        sock, protocol.early = detach(stream)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
         except OSError:
@@ -314,7 +313,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
     async def _answer(
         self,
         stream: tornado.iostream.IOStream,
-        request: LeanRequest,
+        request: RequestHead,
         endpoint: ApiEndpoint,
         method: str | None,
     ) -> bool:
@@ -341,7 +340,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             self._log(status, request, stream, started)
         return request.keep_alive
 
-    def _refusal(self, request: LeanRequest, route: Route | None) -> tuple[int, bytes, str] | None:
+    def _refusal(self, request: RequestHead, route: Route | None) -> tuple[int, bytes, str] | None:
         """What to answer, before reading it, to a request announcing a body: 401 to an API
         caller without the key, 413 beyond the route's body limit; None to go on."""
         if route is not None and not route[0].authorized(request.header, request.query):
@@ -363,29 +362,12 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
 
     @staticmethod
     def _log(
-        status: int, request: LeanRequest, stream: tornado.iostream.IOStream, started: float
+        status: int, request: RequestHead, stream: tornado.iostream.IOStream, started: float
     ) -> None:
         """Access log of a failed request: the path only (the query may hold an API key)."""
         level = logging.ERROR if status >= 500 else logging.WARNING
         millis = 1000.0 * (time.monotonic() - started)
         access_log.log(level, "%d POST %s (%s) %.2fms", status, request.path, _ip(stream), millis)
-
-
-def _unread(stream: tornado.iostream.IOStream, data: bytes) -> None:
-    """Put `data` back in front of the stream's read buffer, so that Tornado's HTTP/1
-    parser reads the request head we looked at (Tornado 6: a bytearray and its size)."""
-    stream._read_buffer[:0] = data
-    stream._read_buffer_size += len(data)
-
-
-def _detach(stream: tornado.iostream.IOStream) -> socket.socket:
-    """Take the socket away from an idle IOStream, as Tornado's own `start_tls` does."""
-    sock = stream.socket
-    stream.io_loop.remove_handler(sock)
-    stream.socket = None  # type: ignore[assignment]
-    stream._read_buffer = bytearray()
-    stream._read_buffer_size = 0
-    return sock
 
 
 def _ip(stream: tornado.iostream.IOStream) -> str:

@@ -21,7 +21,8 @@ from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports.api_http import api_routes
-from centripy.transports.api_lean import LeanHTTPServer, parse_head, response_bytes
+from centripy.transports.api_lean import LeanHTTPServer, response_bytes
+from centripy.transports.http11 import RequestHead, lean_post, parse_request_head
 from tests.engine.test_api import RecordingSessions
 
 KEY = "secret"
@@ -202,11 +203,18 @@ async def test_close_all_connections_closes_idle_lean_connections(port: int) -> 
         (b"POST /api/info HTTP/1.1\r\nNoColon\r\n\r\n", "no colon"),
     ],
 )
-def test_parse_head_leaves_the_unusual_to_tornado(head: bytes, why: str) -> None:
-    assert parse_head(head) is None, why
+def test_the_unusual_is_left_to_tornado(head: bytes, why: str) -> None:
+    request = parse_request_head(head)
+    assert request is None or not lean_post(request), why
 
 
-def test_parse_head_reads_a_plain_post() -> None:
+def parse_head(head: bytes) -> RequestHead | None:
+    """The request when the API fast path may answer it."""
+    request = parse_request_head(head)
+    return request if request is not None and lean_post(request) else None
+
+
+def test_a_plain_post_is_lean() -> None:
     head = b"POST /api/publish?api_key=k HTTP/1.1\r\nX-API-Key: a\r\nx-api-key: b\r\n"
     request = parse_head(head + b"Content-Length: 12\r\nConnection: Close\r\n\r\n")
     assert request is not None
@@ -228,3 +236,50 @@ def test_response_bytes() -> None:
         b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n\r\nx\n"
     )
     assert b"Content-Type" not in response_bytes(401, b"", "", b"d")
+
+
+async def serve_app(app: tornado.web.Application) -> tuple[LeanHTTPServer, int]:
+    server = LeanHTTPServer(app, lean_api=True)
+    sock, number = bind_unused_port()
+    server.add_sockets([sock])
+    return server, number
+
+
+async def test_host_rules_send_everything_to_tornado() -> None:
+    """Tornado routes by Host as well; the lean router does not look at Host, so an
+    application with host-specific rules is Tornado's alone (here the API route would
+    otherwise be answered on the lean path for a host Tornado routes to `Echo`)."""
+    config = Config(api_key=KEY)
+    node = Node(config, MemoryEventLog(), None, MemoryPresence())  # type: ignore[arg-type]
+    app = tornado.web.Application(api_routes(Executor(node, RecordingSessions()), config))
+    app.add_handlers(r"other\.example", [(r"/api/info", Echo)])
+    server, number = await serve_app(app)
+    assert server.lean_rules() is None
+    try:
+        reader, writer = await connect(number)
+        writer.write(post("/api/info", b"{}").replace(b"Host: x", b"Host: other.example"))
+        response = await read_response(reader)
+        assert (response.json(), response.lean) == ({"length": 2}, False)
+        writer.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
+async def test_any_host_rules_are_followed_in_order() -> None:
+    config = Config(api_key=KEY)
+    node = Node(config, MemoryEventLog(), None, MemoryPresence())  # type: ignore[arg-type]
+    app = tornado.web.Application(api_routes(Executor(node, RecordingSessions()), config))
+    app.add_handlers(r".*", [(r"/api/info", Echo)])  # tried before the application's own
+    server, number = await serve_app(app)
+    rules = server.lean_rules()
+    assert rules is not None and rules[0].target is Echo
+    try:
+        reader, writer = await connect(number)
+        writer.write(post("/api/info", b"{}") + post("/api/publish", b"{}"))
+        first = await read_response(reader)
+        assert (first.json(), first.lean) == ({"length": 2}, False)  # Echo, on Tornado
+        writer.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()

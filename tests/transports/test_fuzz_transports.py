@@ -3,7 +3,8 @@ raises its documented error, never anything else, and never hangs.
 
 - `LeanWebSocket.data_received` (the lean RFC 6455 frame parser) against a reference parser
   written here from the RFC, with the byte stream split at arbitrary points;
-- `parse_head` (lean HTTP API) and `parse_upgrade` (lean WebSocket): None or a request;
+- `http11.parse_request_head` (the lean path's one HTTP head parser): None or a request
+  head, which `lean_post` and `ws_protocol.accept_upgrade` then take or leave;
 - `/emulation` bodies (`BadEmulationRequest`), SockJS payloads (`BadPayload`), legacy
   server-API bodies (`DecodeError`).
 """
@@ -28,14 +29,15 @@ from centripy.engine.api_requests import DecodeError
 from centripy.engine.config import Config
 from centripy.engine.protocol import client_pb2
 from centripy.transports.api_http import LegacyCommand, decode_legacy
-from centripy.transports.api_lean import LeanRequest, parse_head
 from centripy.transports.emulation import (
     BadEmulationRequest,
     EmulationRequest,
     decode_emulation_request,
 )
+from centripy.transports.http11 import RequestHead, lean_post, parse_request_head
 from centripy.transports.sockjs_session import BadPayload, parse_messages
-from centripy.transports.websocket import LeanWebSocket, Upgrade, parse_upgrade
+from centripy.transports.websocket import LeanWebSocket
+from centripy.transports.ws_protocol import Upgrade, accept_upgrade
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -95,7 +97,7 @@ def feed(
 ) -> tuple[list[bytes], list[tuple[int, bytes]], FakeTransport]:
     """Feed `chunks` to a fresh LeanWebSocket; (messages told, frames written, transport)."""
     ctx: Any = SimpleNamespace(config=Config(websocket_message_size_limit=max_size))
-    ws = LeanWebSocket(ctx, Format.JSON, b"", b"", set())
+    ws = LeanWebSocket(ctx, Format.JSON, b"", set())
     transport, actor = FakeTransport(), FakeActor()
     ws._transport = transport  # type: ignore[assignment]  # connection_made, without an actor
     ws._actor = actor
@@ -394,28 +396,27 @@ ANY_HEAD = heads() | st.binary(max_size=200).map(lambda b: b + b"\r\n\r\n")
 
 @MANY
 @given(ANY_HEAD)
-def test_parse_head_returns_none_or_a_request(head: bytes) -> None:
-    request = parse_head(head)
-    if request is not None:
-        assert isinstance(request, LeanRequest)
-        assert head.startswith(b"POST /") and request.path.startswith("/")
-        assert request.content_length >= 0
-        assert all(name == name.lower() for name in request.headers)
-
-
-@MANY
-@given(ANY_HEAD)
-def test_parse_upgrade_returns_none_or_an_upgrade(head: bytes) -> None:
-    upgrade = parse_upgrade(head)
+def test_parse_request_head_returns_none_or_a_request(head: bytes) -> None:
+    request = parse_request_head(head)
+    if request is None:
+        return
+    assert isinstance(request, RequestHead)
+    assert request.path.startswith("/") and request.content_length >= 0
+    assert all(name == name.lower() for name in request.headers)
+    assert set(request.headers) == {name for name, _ in request.fields}
+    if lean_post(request):
+        assert head.startswith(b"POST /")
+        assert not {"transfer-encoding", "expect", "upgrade"} & set(request.headers)
+    upgrade = accept_upgrade(request)
     if upgrade is not None:
         assert isinstance(upgrade, Upgrade)
         assert head.startswith(b"GET /") and upgrade.path.startswith("/") and upgrade.key
         assert upgrade.response(None).startswith(b"HTTP/1.1 101 ")
 
 
-def test_parse_head_content_length_of_5000_digits() -> None:
+def test_parse_request_head_content_length_of_5000_digits() -> None:
     head = b"POST /api HTTP/1.1\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n"
-    assert parse_head(head) is None  # Tornado answers it (400)
+    assert parse_request_head(head) is None  # Tornado answers it (400)
 
 
 # --- /emulation bodies -----------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Our server-side WebSocket framing (written straight to the stream, see websocket.py)."""
+"""Our server-side WebSocket framing (`ws_protocol.frame`; the adapters write it straight to
+the transport, see websocket.py)."""
 
 import struct
 
 import pytest
 
-from centripy.transports.websocket import frame
+from centripy.transports.ws_protocol import frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])

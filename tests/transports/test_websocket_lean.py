@@ -1,4 +1,4 @@
-"""The lean WebSocket path (`LeanWebSocket`, `parse_upgrade`) against a real server on a free
+"""The lean WebSocket path (`LeanWebSocket`, `accept_upgrade`) against a real server on a free
 port, with a raw RFC 6455 client over asyncio streams. Tornado's handshake answers carry
 `Server: TornadoServer/..`; the lean path's do not, which tells the two apart."""
 
@@ -29,7 +29,8 @@ from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports import websocket
 from centripy.transports.api_lean import LeanHTTPServer
-from centripy.transports.websocket import parse_upgrade
+from centripy.transports.http11 import parse_request_head
+from centripy.transports.ws_protocol import Upgrade, accept_upgrade
 
 CONNECT = b'{"id":1,"connect":{}}'
 SUBSCRIBE = b'{"id":2,"subscribe":{"channel":"news"}}'
@@ -54,7 +55,7 @@ def make_config(**kw: object) -> Config:
 async def serve() -> AsyncIterator[Callable[..., object]]:
     cleanups = []
 
-    async def start(**kw: object) -> Server:
+    async def start(host_rule: bool = False, **kw: object) -> Server:
         config = make_config(**kw)
         log = MemoryEventLog()
         await log.start()
@@ -68,6 +69,8 @@ async def serve() -> AsyncIterator[Callable[..., object]]:
             client_routes(config, ctx),
             websocket_max_message_size=config.websocket_message_size_limit,
         )
+        if host_rule:
+            app.add_handlers(r"admin\.example", [(r"/other", tornado.web.RequestHandler)])
         server = LeanHTTPServer(app, lean_api=True)
         sock, number = bind_unused_port()
         server.add_sockets([sock])
@@ -365,7 +368,12 @@ async def test_bad_handshakes_get_tornados_errors(
     writer.close()
 
 
-def test_parse_upgrade() -> None:
+def parse_upgrade(head: bytes) -> Upgrade | None:
+    request = parse_request_head(head)
+    return None if request is None else accept_upgrade(request)
+
+
+def test_accept_upgrade() -> None:
     up = parse_upgrade(
         upgrade_request("/connection/websocket?cf_protocol=protobuf", "Origin: https://a\r\n")
     )
@@ -383,3 +391,13 @@ def test_parse_upgrade() -> None:
     assert parse_upgrade(upgrade_request().replace(b"Host: localhost\r\n", b"")) is None
     assert parse_upgrade(upgrade_request().replace(b"keep-alive, Upgrade", b"keep-alive")) is None
     assert parse_upgrade(upgrade_request().replace(b"Host:", b" Host:")) is None
+
+
+async def test_an_application_with_host_rules_upgrades_on_tornado(
+    serve: Callable[..., object],
+) -> None:
+    server: Server = await serve(host_rule=True)  # type: ignore[misc]
+    client = await open_ws(server.port)
+    assert client.status == 101 and "server" in client.head  # Tornado's answer
+    client.send(0x1, CONNECT)
+    assert (await client.reply())["id"] == 1
