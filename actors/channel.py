@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 from pykka import ActorDeadError, ActorRef
 
 from centripy.actors.base import InlineFanOut, LoopActor, tell_if_alive
-from centripy.actors.transport import Format, protobuf_codec
+from centripy.actors.transport import protobuf_codec
 from centripy.engine.node import Node
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codes import Error, ErrorCode
@@ -93,11 +93,6 @@ def encoded_join_leave(channel: str, info: ClientInfo, join: bool) -> Encoded:
             pb,
         )
     )
-
-
-def _protobuf() -> Any:
-
-    return protobuf_codec
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -217,18 +212,6 @@ class ChannelActor(LoopActor):
                     continue
 
 
-__all__ = [
-    "AddSubscriber",
-    "ChannelActor",
-    "Deliver",
-    "Encoded",
-    "Format",
-    "JoinLeave",
-    "Push",
-    "RemoveSubscriber",
-]
-
-
 class SequencedChannelActor(ChannelActor):
     """On several nodes: publications arrive from this node and from the broker in any
     order; a `ChannelSequencer` releases them strictly increasing and gap-free, reading this
@@ -336,3 +319,22 @@ class SequencedChannelActor(ChannelActor):
                 conn.tell(Insufficient(self.channel))
             except ActorDeadError:
                 continue
+
+
+__all__ = [
+    "NOT_JSON",
+    "RETRY_DELAY",
+    "AddSubscriber",
+    "ChannelActor",
+    "Deliver",
+    "Encoded",
+    "Init",
+    "Insufficient",
+    "JoinLeave",
+    "Push",
+    "RemoveSubscriber",
+    "Resync",
+    "SequencedChannelActor",
+    "encoded_join_leave",
+    "encoded_pub",
+]

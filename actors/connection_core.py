@@ -5,7 +5,8 @@ Lifecycle: the transport starts the actor, tells it `Frame`s (bidirectional) or 
 handles the commands of a frame in order, one at a time (an `async` handler holds the
 inbox, so live pushes for a channel being subscribed wait behind the subscribe reply and
 are checked against the recovered position). Replies and pushes go to a bounded outbound
-queue drained by one writer task; overflow disconnects with 3008 (slow).
+queue, written by `_flush` (a loop callback, not a task; several messages per transport
+write); overflow disconnects with 3008 (slow).
 
 All methods run on the event loop.
 """
@@ -207,7 +208,7 @@ class ConnectionCore(LoopActor):
             self._on_publication(message)
             return None
         if kind is TransportClosed:
-            self._terminate(None)
+            self._terminate()
             return None
         if kind is Frame and self.frames_pending > 0:  # (frames told directly: uncounted)
             self.frames_pending -= 1
@@ -418,7 +419,7 @@ class ConnectionCore(LoopActor):
                 abort()
             except Exception as abort_exc:
                 log.debug("connection %s: abort failed: %r", self.client_id, abort_exc)
-        self._terminate(None)
+        self._terminate()
 
     # -- timers ---------------------------------------------------------------------------
 
@@ -550,9 +551,9 @@ class ConnectionCore(LoopActor):
             self.transport.close(code, reason)
         except Exception as exc:
             log.debug("connection %s: close failed: %r", self.client_id, exc)
-        self._terminate(code)
+        self._terminate()
 
-    def _terminate(self, code: int | None) -> None:
+    def _terminate(self) -> None:
         """The connection is gone: release everything and stop the actor."""
         if self._release():
             self.actor_ref.stop(block=False)

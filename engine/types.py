@@ -1,8 +1,10 @@
 """Value types shared by every layer: publications, client info, stream positions.
 
-All are frozen and slotted: they cross actor boundaries and must never be mutated after
-creation. Payloads (`data`, `conn_info`, `chan_info`) are raw JSON bytes, exactly as the
-client protocol embeds them (see docs/spec/protocol.md 1.5); an empty payload is `b""`.
+All are slotted and cross actor boundaries, so none is mutated after creation: `ClientInfo`
+and `StreamPosition` are frozen; `Publication` is not (see the note above it) and is
+immutable by convention only. Payloads (`data`, `conn_info`, `chan_info`) are raw JSON
+bytes, exactly as the client protocol embeds them (see docs/spec/protocol.md 1.5); an empty
+payload is `b""`.
 """
 
 from __future__ import annotations
