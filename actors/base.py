@@ -1,19 +1,34 @@
 """Loop-driven pykka actors: many actors, one asyncio loop, no thread per actor.
 
-docs/design/ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread
-each and ~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s. `LoopActor` is a
-pykka actor type built on pykka's extension points (`_create_actor_inbox`,
-`_create_future`, `_start_actor_loop`):
+ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread each and
+~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s.
+
+What is pykka's, used as it is: `ActorRef` (`tell`, `ask`, `stop`, `is_alive`, `proxy`), its
+messages (`_ActorStop`, the proxy calls, handled by `pykka.Actor._handle_receive`),
+`ActorDeadError` and `Timeout`, the `on_start`/`on_stop`/`on_failure`/`on_receive` hooks,
+and `Future`'s `get`/`filter`/`map`/`join`. Callers only ever see those.
+
+What is ours, and why: `LoopActor` is a pykka actor type built on pykka's extension points
+for new actor types (`_create_actor_inbox`, `_create_future`, `_start_actor_loop`; underscore
+names, so pykka is pinned to a minor range), plus a few overrides of pykka internals
+(`__init__`, `_stop`, `_handle_failure`) that the loop-driven type needs:
 
 * `tell`/`ask` may be called from the loop thread or any other thread. When an inbox goes
   from empty to non-empty it schedules one drain on the loop (`call_soon`, or
-  `call_soon_threadsafe` from another thread).
+  `call_soon_threadsafe` from another thread). pykka's own actor types run a thread per
+  actor instead.
 * Messages are handled one at a time, in order. A handler may return an awaitable (be
   `async`); the next message then waits until it completes.
-* `LoopFuture` is awaitable on the loop without blocking it. `get()` on the loop thread
-  raises `RuntimeError` (it would deadlock); from another thread it blocks as usual.
+* `LoopFuture` is awaitable on the loop without blocking it (pykka's `Future.__await__`
+  calls the blocking `get()`). `get()` on the loop thread raises `RuntimeError` (it would
+  deadlock); from another thread it blocks as usual.
+* Supervision as pykka's (a told message whose handler raises stops the actor, then
+  `on_failure`), unless the actor is `resilient` (it logs and goes on).
+* `InlineFanOut` hands a channel's messages to idle subscribers without an inbox round trip;
+  `_StopFlag` and a counter URN make an actor cheaper to start than pykka's
+  `threading.Event` and uuid4 (connection actors start by the thousand).
 * Actors started with `register=False` stay out of pykka's `ActorRegistry` (a list with
-  O(n) removal), which is what connection actors use.
+  O(n) removal); every actor of the server is started so.
 """
 
 from __future__ import annotations

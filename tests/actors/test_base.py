@@ -237,3 +237,42 @@ async def test_actor_stopped_flag_wakes_a_waiting_thread() -> None:
     assert woke == [True] and not ref.is_alive()
     assert ref.actor_stopped.wait(0)  # already set: no wait
     assert Recorder.start(register=False).actor_urn != ref.actor_urn
+
+
+# -- pykka's public contract, as callers rely on it ----------------------------------------
+
+
+class Hooked(Recorder):
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def on_stop(self) -> None:
+        self.events.append("stop")
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self.events.append(f"failure:{exc_info[0].__name__}")
+
+
+async def test_ask_and_tell_on_a_stopped_actor() -> None:
+    events: list[str] = []
+    ref = Hooked.start(events, register=False)
+    assert ref.is_alive()
+    assert await ref.stop(block=False) is True  # ActorRef.stop: True when it stopped it
+    assert not ref.is_alive() and events == ["stop"]
+    with pytest.raises(pykka.ActorDeadError):
+        await ref.ask("late", block=False)  # the future carries ActorDeadError
+    with pytest.raises(pykka.ActorDeadError):
+        ref.tell("late")
+    assert await ref.stop(block=False) is False  # stopping a dead actor: False, no error
+    assert events == ["stop"]
+
+
+async def test_a_told_failure_calls_on_failure_not_on_stop() -> None:
+    events: list[str] = []
+    ref = Hooked.start(events, register=False)
+    ref.tell("boom")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not ref.is_alive()
+    assert events == ["failure:ValueError"]
