@@ -1,7 +1,7 @@
 """Loop-driven pykka actors: many actors, one asyncio loop, no thread per actor.
 
-ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread each and
-~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s.
+docs/design/ARCHITECTURE.md decision 1: a `pykka.ThreadingActor` per connection costs a thread
+each and ~1.3k tells/s; draining inboxes on the asyncio loop gives ~200k tells/s.
 
 What is pykka's, used as it is: `ActorRef` (`tell`, `ask`, `stop`, `is_alive`, `proxy`), its
 messages (`_ActorStop`, the proxy calls, handled by `pykka.Actor._handle_receive`),

@@ -736,18 +736,8 @@ STRICT_CONFIG = Config(
 
 @pytest.fixture
 async def strict_env() -> AsyncIterator[Env]:
-    log = MemoryEventLog()
-    await log.start()
-    writer = GroupCommitWriter(log, max_delay=0.0)
-    await writer.start()
-    presence = MemoryPresence()
-    node = Node(STRICT_CONFIG, log, writer.submit_many, presence)
-    fanout = RecordingFanout()
-    node.attach_fanout(fanout)
-    sessions = RecordingSessions(node=node)
-    yield Env(Executor(node, sessions), node, sessions, fanout, presence)
-    await writer.close()
-    await log.close()
+    async with make_env(STRICT_CONFIG) as made:
+        yield made
 
 
 BAD_NAMES = ["chat:" + "a" * 60, "strict:abc1", "strict:" + "é" * 30, "x" * 65]
