@@ -27,6 +27,7 @@ from typing import Final
 import orjson
 
 from centripy.engine.api_requests import (
+    ApiRpcRequest,
     BatchRequest,
     BroadcastRequest,
     ChannelsRequest,
@@ -43,7 +44,6 @@ from centripy.engine.api_requests import (
     RefreshRequest,
     Request,
     Result,
-    RpcRequest,
     UnsubscribeRequest,
     api_error,
     decode_request,
@@ -276,7 +276,7 @@ class Executor:
                 return {}
             case InfoRequest():
                 return self._info()
-            case RpcRequest():
+            case ApiRpcRequest():
                 raise api_error(107 if not req.method else 104)  # OSS: no RPC extensions
             case ChannelsRequest():
                 return self._channels(req.pattern)

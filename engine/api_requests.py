@@ -258,7 +258,9 @@ class InfoRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class RpcRequest:
+class ApiRpcRequest:
+    """The server API `rpc` method (the client protocol's is protocol.commands.RPCRequest)."""
+
     method: str
     params: bytes | None
 
@@ -277,7 +279,7 @@ class BatchRequest:
 Request = (
     PublishRequest | BroadcastRequest | ServerSubscribe | UnsubscribeRequest | DisconnectRequest
     | RefreshRequest | PresenceRequest | PresenceStatsRequest | HistoryRequest
-    | HistoryRemoveRequest | InfoRequest | RpcRequest | ChannelsRequest | BatchRequest
+    | HistoryRemoveRequest | InfoRequest | ApiRpcRequest | ChannelsRequest | BatchRequest
 )  # fmt: skip
 
 
@@ -374,7 +376,7 @@ _DECODERS: Final[dict[str, Callable[[_Obj], Request]]] = {
     "history": _history,
     "history_remove": lambda o: HistoryRemoveRequest(o.text("channel")),
     "info": lambda o: InfoRequest(),
-    "rpc": lambda o: RpcRequest(o.text("method"), o.raw("params")),
+    "rpc": lambda o: ApiRpcRequest(o.text("method"), o.raw("params")),
     "channels": lambda o: ChannelsRequest(o.text("pattern")),
     "batch": _batch,
 }
