@@ -35,7 +35,7 @@ from centripy.storage.wire import (
     KIND_CONTROL,
     decode_message,
     deliver_message,
-    encode_control,
+    encode_control_envelope,
     encode_join_leave,
     encode_publication,
     reconnect_delay,
@@ -49,7 +49,8 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 
 
 def asyncpg_dsn(url: str) -> str:
-    """`postgresql+asyncpg://...` (SQLAlchemy style) -> `postgresql://...` for asyncpg."""
+    """`postgresql+asyncpg://...` (SQLAlchemy style) -> `postgresql://...` for asyncpg, which
+    takes only `postgresql://` and `postgres://`. ValueError when `url` is not PostgreSQL's."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
         raise ValueError(f"not a PostgreSQL URL: {url!r}")
@@ -155,7 +156,7 @@ class PostgresBroker(Broker):
     async def publish_control(self, data: bytes, node_uid: str = "") -> None:
         """To every other node (""), or to `node_uid` only. A node never receives its own
         control messages, even when addressed to itself."""
-        body = encode_control(self._uid, data, node_uid)
+        body = encode_control_envelope(self._uid, data, node_uid)
         await self._notify(self._ctl_channel, body, KIND_CONTROL, node_uid)
 
     async def barrier(self, channel: str) -> None:

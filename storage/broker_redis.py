@@ -39,7 +39,7 @@ from centripy.storage.wire import (
     KIND_CONTROL,
     decode_message,
     deliver_message,
-    encode_control,
+    encode_control_envelope,
     encode_join_leave,
     encode_publication,
     reconnect_delay,
@@ -274,7 +274,7 @@ class RedisBroker(Broker):
         control messages, even when addressed to itself."""
         name = self._node_name(node_uid) if node_uid else self._control_name()
         shard = self._shards[next(self._round) % len(self._shards)]
-        await self._publish(shard, name, encode_control(self._uid, data, node_uid))
+        await self._publish(shard, name, encode_control_envelope(self._uid, data, node_uid))
 
     async def barrier(self, channel: str) -> None:
         """PING <token> on the channel's PUB/SUB connection: Redis answers in order, after

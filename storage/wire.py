@@ -72,7 +72,9 @@ def encode_join_leave(origin: str, channel: str, info: ClientInfo, join: bool) -
     return _join([_VERSION, kind, origin, channel, "", 0, 0, 0, *fields], blob)
 
 
-def encode_control(origin: str, data: bytes, target: str = "") -> bytes:
+def encode_control_envelope(origin: str, data: bytes, target: str = "") -> bytes:
+    """The body carrying opaque control bytes (what engine/cluster.py's `encode_control`
+    made of a ControlMessage) from node `origin` to node `target` ("" = every node)."""
     return _join([_VERSION, KIND_CONTROL, origin, target], data)
 
 

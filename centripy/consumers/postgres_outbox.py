@@ -35,6 +35,7 @@ from centripy.consumers.dispatch import (
     outbox_item,
 )
 from centripy.consumers.outbox import Apply
+from centripy.storage.broker_postgres import asyncpg_dsn
 
 log = logging.getLogger("centripy.consumers")
 
@@ -61,14 +62,6 @@ def table_identifier(name: str) -> str:
     return name
 
 
-def asyncpg_dsn(dsn: str) -> str:
-    """Accept SQLAlchemy-style `postgresql+asyncpg://` as well as libpq URLs."""
-    scheme, sep, rest = dsn.partition("://")
-    if sep and scheme.startswith("postgresql+"):
-        return f"postgresql://{rest}"
-    return dsn
-
-
 def parse_partition(payload: str, num_partitions: int) -> int | None:
     """The partition a NOTIFY payload names, or None when it is not one of 0..N-1."""
     text = payload.strip()
@@ -87,7 +80,10 @@ class PostgresOutboxStore:
 
     def __init__(self, consumer: str, dsn: str, table: str, num_partitions: int) -> None:
         self.consumer = consumer
-        self.dsn = asyncpg_dsn(dsn)
+        try:  # SQLAlchemy-style `postgresql+asyncpg://` as well as libpq URLs
+            self.dsn = asyncpg_dsn(dsn)
+        except ValueError as exc:
+            raise ConsumerStartError(f"consumer {consumer}: {exc}") from exc
         self.table = table_identifier(table)
         self.label = f'PostgreSQL table "{table}"'
         self._pool_size = max(1, num_partitions)

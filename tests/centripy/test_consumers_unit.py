@@ -40,7 +40,7 @@ from centripy.consumers.kafka import (
 )
 from centripy.consumers.outbox import Apply, OutboxConsumer, OutboxSettings
 from centripy.consumers.postgres_outbox import (
-    asyncpg_dsn,
+    PostgresOutboxStore,
     lock_key,
     parse_partition,
     table_identifier,
@@ -244,8 +244,11 @@ def test_postgres_helpers() -> None:
     assert parse_partition("4", 4) is None
     assert parse_partition("-1", 4) is None
     assert parse_partition("x", 4) is None
-    assert asyncpg_dsn("postgresql+asyncpg://u@h/db") == "postgresql://u@h/db"
-    assert asyncpg_dsn("postgres://u@h/db") == "postgres://u@h/db"
+    for dsn in ("postgresql+asyncpg://u@h/db", "postgres://u@h/db", "postgresql://u@h/db"):
+        assert PostgresOutboxStore("c", dsn, "t", 1).dsn == "postgresql://u@h/db"
+    for bad in ("mysql://u@h/db", "u@h/db"):
+        with pytest.raises(ConsumerStartError, match="not a PostgreSQL URL"):
+            PostgresOutboxStore("c", bad, "t", 1)
 
 
 def test_sqlite_dsn_paths() -> None:

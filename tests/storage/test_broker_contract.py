@@ -33,7 +33,7 @@ from centripy.storage.wire import (
     decode_client_info,
     decode_message,
     encode_client_info,
-    encode_control,
+    encode_control_envelope,
     encode_join_leave,
     encode_publication,
 )
@@ -430,7 +430,7 @@ def test_join_leave_and_control_codec_round_trip() -> None:
     join = decode_message(encode_join_leave("o", "ch", INFO, True))
     leave = decode_message(encode_join_leave("o", "ch", INFO, False))
     assert (join.kind, join.info, leave.kind, leave.info) == ("j", INFO, "l", INFO)
-    control = decode_message(encode_control("o", b"\x00data\n", "target"))
+    control = decode_message(encode_control_envelope("o", b"\x00data\n", "target"))
     assert (control.kind, control.data, control.target) == ("c", b"\x00data\n", "target")
     assert decode_client_info(encode_client_info(INFO)) == INFO
 
