@@ -27,8 +27,10 @@ names, so pykka is pinned to a minor range), plus a few overrides of pykka inter
 * `InlineFanOut` hands a channel's messages to idle subscribers without an inbox round trip;
   `_StopFlag` and a counter URN make an actor cheaper to start than pykka's
   `threading.Event` and uuid4 (connection actors start by the thousand).
-* Actors started with `register=False` stay out of pykka's `ActorRegistry` (a list with
-  O(n) removal); every actor of the server is started so.
+* `start` (and `start_instance`, for an actor object made by the caller) never puts the
+  actor in pykka's `ActorRegistry`, a global list with O(n) removal for looking actors up
+  by class or URN: nothing in the server looks actors up, and connection actors start and
+  stop by the thousand. `ActorRegistry.get_all()` and `stop_all()` do not see LoopActors.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from collections.abc import Awaitable, Generator
 from typing import Any, NamedTuple, Self, TypeVar
 
 import pykka
-from pykka import ActorRef, ActorRegistry, Future, messages
+from pykka import ActorRef, Future, messages
 
 log = logging.getLogger("centripy.actors")
 
@@ -289,7 +291,6 @@ class LoopActor(pykka.Actor):
     _loop: asyncio.AbstractEventLoop
     _loop_thread: int
     _busy: bool
-    _registered: bool
     draining = False  # True while messages are being handled synchronously by _drain
     _stopped = False  # actor_stopped.is_set(), as a plain attribute for the hot paths
     inline = False  # may handle InlineFanOut messages inline (on_receive is synchronous for them)
@@ -312,18 +313,16 @@ class LoopActor(pykka.Actor):
     def start(
         cls,
         *args: Any,
-        register: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
         **kwargs: Any,
     ) -> ActorRef[Self]:
-        return cls.start_instance(cls(*args, **kwargs), register=register, loop=loop)
+        return cls.start_instance(cls(*args, **kwargs), loop=loop)
 
     @classmethod
     def start_instance(
         cls,
         obj: LoopActor,
         *,
-        register: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> ActorRef[Any]:
         """Start an actor object made by the caller (`start` makes it from arguments)."""
@@ -331,9 +330,6 @@ class LoopActor(pykka.Actor):
         # The loop's thread; re-read in _run_start, which always runs on the loop.
         obj._loop_thread = threading.get_ident() if loop is None else -1
         obj._busy = True  # until on_start has run
-        obj._registered = register
-        if register:
-            ActorRegistry.register(obj.actor_ref)
         obj._start_actor_loop()
         return obj.actor_ref
 
@@ -447,23 +443,16 @@ class LoopActor(pykka.Actor):
 
     def _handle_failure(self, *exc_info: Any) -> None:
         log.error("unhandled exception in %s", self, exc_info=exc_info)
-        self._unregister()
         self._stopped = True
         self.actor_stopped.set()
 
     def _stop(self) -> None:
-        self._unregister()
         self._stopped = True
         self.actor_stopped.set()
         try:
             self.on_stop()
         except Exception:
             self._handle_failure(*sys.exc_info())
-
-    def _unregister(self) -> None:
-        if self._registered:
-            self._registered = False
-            ActorRegistry.unregister(self.actor_ref)
 
     def _fail_pending(self) -> None:
         inbox = self.actor_inbox

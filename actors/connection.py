@@ -77,7 +77,7 @@ def token_failure(exc: Exception, replies: TokenReplies) -> Error | Disconnect:
 
 
 class ConnectionActor(ConnectionCore):
-    """Started by a transport with `ConnectionActor.start(ctx, transport, register=False)`."""
+    """Started by a transport with `ConnectionActor.start(ctx, transport)`."""
 
     async def handle_command(self, cmd: Command) -> None:
         """Handle one command; errors become error replies, Disconnect propagates."""

@@ -133,9 +133,9 @@ class Hub:
         ref = self._live(channel)
         if ref is None:
             if self._broker is not None and self._node is not None:
-                ref = SequencedChannelActor.start(channel, self._node, register=False)
+                ref = SequencedChannelActor.start(channel, self._node)
             else:
-                ref = ChannelActor.start(channel, register=False)
+                ref = ChannelActor.start(channel)
             self._channels[channel] = ref
             self._channel_subs[channel] = 0
         self._channel_subs[channel] += 1

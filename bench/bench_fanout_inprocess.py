@@ -73,7 +73,7 @@ async def run(subs: int, msgs: int, every: int) -> dict[str, float]:
     for _ in range(subs):
         done = asyncio.Event()
         transport = CountingTransport(done, msgs + 2)  # + connect and subscribe replies
-        ref = ConnectionActor.start(ctx, transport, register=False)
+        ref = ConnectionActor.start(ctx, transport)
         ref.tell(Frame(b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"bench"}}'))
         transports.append(transport)
     while hub.stats().num_subs < subs:

@@ -178,7 +178,7 @@ class StreamingHandler(LimitedBodyHandler):
         and wait until the response has ended."""
         if self._ended.is_set():  # the peer left while we were reading the request
             return
-        self.actor = ConnectionActor.start(self.ctx, transport, register=False)
+        self.actor = ConnectionActor.start(self.ctx, transport)
         self.actor.tell(first_message)
         await self._ended.wait()
 

@@ -156,7 +156,7 @@ class Session:
     def start(self, ctx: ConnContext) -> None:
         """Start the connection actor and the no-receiver timeout. Called by the handler
         that creates the session, which attaches its receiver next."""
-        self.actor = ConnectionActor.start(ctx, SockJSTransport(self), register=False)
+        self.actor = ConnectionActor.start(ctx, SockJSTransport(self))
         self._set_timer(self._disconnect_delay, self.close)
 
     # -- client to server -----------------------------------------------------------------

@@ -207,7 +207,7 @@ class UniWebSocketHandler(tornado.websocket.WebSocketHandler):
         except ProtocolError:
             self.drop()
             return
-        self.actor = ConnectionActor.start(self.ctx, _UniWebSocketTransport(self), register=False)
+        self.actor = ConnectionActor.start(self.ctx, _UniWebSocketTransport(self))
         self.actor.tell(UniConnect(req))
 
     def drop(self) -> None:

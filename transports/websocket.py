@@ -185,7 +185,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         query = urllib.parse.parse_qs(self.request.query, keep_blank_values=True)
         transport = _WebSocketTransport(self, wire_format(self.selected_subprotocol, query))
-        self.actor = ConnectionActor.start(self.ctx, transport, register=False)
+        self.actor = ConnectionActor.start(self.ctx, transport)
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Tell the actor; with `client_max_pending_frames` frames waiting, Tornado reads
@@ -275,7 +275,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._conns.add(self)
         transport.write(self._response)
         self._response = b""
-        self._actor = ConnectionActor.start(self._ctx, self, register=False)
+        self._actor = ConnectionActor.start(self._ctx, self)
         early, self.early = self.early, b""
         if early:
             self.data_received(early)

@@ -82,7 +82,7 @@ class Client:
 
     def __init__(self, ctx: ConnContext) -> None:
         self.transport = RecordingTransport()
-        self.ref = ConnectionActor.start(ctx, self.transport, register=False)
+        self.ref = ConnectionActor.start(ctx, self.transport)
         self._next_id = 0
 
     def send(self, *commands: dict[str, Any]) -> list[int]:
@@ -238,7 +238,7 @@ class Recorder(LoopActor):
 
     @staticmethod
     def start_recorder(on_shutdown: Callable[[], None] | None = None) -> tuple[Any, Recorder]:
-        ref = Recorder.start(on_shutdown, register=False)
+        ref = Recorder.start(on_shutdown)
         actor = actor_of(ref)
         assert isinstance(actor, Recorder)
         return ref, actor

@@ -32,7 +32,7 @@ class Recorder(LoopActor):
 
 
 async def test_messages_are_handled_in_order_across_async_handlers() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     ref.tell(1)
     ref.tell(("slow", 2))
     ref.tell(3)
@@ -43,7 +43,7 @@ async def test_messages_are_handled_in_order_across_async_handlers() -> None:
 
 
 async def test_ask_returns_value_and_exceptions() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     assert await ref.ask("a", block=False) == 1
     with pytest.raises(ValueError, match="boom"):
         await ref.ask("boom", block=False)
@@ -51,7 +51,7 @@ async def test_ask_returns_value_and_exceptions() -> None:
 
 
 async def test_get_on_the_loop_raises_instead_of_blocking() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     future = ref.ask("x", block=False)
     with pytest.raises(RuntimeError, match="block the event loop"):
         future.get()
@@ -59,7 +59,7 @@ async def test_get_on_the_loop_raises_instead_of_blocking() -> None:
 
 
 async def test_tell_and_ask_from_another_thread() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     results: list[Any] = []
 
     def worker() -> None:
@@ -75,7 +75,7 @@ async def test_tell_and_ask_from_another_thread() -> None:
 
 
 async def test_unhandled_failure_stops_the_actor_and_fails_pending_asks() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     ref.tell("boom")
     pending = ref.ask("after", block=False)
     with pytest.raises(pykka.ActorDeadError):
@@ -87,21 +87,20 @@ async def _await(future: Any) -> Any:
     return await future
 
 
-async def test_stop_and_registry() -> None:
-    registered = Recorder.start()
-    hidden = Recorder.start(register=False)
-    assert registered in pykka.ActorRegistry.get_all()
-    assert hidden not in pykka.ActorRegistry.get_all()
-    await registered.stop(block=False)
-    await hidden.stop(block=False)
-    assert not registered.is_alive()
-    assert registered not in pykka.ActorRegistry.get_all()
+async def test_stop_and_no_registry() -> None:
+    """pykka's `ActorRegistry` never holds a LoopActor: `start` does not register it."""
+    first, second = Recorder.start(), Recorder.start()
+    assert first not in pykka.ActorRegistry.get_all()
+    assert second not in pykka.ActorRegistry.get_all()
+    await first.stop(block=False)
+    await second.stop(block=False)
+    assert not first.is_alive()
     with pytest.raises(pykka.ActorDeadError):
-        hidden.tell(1)
+        second.tell(1)
 
 
 async def test_ten_thousand_actors_fan_out_quickly() -> None:
-    refs = [Recorder.start(register=False) for _ in range(10_000)]
+    refs = [Recorder.start() for _ in range(10_000)]
     for ref in refs:
         ref.tell("m")
     answers = await asyncio.gather(*(_await(r.ask("n", block=False)) for r in refs))
@@ -134,7 +133,7 @@ async def settle() -> None:
 
 
 async def test_fanout_handles_idle_actors_inline_and_drains_once_at_release() -> None:
-    refs = [Subscriber.start(register=False) for _ in range(3)]
+    refs = [Subscriber.start() for _ in range(3)]
     await settle()
     fanout = InlineFanOut()
     for message in ("a", "b"):
@@ -153,7 +152,7 @@ async def test_fanout_handles_idle_actors_inline_and_drains_once_at_release() ->
 
 
 async def test_fanout_queues_behind_a_busy_actor() -> None:
-    ref = Subscriber.start(register=False)
+    ref = Subscriber.start()
     await settle()
     ref.tell(("slow", "first"))  # busy for 10 ms
     await settle()
@@ -167,7 +166,7 @@ async def test_fanout_queues_behind_a_busy_actor() -> None:
 
 
 async def test_fanout_keeps_order_when_the_held_actor_queued_something() -> None:
-    ref = Subscriber.start(register=False)
+    ref = Subscriber.start()
     await settle()
     fanout = InlineFanOut()
     fanout.tell(ref, "a")
@@ -179,7 +178,7 @@ async def test_fanout_keeps_order_when_the_held_actor_queued_something() -> None
 
 
 async def test_fanout_plain_tell_for_actors_that_are_not_inline() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     await settle()
     fanout = InlineFanOut()
     fanout.tell(ref, "a")
@@ -190,7 +189,7 @@ async def test_fanout_plain_tell_for_actors_that_are_not_inline() -> None:
 
 
 async def test_fanout_failure_stops_the_actor_and_dead_actors_raise() -> None:
-    ref = Subscriber.start(register=False)
+    ref = Subscriber.start()
     await settle()
     fanout = InlineFanOut()
     fanout.tell(ref, "boom")
@@ -201,7 +200,7 @@ async def test_fanout_failure_stops_the_actor_and_dead_actors_raise() -> None:
 
 
 async def test_fanout_async_result_becomes_a_task_in_order() -> None:
-    ref = Subscriber.start(register=False)
+    ref = Subscriber.start()
     await settle()
     fanout = InlineFanOut()
     fanout.tell(ref, ("slow", "x"))
@@ -212,7 +211,7 @@ async def test_fanout_async_result_becomes_a_task_in_order() -> None:
 
 
 async def test_fanout_without_hold_finishes_idle_actors_at_once() -> None:
-    first, second = (Subscriber.start(register=False) for _ in range(2))
+    first, second = (Subscriber.start() for _ in range(2))
     await settle()
     fanout = InlineFanOut()
     fanout.tell(first, "a")  # held
@@ -226,7 +225,7 @@ async def test_fanout_without_hold_finishes_idle_actors_at_once() -> None:
 
 
 async def test_actor_stopped_flag_wakes_a_waiting_thread() -> None:
-    ref = Recorder.start(register=False)
+    ref = Recorder.start()
     assert ref.is_alive() and not ref.actor_stopped.wait(0.01)
     woke: list[bool] = []
     waiter = threading.Thread(target=lambda: woke.append(ref.actor_stopped.wait(5)))
@@ -236,7 +235,7 @@ async def test_actor_stopped_flag_wakes_a_waiting_thread() -> None:
     await asyncio.get_running_loop().run_in_executor(None, waiter.join, 5)
     assert woke == [True] and not ref.is_alive()
     assert ref.actor_stopped.wait(0)  # already set: no wait
-    assert Recorder.start(register=False).actor_urn != ref.actor_urn
+    assert Recorder.start().actor_urn != ref.actor_urn
 
 
 # -- pykka's public contract, as callers rely on it ----------------------------------------
@@ -256,7 +255,7 @@ class Hooked(Recorder):
 
 async def test_ask_and_tell_on_a_stopped_actor() -> None:
     events: list[str] = []
-    ref = Hooked.start(events, register=False)
+    ref = Hooked.start(events)
     assert ref.is_alive()
     assert await ref.stop(block=False) is True  # ActorRef.stop: True when it stopped it
     assert not ref.is_alive() and events == ["stop"]
@@ -270,7 +269,7 @@ async def test_ask_and_tell_on_a_stopped_actor() -> None:
 
 async def test_a_told_failure_calls_on_failure_not_on_stop() -> None:
     events: list[str] = []
-    ref = Hooked.start(events, register=False)
+    ref = Hooked.start(events)
     ref.tell("boom")
     await asyncio.sleep(0)
     await asyncio.sleep(0)

@@ -60,7 +60,7 @@ def recorder(ref: ActorRef[Any]) -> Subscriber:
 
 
 def start_subscriber(fmt: Format = Format.JSON) -> tuple[ActorRef[Any], Subscriber]:
-    ref = Subscriber.start(fmt, register=False)
+    ref = Subscriber.start(fmt)
     return ref, recorder(ref)
 
 
@@ -83,7 +83,7 @@ async def subscribers_of(ref: ActorRef[Any]) -> set[str]:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[ActorRef[Any]]:
-    ref = ChannelActor.start(CHANNEL, register=False)
+    ref = ChannelActor.start(CHANNEL)
     yield ref
     ref.stop(block=False)
 

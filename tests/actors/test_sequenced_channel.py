@@ -165,7 +165,7 @@ class SequencedChannelMachine(RuleBasedStateMachine):
         self.history_size = 1000
 
         async def start() -> Any:
-            ref = SequencedChannelActor.start(CHANNEL, self.node, register=False)
+            ref = SequencedChannelActor.start(CHANNEL, self.node)
             return ref
 
         self.ref = self.loop.run_until_complete(start())
