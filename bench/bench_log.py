@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from centripy.engine.contracts import AppendRequest, EventLog
 from centripy.engine.types import ClientInfo
 from centripy.storage.factory import open_event_log
-from centripy.storage.sql import make_tables
+from centripy.storage.sql_schema import make_tables
 from centripy.storage.writer import GroupCommitWriter
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

@@ -21,7 +21,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from centripy.storage.rules import DEFAULT_GC_INTERVAL
-from centripy.storage.sql import Session, Sql, SqlEventLog, json_dumps
+from centripy.storage.sql import SqlEventLog
+from centripy.storage.sql_statements import Session, Sql, json_dumps
 
 SCHEME = "postgresql+asyncpg"
 

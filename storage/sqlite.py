@@ -26,7 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from centripy.storage.rules import DEFAULT_GC_INTERVAL
-from centripy.storage.sql import Session, Sql, SqlEventLog, json_dumps
+from centripy.storage.sql import SqlEventLog
+from centripy.storage.sql_statements import Session, Sql, json_dumps
 
 SCHEME = "sqlite+aiosqlite"
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from centripy.engine.contracts import EventLog
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.postgres import PostgresEventLog
-from centripy.storage.sql import make_tables
+from centripy.storage.sql_schema import make_tables
 from centripy.storage.sqlite import SqliteEventLog
 from tests.support.services import postgres_url
 

@@ -22,7 +22,8 @@ from centripy.engine.types import ClientInfo, StreamPosition
 from centripy.storage.factory import migrate, open_event_log
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.postgres import PostgresEventLog
-from centripy.storage.sql import SCHEMA_VERSION, SqlEventLog
+from centripy.storage.sql import SqlEventLog
+from centripy.storage.sql_schema import SCHEMA_VERSION
 from centripy.storage.sqlite import SqliteEventLog
 from tests.storage.conftest import FakeClock, LogFactory
 

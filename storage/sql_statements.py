@@ -1,0 +1,234 @@
+"""Statements of the SQL event log (storage/sql.py) and the driver interface that runs them.
+
+SQLAlchemy Core *builds* every statement (`Statements`); each is compiled once per dialect
+(multi-row ones once per row count) into an `Sql`, whose positional arguments a `Session`
+passes to the pooled connection's raw driver, because SQLAlchemy's per-row parameter
+processing and adapter round trips cost 3-4x the throughput (bench/bench_log.py). Rows are
+converted to and from `Publication` here too.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from centripy.engine.types import EMPTY_TAGS, ClientInfo, Publication
+from centripy.storage.sql_schema import Tables
+
+# --- rows -----------------------------------------------------------------------------------------
+
+PUB_COLUMNS = (
+    *("channel", "offset", "data", "info_user", "info_client", "conn_info", "chan_info"),
+    *("tags", "time"),
+)
+STREAM_COLUMNS = (
+    *("channel", "epoch", "top_offset", "min_offset", "history_size", "last_publish_at"),
+    *("pubs_expire_at", "meta_touched_at", "meta_expires_at"),
+)
+CLAIM_COLUMNS = ("channel", "key", "offset", "epoch", "expires_at")
+
+
+def json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def publication_args(channel: str, pub: Publication) -> tuple[Any, ...]:
+    """A publications row in PUB_COLUMNS order (tags as JSON text)."""
+    info = pub.info
+    tags = json_dumps(dict(pub.tags)) if pub.tags else None
+    if info is None:
+        return (channel, pub.offset, pub.data, None, None, None, None, tags, pub.time)
+    return (channel, pub.offset, pub.data, info.user, info.client, info.conn_info,
+            info.chan_info, tags, pub.time)  # fmt: skip
+
+
+def row_to_publication(row: Sequence[Any]) -> Publication:
+    """A row of `Statements.forward`/`backward` (offset, data, info..., tags, time)."""
+    offset, data, user, client, conn_info, chan_info, tags, ms = row
+    info = None if user is None else ClientInfo(user, client, conn_info or b"", chan_info or b"")
+    if isinstance(tags, str | bytes):
+        tags = orjson.loads(tags)
+    return Publication(bytes(data), int(offset), info, tags or EMPTY_TAGS, int(ms))
+
+
+# --- compiled statements --------------------------------------------------------------------------
+
+_ROW_BIND = re.compile(r"r(\d+)_(\w+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Sql:
+    """A statement compiled for one dialect. `slots` name each positional parameter:
+    (row index, column) for multi-row VALUES binds `r<i>_<col>`, (-1, name) otherwise."""
+
+    text: str
+    slots: tuple[tuple[int, str], ...]
+    fixed: Mapping[str, Any]  # literal binds SQLAlchemy made (e.g. `SET offset = 0`)
+
+    def args(
+        self, params: Mapping[str, Any] | None = None, rows: Sequence[Mapping[str, Any]] = ()
+    ) -> tuple[Any, ...]:
+        params = params or {}
+        return tuple(
+            rows[i][name] if i >= 0 else params[name] if name in params else self.fixed[name]
+            for i, name in self.slots
+        )
+
+
+def compile_sql(stmt: sa.ClauseElement, dialect: sa.Dialect) -> Sql:
+    compiled = stmt.compile(dialect=dialect)
+    assert isinstance(compiled, sa.sql.compiler.SQLCompiler)
+    names = tuple(compiled.positiontup or ())
+    slots = []
+    for name in names:
+        match = _ROW_BIND.fullmatch(name)
+        slots.append((int(match[1]), match[2]) if match else (-1, name))
+    fixed = {n: compiled.binds[n].value for n in names if not compiled.binds[n].required}
+    return Sql(compiled.string, tuple(slots), fixed)
+
+
+def _greatest(a: sa.ColumnElement[Any], b: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    return sa.case((a > b, a), else_=b)
+
+
+def _rows(table: sa.Table, columns: Sequence[str], n: int) -> list[dict[str, Any]]:
+    return [
+        {c: sa.bindparam(f"r{i}_{c}", type_=table.c[c].type) for c in columns} for i in range(n)
+    ]
+
+
+class Statements:
+    """Every statement the log runs, compiled once for `dialect`; the multi-row upserts once
+    per row count. `insert` is the dialect's (it has `on_conflict_do_update`)."""
+
+    def __init__(self, t: Tables, insert: Callable[[sa.Table], Any], dialect: sa.Dialect) -> None:
+        self._t, self._insert, self._dialect = t, insert, dialect
+        self._multi: dict[tuple[str, int], Sql] = {}
+        s, p, k = t.streams.c, t.publications.c, t.idempotency.c
+        b = sa.bindparam
+        pubs = {c: b(c, type_=t.publications.c[c].type) for c in PUB_COLUMNS}
+        self.insert_pubs = self._sql(sa.insert(t.publications).values(pubs))
+        assert tuple(name for _, name in self.insert_pubs.slots) == PUB_COLUMNS
+        self.delete_below = self._sql(
+            sa.delete(t.publications).where(p.channel == b("b_channel"), p.offset < b("b_lo"))
+        )
+        self.record = self._sql(
+            sa.update(t.idempotency)
+            .where(k.channel == b("b_channel"), k.key == b("b_key"))
+            .values(offset=b("b_offset"), epoch=b("b_epoch"))
+        )
+        window = sa.select(*(p[c] for c in PUB_COLUMNS[1:])).where(
+            p.channel == b("b_channel"), p.offset >= b("b_lo"), p.offset <= b("b_hi")
+        )
+        limit = b("b_limit", type_=sa.Integer)
+        self.forward = self._sql(window.order_by(p.offset.asc()).limit(limit))
+        self.backward = self._sql(window.order_by(p.offset.desc()).limit(limit))
+        self.clear = self._sql(
+            sa.update(t.streams)
+            .where(s.channel == b("b_channel"))
+            .values(min_offset=s.top_offset + 1, pubs_expire_at=sa.null())
+        )
+        self.delete_channel = self._sql(
+            sa.delete(t.publications).where(p.channel == b("b_channel"))
+        )
+        self.read = self._sql(
+            sa.update(t.streams)
+            .where(
+                s.channel == b("b_channel"),
+                sa.or_(s.meta_expires_at.is_(None), s.meta_expires_at >= b("b_now")),
+            )
+            .values(meta_touched_at=b("b_now"), meta_expires_at=b("b_expires"))
+            .returning(s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
+        )
+        self.forget_keys = self._sql(sa.delete(t.idempotency).where(k.expires_at < b("b_now")))
+        self.forget_streams = self._sql(
+            sa.delete(t.streams).where(s.meta_expires_at < b("b_now")).returning(s.channel)
+        )
+        self.expire_pubs = self._sql(
+            sa.update(t.streams)
+            .where(s.pubs_expire_at < b("b_now"))
+            .values(min_offset=s.top_offset + 1, pubs_expire_at=sa.null())
+            .returning(s.channel, s.min_offset)
+        )
+
+    def _sql(self, stmt: sa.ClauseElement) -> Sql:
+        return compile_sql(stmt, self._dialect)
+
+    def _cached(self, kind: str, n: int, build: Callable[[int], sa.ClauseElement]) -> Sql:
+        sql = self._multi.get((kind, n))
+        if sql is None:
+            sql = self._multi[(kind, n)] = self._sql(build(n))
+        return sql
+
+    def advance(self, n: int) -> Sql:
+        """Upsert n streams, each advanced by its row's top_offset (= number of appends)."""
+        return self._cached("advance", n, self._advance)
+
+    def claim(self, n: int) -> Sql:
+        """Insert n idempotency keys; take over expired ones; RETURNING the claimed keys."""
+        return self._cached("claim", n, self._claim)
+
+    def known(self, n: int) -> Sql:
+        """Positions stored for n keys (rows r<i>_channel, r<i>_key)."""
+        return self._cached("known", n, self._known)
+
+    def _advance(self, n: int) -> sa.ClauseElement:
+        st = self._t.streams
+        s, up = st.c, self._insert(st).values(_rows(st, STREAM_COLUMNS, n))
+        x = up.excluded  # excluded.top_offset is the number of appends; excluded.* the new stream
+        reset = sa.and_(s.meta_expires_at.is_not(None), s.meta_expires_at < x.meta_touched_at)
+        gone = sa.or_(s.pubs_expire_at.is_(None), s.pubs_expire_at < x.meta_touched_at)
+        trim = s.top_offset + x.top_offset - x.history_size + 1
+        values = {
+            "epoch": sa.case((reset, x.epoch), else_=s.epoch),
+            "top_offset": sa.case((reset, x.top_offset), else_=s.top_offset + x.top_offset),
+            "min_offset": sa.case(
+                (reset, x.min_offset),
+                (gone, _greatest(s.top_offset + 1, trim)),
+                else_=_greatest(s.min_offset, trim),
+            ),
+        } | {c: x[c] for c in ("history_size", "last_publish_at", "pubs_expire_at")}
+        values |= {"meta_touched_at": x.meta_touched_at, "meta_expires_at": x.meta_expires_at}
+        stmt: sa.ClauseElement = up.on_conflict_do_update(
+            index_elements=[s.channel], set_=values
+        ).returning(s.channel, s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
+        return stmt
+
+    def _claim(self, n: int) -> sa.ClauseElement:
+        it = self._t.idempotency
+        k, up = it.c, self._insert(it).values(_rows(it, CLAIM_COLUMNS, n))
+        stmt: sa.ClauseElement = up.on_conflict_do_update(
+            index_elements=[k.channel, k.key],
+            set_={"offset": 0, "epoch": "", "expires_at": up.excluded.expires_at},
+            where=k.expires_at < sa.bindparam("b_now"),
+        ).returning(k.channel, k.key)
+        return stmt
+
+    def _known(self, n: int) -> sa.ClauseElement:
+        k, b = self._t.idempotency.c, sa.bindparam
+        match = [
+            sa.and_(k.channel == b(f"r{i}_channel"), k.key == b(f"r{i}_key")) for i in range(n)
+        ]
+        return sa.select(k.channel, k.key, k.offset, k.epoch).where(sa.or_(*match))
+
+
+# --- execution ------------------------------------------------------------------------------------
+
+
+class Session(abc.ABC):
+    """One open transaction on a pooled connection's raw driver. Runs on the event loop."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: Sql, args: Sequence[Any] = ()) -> Sequence[Sequence[Any]]: ...
+
+    @abc.abstractmethod
+    async def execute(self, sql: Sql, args: Sequence[Any] = ()) -> None: ...
+
+    @abc.abstractmethod
+    async def executemany(self, sql: Sql, rows: Sequence[Sequence[Any]]) -> None: ...
