@@ -24,7 +24,6 @@ from typing import NoReturn
 import yaml
 
 from centripy.engine.auth import (
-    JWKSCache,
     JWKSFetchError,
     TokenError,
     TokenVerifier,
@@ -33,6 +32,7 @@ from centripy.engine.auth import (
 )
 from centripy.engine.config import Config, ConfigError
 from centripy.engine.config_load import load_config
+from centripy.engine.jwks import JWKSCache
 
 __all__ = ["format_go_duration", "main"]
 

@@ -29,9 +29,10 @@ from centripy.actors.context import ConnContext
 from centripy.actors.hub import Hub, SessionsAdapter
 from centripy.consumers import Consumers, start_consumers
 from centripy.engine.api import Executor
-from centripy.engine.auth import JWKSCache, TokenVerifier
+from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
 from centripy.engine.contracts import Broker, PresenceManager
+from centripy.engine.jwks import JWKSCache
 from centripy.engine.metrics import Metrics
 from centripy.engine.node import VERSION, Node
 from centripy.engine.sessions import Sessions

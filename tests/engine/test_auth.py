@@ -21,10 +21,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from centripy.engine import auth as auth_module
 from centripy.engine.auth import (
-    MAX_TOKEN_LENGTH,
     ConnectToken,
     InvalidToken,
-    JWKSCache,
     JWKSFetchError,
     SubscribeOverride,
     SubscriptionToken,
@@ -35,6 +33,8 @@ from centripy.engine.auth import (
     token_payload,
 )
 from centripy.engine.config import Config
+from centripy.engine.jwks import JWKSCache
+from centripy.engine.jwt_parse import MAX_TOKEN_LENGTH
 
 NOW = 1_700_000_000
 SECRET = "secret"
