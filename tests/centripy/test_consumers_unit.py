@@ -5,11 +5,10 @@ kafka-python client on its own thread. No server process, no external services."
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,16 +58,9 @@ from centripy.engine.config import (
     PostgresConsumerConfig,
 )
 from centripy.engine.protocol.codes import Error
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.timeout(30)
-WAIT = 10.0
-
-
-async def eventually(check: Callable[[], bool], within: float = WAIT) -> None:
-    """Wait (bounded) until `check()` is true, re-checking every few milliseconds."""
-    async with asyncio.timeout(within):
-        while not check():
-            await asyncio.sleep(0.005)
 
 
 # --- fake dispatcher ---------------------------------------------------------------------
@@ -342,7 +334,7 @@ async def test_outbox_loop_applies_in_order_retries_and_wakes() -> None:
         store.rows[1] = rows(200, 201)
         outbox.wake(1)
         outbox.wake(99)  # out of range: ignored
-        await eventually(lambda: 200 in dispatcher.applied, within=2.0)
+        await eventually(lambda: 200 in dispatcher.applied, 2.0)
     finally:
         await outbox.stop()
     assert store.closed

@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.server import ServerFactory
 from tests.support.services import unavailable
+from tests.support.wait import eventually
 
 TEST_API_KEY = "test-api-key"
 TEST_SECRET = "test-secret"
@@ -112,20 +113,25 @@ class JsRun:
                 self._changed.set()
         self._changed.set()
 
+    def _first(self, predicate: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any]] | None:
+        """`(event,)` for the first event so far matching `predicate`, else None;
+        AssertionError once client.mjs has ended without one."""
+        for event in self.events:
+            if predicate(event):
+                return (event,)
+        if self._reader.done():
+            raise AssertionError(f"client.mjs ended without the event: {self.events}")
+        return None
+
     async def wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], within: float = 10.0
     ) -> dict[str, Any]:
-        """The first event (past or future) matching `predicate`; TimeoutError after `within`
-        seconds."""
-        async with asyncio.timeout(within):
-            while True:
-                for event in self.events:
-                    if predicate(event):
-                        return event
-                if self._reader.done():
-                    raise AssertionError(f"client.mjs ended without the event: {self.events}")
-                self._changed.clear()
-                await self._changed.wait()
+        """The first event (past or future) matching `predicate`; AssertionError after
+        `within` seconds."""
+        (event,) = await eventually(
+            lambda: self._first(predicate), within, "a client.mjs event", changed=self._changed
+        )
+        return event
 
     async def finish(self, within: float = 30.0, check: bool = True) -> list[dict[str, Any]]:
         """Wait (at most `within` seconds) for the process to end; with `check`, fail unless

@@ -1,13 +1,14 @@
 """Shared pieces of the consumer integration tests (outbox on PostgreSQL/SQLite, Kafka):
 a real centrifuge-python subscriber that records publications, the server config, the
-outbox table DDL and small waiting helpers. Everything runs on the test's event loop."""
+outbox table DDL and log waits (over tests/support/wait.py). Everything runs on the test's
+event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from centrifuge import Client, PublicationContext, SubscriptionEventHandler
 
 from tests.integration.conftest import make_jwt
 from tests.support.server import ServerProcess
+from tests.support.wait import eventually
 
 WAIT = 10.0
 NAMESPACE = {
@@ -55,28 +57,6 @@ def channel_name() -> str:
     return f"ob:{uuid.uuid4().hex[:10]}"
 
 
-async def eventually(check: Callable[[], bool], within: float = WAIT, what: str = "") -> None:
-    """Wait (bounded) until `check()` holds."""
-    try:
-        async with asyncio.timeout(within):
-            while not check():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
-
-
-async def eventually_async(
-    check: Callable[[], Awaitable[bool]], within: float = WAIT, what: str = ""
-) -> None:
-    """Wait (bounded) until `await check()` holds."""
-    try:
-        async with asyncio.timeout(within):
-            while not await check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
-
-
 class Recorder(SubscriptionEventHandler):  # type: ignore[misc]
     """Publications of one subscription: data and arrival time (monotonic)."""
 
@@ -93,13 +73,10 @@ class Recorder(SubscriptionEventHandler):  # type: ignore[misc]
         self.changed.set()
 
     async def wait_count(self, count: int, within: float = WAIT) -> list[Any]:
-        """The data of the first `count` publications (TimeoutError message lists what came)."""
+        """The data of the first `count` publications (the AssertionError lists what came)."""
         try:
-            async with asyncio.timeout(within):
-                while len(self.data) < count:
-                    self.changed.clear()
-                    await self.changed.wait()
-        except TimeoutError:
+            await eventually(lambda: len(self.data) >= count, within, changed=self.changed)
+        except AssertionError:
             raise AssertionError(f"{len(self.data)}/{count} publications: {self.data}") from None
         return self.data[:count]
 

@@ -19,8 +19,11 @@ import websockets
 
 from tests.support.server import ServerFactory, ServerProcess, free_port
 from tests.support.services import postgres_url, redis_url, unavailable
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+WITHIN = 20.0  # seconds a client waits for a reply or a push
 
 NAMESPACE = {
     "name": "room",
@@ -69,7 +72,7 @@ class Client:
         self.pushes: list[dict[str, Any]] = []
         self.replies: dict[int, dict[str, Any]] = {}
         self.closed: tuple[int, str] | None = None
-        self._changed = asyncio.Event()
+        self.changed = asyncio.Event()  # set on every frame read and on close
         self._next = 2
         self._reader = asyncio.create_task(self._read())
 
@@ -92,22 +95,18 @@ class Client:
                         self.pushes.append(msg["push"])
                     else:
                         await self.ws.send("{}")  # pong
-                self._changed.set()
+                self.changed.set()
         except websockets.exceptions.ConnectionClosed as exc:
             if exc.rcvd is not None:
                 self.closed = (exc.rcvd.code, exc.rcvd.reason)
-            self._changed.set()
-
-    async def until(self, predicate: Any, within: float = 20.0) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+            self.changed.set()
 
     async def call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         cmd_id, self._next = self._next, self._next + 1
         await self.ws.send(json.dumps({"id": cmd_id, method: body}))
-        await self.until(lambda: cmd_id in self.replies)
+        await eventually(
+            lambda: cmd_id in self.replies, WITHIN, f"reply {cmd_id}", changed=self.changed
+        )
         return self.replies[cmd_id]
 
     def offsets(self, channel: str) -> list[int]:
@@ -159,7 +158,9 @@ async def test_every_subscriber_on_every_node_sees_offsets_in_order(
 
     await asyncio.gather(*(publish_via(node, k) for k, node in enumerate(nodes)))
     for sub in subs:
-        await sub.until(lambda s=sub: len(s.offsets(channel)) >= total)
+        await eventually(
+            lambda s=sub: len(s.offsets(channel)) >= total, WITHIN, changed=sub.changed
+        )
         assert sub.offsets(channel) == list(range(1, total + 1))
 
 
@@ -173,24 +174,23 @@ async def test_presence_join_leave_and_info_across_nodes(
     channel = f"room:{uuid.uuid4().hex[:8]}"
     alice = await _client(clients, a, make_token("alice"), channel)
     bob = await _client(clients, b, make_token("bob"), channel)
-    await alice.until(
-        lambda: any(p.get("join", {}).get("info", {}).get("user") == "bob" for p in alice.pushes)
+    await eventually(
+        lambda: any(p.get("join", {}).get("info", {}).get("user") == "bob" for p in alice.pushes),
+        WITHIN,
+        changed=alice.changed,
     )
     stats = (await alice.call("presence_stats", {"channel": channel}))["presence_stats"]
     assert stats == {"num_clients": 2, "num_users": 2}
     presence = a.api_result("presence", {"channel": channel})["presence"]
     assert sorted(v["user"] for v in presence.values()) == ["alice", "bob"]
     await bob.close()
-    await alice.until(lambda: any("leave" in p for p in alice.pushes))
+    await eventually(lambda: any("leave" in p for p in alice.pushes), WITHIN, changed=alice.changed)
 
-    async def info_lists_both() -> list[str]:
-        while True:
-            uids = [n["uid"] for n in a.api_result("info", {})["nodes"]]
-            if len(uids) == 2:
-                return uids
-            await asyncio.sleep(0.2)
+    def info_lists_both() -> list[str]:
+        uids = [n["uid"] for n in a.api_result("info", {})["nodes"]]
+        return uids if len(uids) == 2 else []
 
-    uids = await asyncio.wait_for(info_lists_both(), 10)
+    uids = await eventually(info_lists_both, 10, "info lists both nodes", interval=0.2)
     assert len(set(uids)) == 2
     channels = b.api_result("channels", {"pattern": channel})["channels"]
     assert channels == {channel: {"num_clients": 1}} or channels == {}
@@ -205,7 +205,7 @@ async def test_api_disconnect_reaches_a_user_on_another_node(
     a, b = _start_nodes(server_factory, cluster_config, 2)
     victim = await _client(clients, b, make_token("victim"))
     a.api_result("disconnect", {"user": "victim", "disconnect": {"code": 4001, "reason": "bye"}})
-    await victim.until(lambda: victim.closed is not None)
+    await eventually(lambda: victim.closed is not None, WITHIN, changed=victim.changed)
     assert victim.closed == (4001, "bye")
 
 
@@ -220,7 +220,7 @@ async def test_clients_of_a_killed_node_recover_on_another(
     sub = await _client(clients, a, make_token("u"), channel)
     for i in range(5):
         b.api_result("publish", {"channel": channel, "data": {"i": i}})
-    await sub.until(lambda: len(sub.offsets(channel)) == 5)
+    await eventually(lambda: len(sub.offsets(channel)) == 5, WITHIN, changed=sub.changed)
     position = sub.pushes[-1]
     assert position["pub"]["offset"] == 5
     top = b.api_result("history", {"channel": channel})
@@ -260,7 +260,7 @@ async def test_publications_without_history_keep_publish_order_across_nodes(
         return [p["pub"]["data"]["i"] for p in sub.pushes if p.get("channel") == channel]
 
     for sub in subs:
-        await sub.until(lambda s=sub: len(seen(s)) >= total)
+        await eventually(lambda s=sub: len(seen(s)) >= total, WITHIN, changed=sub.changed)
         assert seen(sub) == list(range(total))
 
 
@@ -311,7 +311,7 @@ async def test_redis_restart_during_publishing_loses_nothing(
     for i in range(total // 2, total):
         a.api_result("publish", {"channel": channel, "data": {"i": i}})
     private_redis["start"]()
-    await sub.until(lambda: len(sub.offsets(channel)) >= total, within=30)
+    await eventually(lambda: len(sub.offsets(channel)) >= total, 30, changed=sub.changed)
     assert sub.offsets(channel) == list(range(1, total + 1))
 
 
@@ -338,7 +338,7 @@ async def test_postgresql_listener_loss_during_publishing_loses_nothing(
                 assert killed >= 1
     finally:
         await conn.close()
-    await sub.until(lambda: len(sub.offsets(channel)) >= total, within=30)
+    await eventually(lambda: len(sub.offsets(channel)) >= total, 30, changed=sub.changed)
     assert sub.offsets(channel) == list(range(1, total + 1))
 
 
@@ -351,24 +351,22 @@ async def test_several_processes_share_one_port_with_reuse_port(
     second.port = first.port
     second.start()  # returns at once: the port already accepts (the first process)
 
-    async def both_listening() -> None:
-        while len(first.api_result("info", {})["nodes"]) < 2:
-            await asyncio.sleep(0.2)
-
-    await asyncio.wait_for(both_listening(), 15)
+    await eventually(
+        lambda: len(first.api_result("info", {})["nodes"]) >= 2,
+        15,
+        "both processes listening",
+        interval=0.2,
+    )
     channel = f"room:{uuid.uuid4().hex[:8]}"
     subs = [await _client(clients, first, make_token(f"u{i}"), channel) for i in range(12)]
 
-    async def spread() -> list[int]:
-        while True:
-            nodes = first.api_result("info", {})["nodes"]
-            counts = [n["num_clients"] for n in nodes]
-            if len(nodes) == 2 and sum(counts) == len(subs):
-                return counts
-            await asyncio.sleep(0.3)
+    def spread() -> list[int]:
+        nodes = first.api_result("info", {})["nodes"]
+        counts = [n["num_clients"] for n in nodes]
+        return counts if len(nodes) == 2 and sum(counts) == len(subs) else []
 
-    counts = await asyncio.wait_for(spread(), 15)
+    counts = await eventually(spread, 15, "every client counted", interval=0.3)
     assert min(counts) > 0  # the kernel spread the connections over both processes
     first.api_result("publish", {"channel": channel, "data": {}})
     for sub in subs:
-        await sub.until(lambda s=sub: s.offsets(channel) == [1])
+        await eventually(lambda s=sub: s.offsets(channel) == [1], WITHIN, changed=sub.changed)

@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import socket
-import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.server import ServerFactory, ServerProcess
+from tests.support.wait import eventually
 from tests.support.witness import Witness
 
 pytestmark = pytest.mark.integration
@@ -98,6 +98,11 @@ def _num_clients(server: ServerProcess) -> int:
     return int(server.api_result("info")["nodes"][0]["num_clients"])
 
 
+async def _num_clients_is(server: ServerProcess, wanted: Callable[[int], bool]) -> bool:
+    """Whether the server's client count (asked off the loop) is `wanted`."""
+    return wanted(await asyncio.to_thread(_num_clients, server))
+
+
 @pytest.mark.parametrize("path", ["lean", "tornado"])
 async def test_a_subscriber_that_never_reads_is_dropped(
     server_factory: ServerFactory, path: str
@@ -120,10 +125,12 @@ async def _flood_until_dropped(
     data = {"text": "x" * 40000}
     for _ in range(200):
         await asyncio.to_thread(server.api_result, "publish", {"channel": "flood", "data": data})
-    deadline = time.monotonic() + 15
-    while await asyncio.to_thread(_num_clients, server) > 1:
-        assert time.monotonic() < deadline, f"the non-reading {what} client was never dropped"
-        await asyncio.sleep(0.2)
+    await eventually(
+        lambda: _num_clients_is(server, lambda n: n <= 1),
+        15,
+        f"the non-reading {what} client dropped",
+        interval=0.2,
+    )
     await witness.check(server, 10)
     sock.settimeout(5)
     total = 0
@@ -255,8 +262,10 @@ async def test_a_non_reading_client_is_dropped_on_every_transport(
     )
     async with Witness(server.ws_url, "witness") as witness:
         sock = await asyncio.to_thread(_open, server, transport)
-        deadline = time.monotonic() + 5
-        while await asyncio.to_thread(_num_clients, server) < 2:
-            assert time.monotonic() < deadline, "the hostile client never connected"
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: _num_clients_is(server, lambda n: n >= 2),
+            5,
+            "the hostile client connected",
+            interval=0.1,
+        )
         await _flood_until_dropped(server, sock, witness, transport)

@@ -16,6 +16,7 @@ import pytest
 from tests.integration.conftest import TEST_API_KEY
 from tests.integration.test_server_lifecycle import _client_ssl, pki  # noqa: F401
 from tests.support.server import ServerFactory, ServerProcess, free_port, port_accepts
+from tests.support.wait import eventually, eventually_sync
 from tests.support.witness import Witness
 
 pytestmark = pytest.mark.integration
@@ -260,9 +261,9 @@ def test_tls_listener_combinations(
         silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         assert _closed_within(silent) < 4.0  # no TLS handshake: dropped like an idle socket
         return
-    deadline = time.monotonic() + 5
-    while not port_accepts("127.0.0.1", internal) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: port_accepts("127.0.0.1", internal), 5, "the internal port", interval=0.05
+    )
     if tls_external:
         assert _plain_info(internal) == 200
     else:
@@ -277,8 +278,5 @@ async def test_big_integers_in_data_reach_subscribers_exactly(server: ServerProc
         body = b'{"channel":"witness","data":{"n":123456789012345678901234567890}}'
         status, _ = await asyncio.to_thread(server.api_raw, "publish", body)
         assert status == 200
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while not witness.received and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: witness.received, 5, "the publication", interval=0.05)
         assert witness.received == [{"n": 123456789012345678901234567890}]

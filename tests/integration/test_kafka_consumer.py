@@ -19,7 +19,6 @@ from kafka.structs import TopicPartition
 from tests.integration.consumers_support import (
     SERVER_CONFIG,
     channel_name,
-    eventually,
     history_data,
     server_log,
     subscriber,
@@ -29,6 +28,7 @@ from tests.integration.consumers_support import (
 )
 from tests.support.server import ServerFactory, ServerProcess
 from tests.support.services import TansuBroker
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.timeout(30)]
 
@@ -124,13 +124,7 @@ async def test_records_are_delivered_in_order(server_factory: ServerFactory, top
     async def all_committed() -> bool:
         return await topic.committed() == {0: 30}
 
-    await eventually_committed(all_committed)
-
-
-async def eventually_committed(check: Any) -> None:
-    async with asyncio.timeout(WAIT):
-        while not await check():
-            await asyncio.sleep(0.1)
+    await eventually(all_committed, WAIT, "offsets committed", interval=0.1)
 
 
 async def test_each_partition_keeps_its_order(
@@ -174,7 +168,7 @@ async def test_garbage_records_are_skipped_and_committed(
     async def all_committed() -> bool:
         return await topic.committed() == {0: 8}
 
-    await eventually_committed(all_committed)
+    await eventually(all_committed, WAIT, "offsets committed", interval=0.1)
     log = server_log(server)
     assert f"skipping malformed item at topic {topic.name} partition 0 offset 1" in log
     assert f"skipping publish at topic {topic.name} partition 0 offset 5" in log
@@ -204,7 +198,7 @@ async def test_restart_continues_from_committed_offsets(
     server.start()
     async with subscriber(server, channel) as sub:
         await topic.publish(channel, [6])
-        await eventually(lambda: 6 in sub.data, within=WAIT)
+        await eventually(lambda: 6 in sub.data, WAIT)
         assert sub.data == [4, 5, 6][-len(sub.data) :]
     assert await history_data(server, channel) == list(range(7))
 

@@ -19,8 +19,6 @@ from tests.integration.consumers_support import (
     PG_OUTBOX_DDL,
     SERVER_CONFIG,
     channel_name,
-    eventually,
-    eventually_async,
     history_data,
     outbox_consumer,
     server_log,
@@ -31,6 +29,7 @@ from tests.integration.consumers_support import (
 )
 from tests.support.server import ServerFactory, ServerProcess
 from tests.support.services import postgres_url
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.timeout(30)]
 
@@ -72,7 +71,7 @@ class PgOutbox:
         async def empty() -> bool:
             return await self.count() == 0
 
-        await eventually_async(empty, what=f"{self.table} drained")
+        await eventually(empty, what=f"{self.table} drained", interval=0.02)
 
     def config(self, **options: Any) -> dict[str, Any]:
         settings = {"partition_poll_interval": "50ms", **options}

@@ -16,8 +16,6 @@ from tests.integration.consumers_support import (
     SERVER_CONFIG,
     SQLITE_OUTBOX_DDL,
     channel_name,
-    eventually,
-    eventually_async,
     history_data,
     outbox_consumer,
     server_log,
@@ -25,6 +23,7 @@ from tests.integration.consumers_support import (
     unique,
 )
 from tests.support.server import ServerFactory
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -72,7 +71,7 @@ class SqliteOutbox:
         async def empty() -> bool:
             return await self.count() == 0
 
-        await eventually_async(empty, what=f"{self.table} drained")
+        await eventually(empty, what=f"{self.table} drained", interval=0.02)
 
     def config(self, **options: Any) -> dict[str, Any]:
         settings = {"partition_poll_interval": "20ms", **options}

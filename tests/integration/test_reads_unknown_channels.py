@@ -18,6 +18,7 @@ import websockets
 
 from tests.integration.conftest import TokenMaker
 from tests.support.server import ServerFactory, ServerProcess
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -75,7 +76,7 @@ class Client:
         self.next_id = 0
         self.replies: dict[int, dict[str, Any]] = {}
         self.pushes: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
+        self.changed = asyncio.Event()  # set on every reply or push
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -96,13 +97,7 @@ class Client:
                     self.replies[item["id"]] = item
                 else:
                     self.pushes.append(item["push"])
-                self._changed.set()
-
-    async def until(self, predicate: Any, within: float = 10.0) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+                self.changed.set()
 
     async def call(self, *commands: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ids = []
@@ -112,7 +107,9 @@ class Client:
             ids.append(self.next_id)
             frame.append(json.dumps({"id": self.next_id, method: params}))
         await self.ws.send("\n".join(frame))
-        await self.until(lambda: all(i in self.replies for i in ids))
+        await eventually(
+            lambda: all(i in self.replies for i in ids), 10, "replies", changed=self.changed
+        )
         return [self.replies.pop(i) for i in ids]
 
     def publications(self, channel: str) -> list[dict[str, Any]]:
@@ -215,7 +212,9 @@ async def test_reads_of_random_channels_store_nothing_and_bad_names_are_refused(
 
     offsets = await publisher
     assert offsets == list(range(1, 121))
-    await witness.until(lambda: len(witness.publications(witness_channel)) == 120)
+    await eventually(
+        lambda: len(witness.publications(witness_channel)) == 120, 10, changed=witness.changed
+    )
     received = witness.publications(witness_channel)
     assert [p["data"]["n"] for p in received] == list(range(120))
     assert [p["offset"] for p in received] == offsets
@@ -246,7 +245,7 @@ async def test_subscriber_positioned_before_the_first_publication_continues(
         for n in range(3)
     ]
     assert {p["epoch"] for p in published} == {result["epoch"]}
-    await client.until(lambda: len(client.publications(channel)) == 3)
+    await eventually(lambda: len(client.publications(channel)) == 3, 10, changed=client.changed)
     await asyncio.sleep(2.5)  # two position checks (client_channel_position_check_delay 1s)
     assert [p["offset"] for p in client.publications(channel)] == [1, 2, 3]
     assert not [p for p in client.pushes if "unsubscribe" in p]
