@@ -6,7 +6,8 @@ handles the commands of a frame in order, one at a time (an `async` handler hold
 inbox, so live pushes for a channel being subscribed wait behind the subscribe reply and
 are checked against the recovered position). Replies and pushes go to a bounded outbound
 queue, written by `_flush` (a loop callback, not a task; several messages per transport
-write); overflow disconnects with 3008 (slow).
+write); overflow disconnects with 3008 (slow). The queue and the lifecycle states are in
+`outbound.py` (`Outbound`, the base class of `ConnectionCore`).
 
 All methods run on the event loop.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import collections
 import contextvars
 import enum
 import logging
@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from centripy.actors.base import LoopActor, actor_of, tell_if_alive
+from centripy.actors.base import actor_of, tell_if_alive
 from centripy.actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
 from centripy.actors.context import ConnContext
 from centripy.actors.hub import (
@@ -34,6 +34,15 @@ from centripy.actors.hub import (
     ServerSubscribeMsg,
     ServerUnsubscribeMsg,
     Shutdown,
+)
+from centripy.actors.outbound import (
+    CLOSED,
+    CLOSING,
+    CONNECTED,
+    NEW,
+    UNUSABLE,
+    ConnState,
+    Outbound,
 )
 from centripy.actors.transport import Format, Transport
 from centripy.engine import recovery
@@ -52,9 +61,6 @@ from centripy.engine.sessions import ServerSubscribe
 from centripy.engine.types import ClientInfo
 
 log = logging.getLogger("centripy.connection")
-
-MAX_MESSAGES_IN_FRAME = 16
-
 
 # -- messages -----------------------------------------------------------------------------
 
@@ -88,23 +94,6 @@ def frames_waiting(ref: Any) -> int:
     """How many frames told to a connection actor wait to be handled."""
     actor = actor_of(ref)
     return actor.frames_pending if isinstance(actor, ConnectionCore) else 0
-
-
-class ConnState(enum.IntEnum):
-    """Where a connection is in its lifecycle (compared with `is` on the hot paths)."""
-
-    NEW = 0  # waiting for `connect`
-    CONNECTED = 1
-    UNUSABLE = 2  # `connect` failed: the next command disconnects with 3501
-    CLOSING = 3  # close() on a connected connection: no longer CONNECTED, the queue flushes
-    CLOSED = 4  # released: out of the hub and every channel, the actor stops
-
-
-NEW = ConnState.NEW
-CONNECTED = ConnState.CONNECTED
-UNUSABLE = ConnState.UNUSABLE
-CLOSING = ConnState.CLOSING
-CLOSED = ConnState.CLOSED
 
 
 class Timer(enum.IntEnum):
@@ -142,11 +131,11 @@ class Subscription:
     seen_top: int = 0  # stream top seen at the previous position check
 
 
-class ConnectionCore(LoopActor):
+class ConnectionCore(Outbound):
     inline = True  # Deliver and JoinLeave are handled synchronously (InlineFanOut)
 
     def __init__(self, ctx: ConnContext, transport: Transport) -> None:
-        super().__init__()
+        super().__init__(ctx.config.client_queue_max_size)
         self.ctx = ctx
         self.config = ctx.config
         self.node = ctx.node
@@ -161,17 +150,12 @@ class ConnectionCore(LoopActor):
         self.expire_at = 0  # unix seconds; 0 = never
         self.state = NEW  # NEW -> CONNECTED -> CLOSING -> CLOSED; UNUSABLE after a connect error
         self.subs: dict[str, Subscription] = {}
-        self._out: collections.deque[bytes] = collections.deque()
-        self._out_size = 0
-        self._out_max = ctx.config.client_queue_max_size
-        self._writing = False  # a flush is scheduled or waiting for the transport
         self._loop = asyncio.get_running_loop()
         self._closing: tuple[int, str] | None = None
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._pong_pending = False
         self._last_position_check = time.monotonic()
         self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
-        self._write_timer: asyncio.TimerHandle | None = None
 
     # -- implemented by ConnectionActor (actors/connection.py) ----------------------------
 
@@ -337,90 +321,6 @@ class ConnectionCore(LoopActor):
     def _uni_kw(self) -> dict[str, bool]:
         return {"unidirectional": True} if self.transport.unidirectional else {}
 
-    # -- outbound queue -------------------------------------------------------------------
-
-    def _enqueue(self, data: bytes) -> None:
-        if self._closing is not None:
-            return
-        self._out.append(data)
-        self._out_size += len(data)
-        if self._out_size > self._out_max:
-            self._out.clear()
-            self._out_size = 0
-            self.close(DisconnectCode.SLOW)
-            return
-        if not self._writing and not self.draining:
-            self._writing = True
-            self._loop.call_soon(self._flush)
-
-    def on_drained(self) -> None:
-        """After a run of messages (e.g. a burst of publications): one write for them all."""
-        if self._out and not self._writing and self.state is not CLOSED:
-            self._writing = True
-            self._flush()
-
-    def _flush(self) -> None:
-        """Write queued messages, up to MAX_MESSAGES_IN_FRAME per transport write; wait for
-        the transport between writes (a callback, not a task, on this hot path). Messages
-        queued meanwhile join the next write, so a busy connection batches."""
-        out = self._out
-        while out and self.state is not CLOSED:
-            if len(out) == 1:  # the common case of a fan-out: one message
-                batch = [out.popleft()]
-                self._out_size -= len(batch[0])
-            else:
-                n = min(len(out), MAX_MESSAGES_IN_FRAME)
-                batch = [out.popleft() for _ in range(n)]
-                self._out_size -= sum(map(len, batch))
-            try:
-                pending = self.transport.write(batch)
-            except Exception as exc:
-                self._write_failed(exc)
-                return
-            if pending is not None:
-                future = asyncio.ensure_future(pending)
-                if not future.done():
-                    future.add_done_callback(self._write_done)
-                    timeout = getattr(self.transport, "write_timeout", 0.0)
-                    if timeout > 0:
-                        self._write_timer = self._loop.call_later(timeout, self._write_stalled)
-                    return
-                if future.exception() is not None:
-                    self._write_failed(future.exception())
-                    return
-        self._writing = False
-        if self._closing is not None and self.state is not CLOSED:
-            self._finish_close()
-
-    def _write_stalled(self) -> None:
-        """The peer took none of a pending write within the transport's `write_timeout`
-        (it stopped reading): drop the connection now, whatever is still queued."""
-        self._write_timer = None
-        log.info("connection %s: write timed out; aborting", self.client_id)
-        self._write_failed(None)
-
-    def _write_done(self, future: asyncio.Future[Any]) -> None:
-        timer, self._write_timer = self._write_timer, None
-        if timer is not None:
-            timer.cancel()
-        if future.cancelled() or future.exception() is not None:
-            self._write_failed(None if future.cancelled() else future.exception())
-        else:
-            self._flush()
-
-    def _write_failed(self, exc: BaseException | None) -> None:
-        """A write failed or stalled: drop the transport (nothing more can go through it,
-        and what it still buffers must not stay) and release the connection."""
-        log.debug("connection %s: write failed: %r", self.client_id, exc)
-        self._writing = False
-        abort = getattr(self.transport, "abort", None)
-        if abort is not None:
-            try:
-                abort()
-            except Exception as abort_exc:
-                log.debug("connection %s: abort failed: %r", self.client_id, abort_exc)
-        self._terminate()
-
     # -- timers ---------------------------------------------------------------------------
 
     def _set_timer(self, kind: Timer, delay: float) -> None:
@@ -564,11 +464,7 @@ class ConnectionCore(LoopActor):
             return False
         self._cleanup()
         self.state = CLOSED
-        self._out.clear()
-        self._out_size = 0
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+        self._drop_outbound()
         self.ctx.hub.remove_connection(self.client_id)
         return True
 
