@@ -31,7 +31,7 @@ from centripy.engine.config import (
     RpcNamespace,
     field_kinds,
 )
-from centripy.engine.config_check import validate_config
+from centripy.engine.config_check import UNSUPPORTED, validate_config
 from centripy.engine.options import ChannelOptions, Namespace
 
 __all__ = ["load_config", "parse_go_bool", "parse_go_duration"]
@@ -53,7 +53,6 @@ _IGNORED_PREFIXES = (
     "redis_sentinel_",
     "webtransport",
 )
-_UNSUPPORTED_FEATURES = ("grpc_api", "uni_grpc", "graphite", "opentelemetry", "tls_autocert")
 _SECONDS_PRECISION = frozenset({"history_ttl", "history_meta_ttl", "global_history_meta_ttl"})
 _LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal", "none")
 _CONSUMER_ENV_RE = re.compile(r"^CENTRIFUGO_CONSUMERS_(POSTGRESQL|KAFKA)_")
@@ -423,12 +422,36 @@ def _env_layer(env: Mapping[str, str], warnings: list[str]) -> dict[str, object]
     return out
 
 
-def _unsupported_warnings(merged: Mapping[str, object]) -> list[str]:
+_DEFAULTS: dict[str, object] = {key: getattr(Config(), key) for key in UNSUPPORTED}
+
+
+def _truthy(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("1", "t", "true"))
+
+
+def _unsupported_warnings(merged: Mapping[str, object], config: Config) -> list[str]:
+    """One warning per key the configuration sets, to something else than its default, that
+    centripy does not act on: the keys of `UNSUPPORTED` and the features it does not have
+    (grpc_api, redis_sentinel_*, ...). Refuses `redis_tls`: running without it would talk to
+    Redis in plain text."""
+    if _truthy(merged.get("redis_tls")):
+        raise ConfigError(
+            "redis_tls",
+            "TLS to Redis is not supported by centripy; refusing to "
+            "connect in plain text (remove redis_tls or terminate TLS in front)",
+        )
     out = []
-    for key in _UNSUPPORTED_FEATURES:
-        value = merged.get(key)
-        if value is True or (isinstance(value, str) and value.lower() in ("1", "t", "true")):
-            out.append(f'"{key}" is not supported by centripy and is ignored')
+    for key in sorted(merged):
+        if key in UNSUPPORTED:
+            if getattr(config, key) == _DEFAULTS[key]:
+                continue  # e.g. "admin": false, which is what centripy does anyway
+            out.append(f'not supported by centripy: "{key}" ({UNSUPPORTED[key]}); ignored')
+        elif (
+            _is_ignored(key)
+            and not key.startswith("usage_stats")  # centripy never sends usage stats
+            and merged[key] not in (False, "", 0, None, [], {})
+        ):
+            out.append(f'not supported by centripy: "{key}"; ignored')
     return out
 
 
@@ -452,7 +475,7 @@ def load_config(
     merged: dict[str, object] = {**file_data, **_env_layer(env, warnings), **overrides}
     config = _build_config(merged, env, warnings)
     validate_config(config)
-    warnings.extend(_unsupported_warnings(merged))
+    warnings.extend(_unsupported_warnings(merged, config))
     if config.log_level.lower() not in _LOG_LEVELS:
         warnings.append(f'log_level: unknown level "{config.log_level}", using "info"')
     return config, warnings

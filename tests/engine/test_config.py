@@ -137,7 +137,8 @@ def test_env_parsing(tmp_path: Path) -> None:
         "CENTRIFUGO_PRESENCE": "false",
     }
     config, warnings = load(tmp_path, {"api_key": "from-file", "presence": True}, env)
-    assert warnings == []
+    assert [w for w in warnings if not w.startswith("not supported by centripy")] == []
+    assert any('"proxy_static_http_headers"' in w for w in warnings)  # parsed, but no proxies
     assert config.client_insecure is True and config.health is True
     assert config.allowed_origins == ("https://a", "https://b")
     assert config.ping_interval == 5400.0
@@ -188,12 +189,13 @@ def test_unknown_keys_warn(tmp_path: Path) -> None:
     text = "\n".join(warnings)
     for name in ("foo", "bar", "baz", "qux", "zz", "CENTRIFUGO_NOPE"):
         assert f'"{name}"' in text
-    assert "grpc_api_port" not in text  # a valid Centrifugo key centripy ignores
+    assert 'unknown key "grpc_api_port"' not in text  # a valid Centrifugo key...
+    assert 'not supported by centripy: "grpc_api_port"' in text  # ...that centripy names
 
 
 def test_unsupported_feature_warning(tmp_path: Path) -> None:
     _, warnings = load(tmp_path, {"grpc_api": True})
-    assert any('"grpc_api" is not supported' in w for w in warnings)
+    assert any(w.startswith('not supported by centripy: "grpc_api"') for w in warnings)
 
 
 def test_unknown_override_is_an_error(tmp_path: Path) -> None:
