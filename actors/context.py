@@ -8,6 +8,7 @@ from typing import Any
 
 from centripy.actors.hub import Hub
 from centripy.actors.transport import Format, protobuf_codec
+from centripy.engine.admission import Admission
 from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
 from centripy.engine.node import Node
@@ -23,6 +24,15 @@ class ConnContext:
     hub: Hub
     verifier: TokenVerifier
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    admission: Admission = field(init=False)  # client_connection_limit / _rate_limit
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.admission = Admission(
+            config.client_connection_limit,
+            config.client_connection_rate_limit,
+            self.hub.connection_count,
+        )
 
     def codec(self, fmt: int) -> Codec:
         """The codec module of a wire format: `json_codec` or `protobuf_codec`, which

@@ -110,6 +110,10 @@ class Hub:
         if conn.session:
             self._sessions.pop(conn.session, None)
 
+    def connection_count(self) -> int:
+        """Connections of this node (connected, i.e. past their connect command)."""
+        return len(self._conns)
+
     def user_connection_count(self, user: str) -> int:
         return len(self._users.get(user, ()))
 

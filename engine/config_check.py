@@ -272,8 +272,6 @@ UNSUPPORTED: Final[dict[str, str]] = {
     "swagger": "no Swagger UI",
     "swagger_handler_prefix": "no Swagger UI",
     "client_user_id_http_header": "authentication by proxy header is not implemented",
-    "client_connection_limit": "connection admission limits are not implemented yet",
-    "client_connection_rate_limit": "connection admission limits are not implemented yet",
     "client_concurrency": "commands of a connection are handled one at a time",
     "rpc_namespace_boundary": "client RPC is not implemented (rpc answers 108)",
     "rpc_namespaces": "client RPC is not implemented (rpc answers 108)",

@@ -299,9 +299,13 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         found = None if upgrade is None else self.match(request.path)
         if upgrade is None or found is None or found[0] is not WebSocketHandler:
             return False
-        protocol = lean_websocket(found[1]["ctx"], upgrade, self._websockets)
+        ctx = found[1]["ctx"]
+        protocol = lean_websocket(ctx, upgrade, self._websockets)
         if protocol is None:
             return False
+        if not ctx.admission.admit():  # client_connection_limit / _rate_limit: 503
+            await self._refuse(stream, 503, b"", "")
+            return True
         self._lean.discard(stream)
         sock, protocol.early = detach(stream)
         try:

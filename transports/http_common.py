@@ -157,6 +157,11 @@ class StreamingHandler(LimitedBodyHandler):
         self.actor: Any = None
         self._ended = asyncio.Event()
 
+    def prepare(self) -> None:
+        super().prepare()
+        if self.request.method in ("GET", "POST") and not self._finished:
+            refuse_over_admission(self, self.ctx)
+
     def start_response(self, content_type: str | None, preamble: bytes = b"") -> None:
         """Status 200, Centrifugo's streaming headers, then the head (and `preamble`) are
         flushed at once so the client sees the stream open."""
@@ -270,6 +275,17 @@ class StreamTransport:
 def prefix_route(prefix: str) -> str:
     """A Tornado route pattern matching exactly the configured path."""
     return re.escape(prefix)
+
+
+def refuse_over_admission(handler: tornado.web.RequestHandler, ctx: ConnContext) -> bool:
+    """A new connection over `client_connection_limit` or `client_connection_rate_limit`
+    gets 503 before its transport starts (as Centrifugo's middleware answers); True when
+    `handler` (in its `prepare`, or before it starts a session) was answered so."""
+    if ctx.admission.admit():
+        return False
+    handler.set_status(503)
+    handler.finish()
+    return True
 
 
 def write_timeout(ctx: ConnContext) -> float:

@@ -40,7 +40,7 @@ from tornado.web import RequestHandler
 
 from centripy.actors.context import ConnContext
 from centripy.engine.config import Config
-from centripy.transports.http_common import write_timeout
+from centripy.transports.http_common import refuse_over_admission, write_timeout
 from centripy.transports.origins import origin_allowed
 from centripy.transports.sockjs_session import (
     ANOTHER_CONNECTION_FRAME,
@@ -286,6 +286,9 @@ class ReceiveHandler(_Base):
         if method != kind.method:
             self.not_allowed(kind.method + (", OPTIONS" if kind.options else ""))
             return
+        sessions = self.endpoint.sessions
+        if sessions.get(session_id) is None and refuse_over_admission(self, self.endpoint.ctx):
+            return  # a new session over the connection limits
         self.set_header("Content-Type", kind.content_type)
         self.cors()
         self.no_cache()
@@ -370,6 +373,9 @@ class SessionWebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(self.endpoint.config.allowed_origins, origin)
+
+    def prepare(self) -> None:
+        refuse_over_admission(self, self.endpoint.ctx)
 
     def open(self, *args: str, **kwargs: str) -> None:
         session = Session(args[1], heartbeat=self.endpoint.config.sockjs_heartbeat_delay)

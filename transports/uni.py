@@ -42,6 +42,7 @@ from centripy.transports.http_common import (
     frame_lines,
     frame_sse,
     prefix_route,
+    refuse_over_admission,
 )
 from centripy.transports.origins import origin_allowed
 
@@ -179,6 +180,9 @@ class UniWebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(self.ctx.config.allowed_origins, origin)
+
+    def prepare(self) -> None:
+        refuse_over_admission(self, self.ctx)
 
     @property
     def ping_interval(self) -> float | None:

@@ -36,6 +36,7 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
+from centripy.transports.http_common import refuse_over_admission
 from centripy.transports.origins import origin_allowed
 from centripy.transports.ws_protocol import (
     OP_BINARY,
@@ -175,6 +176,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(self.ctx.config.allowed_origins, origin)
+
+    def prepare(self) -> None:
+        refuse_over_admission(self, self.ctx)
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         return select_subprotocol(subprotocols)
