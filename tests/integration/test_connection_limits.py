@@ -75,3 +75,38 @@ def test_connection_rate_limit_answers_503_beyond_the_rate(server_factory: Serve
     server = server_factory({**BASE, "client_connection_rate_limit": 3})
     statuses = [_status(server, _upgrade()) for _ in range(8)]
     assert statuses.count(101) >= 3 and statuses.count(503) >= 3, statuses
+
+
+async def test_every_transport_refuses_new_connections_at_the_limit(
+    server_factory: ServerFactory,
+) -> None:
+    """A limit of 1, held by one WebSocket client, refuses a new uni_websocket,
+    uni_http_stream, uni_sse, SSE and SockJS session (xhr_streaming and websocket)."""
+    server = server_factory(
+        {
+            **BASE,
+            "client_connection_limit": 1,
+            "uni_websocket": True,
+            "uni_http_stream": True,
+            "uni_sse": True,
+            "sse": True,
+            "sockjs": True,
+        }
+    )
+    uni_stream = (
+        b"POST /connection/uni_http_stream HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
+    )
+    async with websockets.connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {}}))
+        assert "connect" in json.loads(await asyncio.wait_for(ws.recv(), 10))
+        await asyncio.to_thread(eventually_sync, lambda: _num_clients(server) == 1, 10)
+        for request in (
+            _upgrade("/connection/uni_websocket"),
+            uni_stream + b"{}",
+            b"GET /connection/uni_sse HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /connection/sse?cf_connect=%7B%7D HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /connection/sockjs/000/limited/xhr_streaming HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            _upgrade("/connection/sockjs/000/limited2/websocket"),
+        ):
+            assert await asyncio.to_thread(_status, server, request) == 503, request
