@@ -190,20 +190,13 @@ class StreamingHandler(LimitedBodyHandler):
     # -- called by StreamTransport, on the loop, from the connection actor's writer ---------
 
     def send(self, data: bytes) -> Awaitable[None]:
-        """Write `data` and flush it; the awaitable fails (and the response is aborted) if
-        the peer is gone or does not take the data within `websocket_write_timeout`."""
+        """Write `data` and flush it; the future fails if the peer is gone. A peer that does
+        not take the data within the transport's `write_timeout` is dropped by the
+        connection actor (`StreamTransport.abort`)."""
         if self._ended.is_set() or self._finished:
             raise tornado.iostream.StreamClosedError()
         self.write(data)
-        return self._flushed(self.flush())
-
-    async def _flushed(self, pending: Awaitable[None]) -> None:
-        try:
-            async with asyncio.timeout(write_timeout(self.ctx)):
-                await pending
-        except BaseException:
-            self.abort()
-            raise
+        return self.flush()
 
     def end(self, data: bytes) -> None:
         """Write the last message (the disconnect push) and finish the response; a peer
@@ -261,6 +254,7 @@ class StreamTransport:
         self.pong = not self.unidirectional
         self._frame = frame
         self._disconnect = disconnect
+        self.write_timeout = write_timeout(handler.ctx)
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         return self._handler.send(self._frame(messages))

@@ -136,15 +136,16 @@ class _UniWebSocketTransport:
 
     def __init__(self, handler: UniWebSocketHandler) -> None:
         self._handler = handler
+        # a write pending longer than this drops the peer (the connection actor's timer)
+        self.write_timeout = handler.ctx.config.uni_websocket_write_timeout or WRITE_TIMEOUT
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         """One text frame per message; the awaitable completes when the last was sent."""
         handler = self._handler
-        last: Any = None
+        last: Awaitable[None] | None = None
         for message in messages:
             last = handler.write_message(message, binary=False)
-        timeout = handler.ctx.config.uni_websocket_write_timeout or WRITE_TIMEOUT
-        return _within(last, timeout) if last is not None else None
+        return last
 
     def abort(self) -> None:
         self._handler.drop()
