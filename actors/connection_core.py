@@ -47,6 +47,7 @@ from centripy.actors.outbound import (
 from centripy.actors.transport import Format, Transport
 from centripy.engine import recovery
 from centripy.engine.channels import ChannelName
+from centripy.engine.config import Config
 from centripy.engine.protocol.codec import Codec
 from centripy.engine.protocol.codes import (
     UNSUBSCRIBE_REASONS,
@@ -137,7 +138,6 @@ class ConnectionCore(Outbound):
     def __init__(self, ctx: ConnContext, transport: Transport) -> None:
         super().__init__(ctx.config.client_queue_max_size)
         self.ctx = ctx
-        self.config = ctx.config
         self.node = ctx.node
         self.transport = transport
         self.fmt = int(transport.format)
@@ -156,6 +156,12 @@ class ConnectionCore(Outbound):
         self._pong_pending = False
         self._last_position_check = time.monotonic()
         self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
+
+    @property
+    def config(self) -> Config:
+        """The node's current config, read per use: a SIGHUP reload (centripy/reload.py)
+        replaces `ctx.config`, and the next command of every connection sees it."""
+        return self.ctx.config
 
     # -- implemented by ConnectionActor (actors/connection.py) ----------------------------
 
