@@ -7,6 +7,10 @@ loop after the executor exists; it starts every enabled consumer and fails with
 `ConsumerStartError` (after stopping those already started) when one cannot reach its
 database or broker. `Consumers.stop()` runs on the loop during shutdown, before the hub shuts
 down, so batches in flight still reach their subscribers.
+
+A command that fails retryably is retried with backoff; after CENTRIPY_CONSUMER_MAX_RETRIES
+retries (default 16; 0 = forever, as Centrifugo v5.2) it is logged and skipped, so a poison
+row or record cannot block its partition for good (dispatch.RetryLimit).
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from centripy.consumers.dispatch import ConsumerStartError, ConsumerStats, Dispatcher
+from centripy.consumers.dispatch import (
+    DEFAULT_MAX_RETRIES,
+    ConsumerStartError,
+    ConsumerStats,
+    Dispatcher,
+    max_retries_from_env,
+)
 from centripy.consumers.kafka import KafkaConsumerHandle, KafkaTuning
 from centripy.consumers.outbox import OutboxConsumer, OutboxSettings, OutboxStore
 from centripy.consumers.postgres_outbox import NotifyListener, PostgresOutboxStore
@@ -61,7 +71,9 @@ class Consumers:
         return {consumer.name: consumer.stats() for consumer in self._consumers}
 
 
-def build_outbox(consumer: ConsumerConfig, dispatcher: Dispatcher) -> OutboxConsumer:
+def build_outbox(
+    consumer: ConsumerConfig, dispatcher: Dispatcher, max_retries: int = DEFAULT_MAX_RETRIES
+) -> OutboxConsumer:
     """A PostgreSQL outbox consumer, or a SQLite one when its dsn is `sqlite:///...`."""
     pg = consumer.postgresql
     if pg is None:
@@ -70,6 +82,7 @@ def build_outbox(consumer: ConsumerConfig, dispatcher: Dispatcher) -> OutboxCons
         num_partitions=pg.num_partitions,
         select_limit=pg.partition_select_limit,
         poll_interval=pg.partition_poll_interval,
+        max_retries=max_retries,
     )
     store: OutboxStore
     if is_sqlite_dsn(pg.dsn):
@@ -96,12 +109,14 @@ def build_outbox(consumer: ConsumerConfig, dispatcher: Dispatcher) -> OutboxCons
 def build_consumer(
     consumer: ConsumerConfig, dispatcher: Dispatcher, env: Mapping[str, str]
 ) -> RunningConsumer:
+    max_retries = max_retries_from_env(env)
     if consumer.type == "postgresql":
-        return build_outbox(consumer, dispatcher)
+        return build_outbox(consumer, dispatcher, max_retries)
     if consumer.type == "kafka" and consumer.kafka is not None:
         return KafkaConsumerHandle(
-            consumer.name, consumer.kafka, dispatcher, KafkaTuning.from_env(env)
-        )
+            consumer.name, consumer.kafka, dispatcher, KafkaTuning.from_env(env),
+            max_retries=max_retries,
+        )  # fmt: skip
     raise ConsumerStartError(f"consumer {consumer.name}: unsupported type {consumer.type!r}")
 
 
@@ -109,7 +124,7 @@ async def start_consumers(
     config: Config, dispatcher: Dispatcher, env: Mapping[str, str] | None = None
 ) -> Consumers:
     """Start every enabled consumer of `config` (on the event loop). `env` defaults to the
-    process environment (read for the Kafka tuning variables)."""
+    process environment (read for CENTRIPY_CONSUMER_MAX_RETRIES and the Kafka tuning)."""
     environ = os.environ if env is None else env
     started: list[RunningConsumer] = []
     try:

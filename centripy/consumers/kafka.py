@@ -11,8 +11,10 @@ Per partition:
 - applied or skipped (malformed, non-retryable error, logged with topic/partition/offset)
   records are marked, and marks are committed synchronously after every batch;
 - at the first retryable failure the partition is sought back to that record and paused for
-  a backoff (min(5 s, (10 ms + jitter) * 2^n)); other partitions keep flowing; it is
-  retried forever (no DLQ), as in Centrifugo.
+  a backoff (min(5 s, (10 ms + jitter) * 2^n)); other partitions keep flowing. Centrifugo
+  retries forever (no DLQ); here a record is logged and skipped (marked) after
+  `max_retries` retries (CENTRIPY_CONSUMER_MAX_RETRIES, 0 = forever), so a poison record
+  does not block its partition for good.
 
 On revoke the marks of the revoked partitions are committed; on loss nothing is. A poll or
 connect error closes the client and re-creates it after a backoff. `stop` commits the marks,
@@ -42,11 +44,13 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from centripy.consumers.backoff import Backoff
 from centripy.consumers.dispatch import (
+    DEFAULT_MAX_RETRIES,
     BatchOutcome,
     ConsumerStartError,
     ConsumerStats,
     Dispatcher,
     Item,
+    RetryLimit,
     apply_in_order,
     decode_record,
 )
@@ -145,11 +149,15 @@ def record_where(tp: TopicPartition, offset: int) -> str:
 
 
 async def apply_partitions(
-    dispatcher: Dispatcher, groups: Mapping[TopicPartition, Sequence[Item]], consumer: str
+    dispatcher: Dispatcher,
+    groups: Mapping[TopicPartition, Sequence[Item]],
+    consumer: str,
+    limits: Mapping[TopicPartition, RetryLimit] | None = None,
 ) -> dict[TopicPartition, BatchOutcome]:
     """Runs on the event loop: each partition's items in order, partitions concurrently."""
     keys = list(groups)
-    runs = (apply_in_order(dispatcher, groups[key], consumer) for key in keys)
+    limits = limits or {}
+    runs = (apply_in_order(dispatcher, groups[key], consumer, limits.get(key)) for key in keys)
     outcomes = await asyncio.gather(*runs)
     return dict(zip(keys, outcomes, strict=True))
 
@@ -188,6 +196,7 @@ class KafkaConsumerActor(pykka.ThreadingActor):
         stopping: threading.Event,
         tuning: KafkaTuning,
         factory: Callable[..., Any] = KafkaConsumer,
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         super().__init__()
         self.name = name
@@ -202,6 +211,8 @@ class KafkaConsumerActor(pykka.ThreadingActor):
         self._reconnect = Backoff()
         self._marks: dict[TopicPartition, int] = {}  # next offset to consume, not committed
         self._retries: dict[TopicPartition, Backoff] = {}
+        self._max_retries = max_retries
+        self._limits: dict[TopicPartition, RetryLimit] = {}
         self._resume_at: dict[TopicPartition, float] = {}
         self._commit_failed_at = 0.0
 
@@ -253,6 +264,7 @@ class KafkaConsumerActor(pykka.ThreadingActor):
         client, self._client = self._client, None
         self._marks.clear()
         self._retries.clear()
+        self._limits.clear()
         self._resume_at.clear()
         if client is None:
             return
@@ -327,6 +339,9 @@ class KafkaConsumerActor(pykka.ThreadingActor):
             tp: [decode_record(r.value, record_where(tp, r.offset)) for r in recs]
             for tp, recs in records.items()
         }
+        for tp in groups:
+            if tp not in self._limits:
+                self._limits[tp] = RetryLimit(self._max_retries)
         outcomes = self._run_on_loop(groups)
         for tp, recs in records.items():
             self._settle(tp, recs, outcomes[tp])
@@ -337,7 +352,7 @@ class KafkaConsumerActor(pykka.ThreadingActor):
     ) -> dict[TopicPartition, BatchOutcome]:
         """Run `apply_partitions` on the event loop and wait for it on this thread."""
         future = asyncio.run_coroutine_threadsafe(
-            apply_partitions(self._dispatcher, groups, self.name), self._loop
+            apply_partitions(self._dispatcher, groups, self.name, dict(self._limits)), self._loop
         )
         while True:
             try:
@@ -391,6 +406,7 @@ class KafkaConsumerActor(pykka.ThreadingActor):
         for tp in tps:
             self._marks.pop(tp, None)
             self._retries.pop(tp, None)
+            self._limits.pop(tp, None)
             self._resume_at.pop(tp, None)
 
     def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -431,12 +447,14 @@ class KafkaConsumerHandle:
         dispatcher: Dispatcher,
         tuning: KafkaTuning,
         factory: Callable[..., Any] = KafkaConsumer,
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         self.name = name
         self._config = config
         self._dispatcher = dispatcher
         self._tuning = tuning
         self._factory = factory
+        self._max_retries = max_retries
         self._stats = ConsumerStats("kafka")
         self._stopping = threading.Event()
         self._ref: pykka.ActorRef[KafkaConsumerActor] | None = None
@@ -451,7 +469,7 @@ class KafkaConsumerHandle:
             )  # fmt: skip
         ref = KafkaConsumerActor.start(
             self.name, self._config, self._dispatcher, asyncio.get_running_loop(),
-            self._stats, self._stopping, self._tuning, self._factory,
+            self._stats, self._stopping, self._tuning, self._factory, self._max_retries,
         )  # fmt: skip
         timeout = self._tuning.bootstrap_timeout_ms / 1000 + 5
         try:

@@ -5,15 +5,18 @@ One task per partition 0..N-1 repeats: in one transaction that owns the partitio
 PostgreSQL advisory lock, or SQLite's write lock), select up to `partition_select_limit`
 rows in id order, dispatch them in order and stop at the first retryable failure, delete the
 rows that were applied or skipped, commit. A retryable failure or a lost database waits a
-backoff (min(5 s, (10 ms + jitter) * 2^n)) and tries again; nothing here ever raises into
-the server. After a partial batch the task sleeps `partition_poll_interval`, or less when
-`wake(partition)` is called (PostgreSQL LISTEN/NOTIFY).
+backoff (min(5 s, (10 ms + jitter) * 2^n)) and tries again; a row that keeps failing is
+skipped after `max_retries` retries (dispatch.RetryLimit; 0 = forever, as Centrifugo).
+Nothing here ever raises into the server. After a partial batch the task sleeps
+`partition_poll_interval`, or less when `wake(partition)` is called (PostgreSQL
+LISTEN/NOTIFY).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -21,10 +24,12 @@ from typing import Protocol
 
 from centripy.consumers.backoff import Backoff
 from centripy.consumers.dispatch import (
+    DEFAULT_MAX_RETRIES,
     BatchOutcome,
     ConsumerStats,
     Dispatcher,
     Item,
+    RetryLimit,
     apply_in_order,
 )
 
@@ -38,6 +43,7 @@ class OutboxSettings:
     num_partitions: int = 1
     select_limit: int = 100
     poll_interval: float = 0.3
+    max_retries: int = DEFAULT_MAX_RETRIES  # of one failing row; 0: forever
 
 
 class OutboxStore(Protocol):
@@ -135,17 +141,18 @@ class OutboxConsumer:
 
     # -- per-partition task -----------------------------------------------------------------
 
-    async def _apply(self, items: Sequence[Item]) -> BatchOutcome:
-        return await apply_in_order(self._dispatcher, items, self.name)
+    async def _apply(self, retry_limit: RetryLimit, items: Sequence[Item]) -> BatchOutcome:
+        return await apply_in_order(self._dispatcher, items, self.name, retry_limit)
 
     async def _partition_loop(self, partition: int) -> None:
         backoff = Backoff()
         wakeup = self._wakeups[partition]
         limit = self._settings.select_limit
+        apply = functools.partial(self._apply, RetryLimit(self._settings.max_retries))
         while not self._stopping.is_set():
             wakeup.clear()  # before reading: a NOTIFY during the batch is not lost
             try:
-                fetched, outcome = await self._store.process(partition, limit, self._apply)
+                fetched, outcome = await self._store.process(partition, limit, apply)
             except Exception as exc:
                 self._stats.errors += 1
                 delay = backoff.next_delay()
@@ -157,7 +164,12 @@ class OutboxConsumer:
                 continue
             self._stats.add(outcome)
             if outcome.failure is not None:
-                await self._sleep(backoff.next_delay(), self._stopping)
+                delay = backoff.next_delay()
+                log.info(
+                    "consumer %s: partition %d waits %.3f s before retry %d",
+                    self.name, partition, delay, backoff.retries,
+                )  # fmt: skip
+                await self._sleep(delay, self._stopping)
                 continue
             if backoff.retries:
                 log.info("consumer %s: partition %d: recovered", self.name, partition)

@@ -27,8 +27,10 @@ from centripy.consumers.dispatch import (
     ConsumerStats,
     Item,
     Malformed,
+    RetryLimit,
     apply_in_order,
     decode_record,
+    max_retries_from_env,
     outbox_item,
     payload_bytes,
 )
@@ -204,6 +206,47 @@ async def test_policy_treats_unexpected_exceptions_as_retryable() -> None:
     assert outcome.done == 0 and outcome.failure == "RuntimeError: boom"
 
 
+def test_retry_limit_counts_failures_of_one_item_and_gives_up() -> None:
+    limit = RetryLimit(2)
+    assert [limit.exhausted("a") for _ in range(2)] == [False, False]
+    assert limit.failures("a") == 2 and limit.failures("b") == 0
+    assert limit.exhausted("a") is True  # the third failure: 2 retries are used up
+    assert limit.failures("a") == 0
+    assert limit.exhausted("b") is False and limit.exhausted("c") is False  # a new count
+    assert limit.failures("c") == 1
+    forever = RetryLimit(0)
+    assert not any(forever.exhausted("a") for _ in range(1000))
+    with pytest.raises(ValueError):
+        RetryLimit(-1)
+
+
+def test_max_retries_from_env() -> None:
+    assert max_retries_from_env({}) == 16
+    assert max_retries_from_env({"CENTRIPY_CONSUMER_MAX_RETRIES": "3"}) == 3
+    assert max_retries_from_env({"CENTRIPY_CONSUMER_MAX_RETRIES": "0"}) == 0
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(ConsumerStartError, match="CENTRIPY_CONSUMER_MAX_RETRIES"):
+            max_retries_from_env({"CENTRIPY_CONSUMER_MAX_RETRIES": bad})
+
+
+async def test_policy_gives_up_on_a_poison_item_and_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dispatcher = FakeDispatcher(failures={b"2": 1000}, errors={b"2": RuntimeError("boom")})
+    limit = RetryLimit(2)
+    items = [publish(1), Command("publish", orjson.dumps({"data": 2}), "row 2"), publish(3)]
+    first = await apply_in_order(dispatcher, items, "c", limit)
+    assert (first.done, first.applied, first.failure) == (1, 1, "RuntimeError: boom")
+    second = await apply_in_order(dispatcher, items[1:], "c", limit)
+    assert (second.done, second.failure) == (0, "RuntimeError: boom")
+    third = await apply_in_order(dispatcher, items[1:], "c", limit)
+    assert third == BatchOutcome(done=2, applied=1, skipped=1, failure=None, gave_up=1)
+    assert dispatcher.applied == [1, 3]
+    assert "giving up on publish at row 2 after 2 retries, skipping it: RuntimeError: boom" in (
+        caplog.text
+    )
+
+
 async def test_real_executor_dispatch_is_a_dispatcher() -> None:
     """The real Executor's errors map onto the policy: a payload that does not decode is
     skipped, an unknown method is ignored (applied)."""
@@ -339,6 +382,22 @@ async def test_outbox_loop_applies_in_order_retries_and_wakes() -> None:
         await outbox.stop()
     assert store.closed
     assert outbox.stats()["applied"] == 29
+
+
+async def test_outbox_loop_skips_a_poison_row_after_its_retries() -> None:
+    store = FakeStore({0: rows(0, 6)})
+    dispatcher = FakeDispatcher(failures={b"2": 1000, b"4": 2})  # 2 never passes, 4 does
+    stats = ConsumerStats("fake")
+    settings = OutboxSettings(select_limit=10, poll_interval=30.0, max_retries=3)
+    outbox = OutboxConsumer("c", store, dispatcher, settings, stats)
+    await outbox.start()
+    try:
+        await eventually(lambda: not store.rows[0])
+        assert dispatcher.ints() == [0, 1, 3, 4, 5]
+        assert (stats.applied, stats.skipped, stats.gave_up, stats.retries) == (5, 1, 1, 5)
+        assert dispatcher.failures[b"2"] == 1000 - 4  # tried once and retried 3 times
+    finally:
+        await outbox.stop()
 
 
 async def test_outbox_loop_survives_a_database_outage() -> None:
@@ -594,6 +653,32 @@ async def test_kafka_actor_applies_in_order_skips_retries_and_commits() -> None:
     finally:
         await handle.stop()
     assert client.closed
+
+
+async def test_kafka_actor_skips_a_poison_record_after_its_retries() -> None:
+    tp = TopicPartition("t", 0)
+    logs: dict[TopicPartition, list[bytes | None]] = {tp: [record(d) for d in range(5)]}
+    clients: list[FakeKafka] = []
+
+    def factory(**options: Any) -> FakeKafka:
+        clients.append(FakeKafka(logs, **options))
+        return clients[-1]
+
+    dispatcher = FakeDispatcher(failures={b"1": 1000})
+    config = KafkaConsumerConfig(brokers=("b",), topics=("t",), consumer_group="g")
+    handle = KafkaConsumerHandle(
+        "k", config, dispatcher, KafkaTuning(poll_timeout=0.05), factory, max_retries=2
+    )
+    await handle.start()
+    try:
+        client = clients[0]
+        await eventually(lambda: client.committed == {tp: 5})
+        assert dispatcher.ints() == [0, 2, 3, 4]
+        assert client.seeks == [(tp, 1), (tp, 1)]  # two retries, then skipped
+        stats = handle.stats()
+        assert (stats["applied"], stats["skipped"], stats["gave_up"]) == (4, 1, 1)
+    finally:
+        await handle.stop()
 
 
 async def test_kafka_revoke_commits_what_is_done_and_loss_commits_nothing() -> None:
