@@ -222,6 +222,7 @@ class SequencedChannelActor(ChannelActor):
         self.node = node
         self.sequencer = ChannelSequencer(on_insufficient=self._insufficient)
         self._timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)
@@ -239,8 +240,9 @@ class SequencedChannelActor(ChannelActor):
 
     def on_stop(self) -> None:
         super().on_stop()
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
 
     def replacement(self) -> ActorRef[Any]:
         """As ChannelActor's, continuing from the last released position (a Resync reads
@@ -258,8 +260,7 @@ class SequencedChannelActor(ChannelActor):
         """A log read failed (storage down?): publications may be missing; read again
         after a pause rather than wait for the next gap."""
         if type(message) in (Init, _GapCheck, Resync):
-            loop = asyncio.get_running_loop()
-            loop.call_later(RETRY_DELAY, tell_if_alive, self.actor_ref, Resync())
+            self._retry()
 
     def _history_enabled(self) -> bool:
         try:
@@ -297,20 +298,40 @@ class SequencedChannelActor(ChannelActor):
         await self._read_and_fill(since)
 
     async def _resync(self) -> None:
-        if self._history_enabled():
+        if not self._history_enabled():
+            return
+        if self.sequencer.position is None:
+            await self._init()  # never positioned: start at the top, do not replay the log
+        else:
             await self._read_and_fill(self.sequencer.position)
 
     async def _read_and_fill(self, since: StreamPosition | None) -> None:
+        """Read the log after `since` (the whole stream after a new epoch) and release what
+        it fills. A failed read (storage down) changes nothing: it is retried later."""
         try:
-            res = await self.node.history(self.channel, limit=-1, since=since)
+            try:
+                res = await self.node.history(self.channel, limit=-1, since=since)
+            except Error as err:
+                if err.code != ErrorCode.UNRECOVERABLE_POSITION:
+                    raise
+                res = await self.node.history(self.channel, limit=-1)
         except Error as err:
-            if err.code != ErrorCode.UNRECOVERABLE_POSITION:
-                log.warning("channel %s: log read failed (%s); retrying", self.channel, err)
-                self._arm()
-                return
-            res = await self.node.history(self.channel, limit=-1)
+            log.warning("channel %s: log read failed (%s); retrying", self.channel, err)
+            self._arm()
+            self._retry()
+            return
         epoch = res.position.epoch
         self._release(self.sequencer.fill(res.publications, epoch), epoch)
+
+    def _retry(self) -> None:
+        """Resync after RETRY_DELAY (nothing else may come to fill what is missing); one
+        retry pending at a time, however many reads failed."""
+        if self._retry_timer is None:
+            self._retry_timer = asyncio.get_running_loop().call_later(RETRY_DELAY, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        tell_if_alive(self.actor_ref, Resync())
 
     def _insufficient(self, reason: str) -> None:
         log.info("channel %s: insufficient state (%s)", self.channel, reason)

@@ -302,7 +302,13 @@ class ConnectionActor(ConnectionCore):
             expire_at=expire_at,
         )
         self.subs[channel] = sub
-        await self.ctx.hub.subscribe(channel, self.client_id, self.actor_ref, sub.join_leave_push)
+        try:  # the hub leaves nothing behind when it raises (the position read failed)
+            await self.ctx.hub.subscribe(
+                channel, self.client_id, self.actor_ref, sub.join_leave_push
+            )
+        except BaseException:
+            self.subs.pop(channel, None)
+            raise
         try:
             result = await self._position(sub, position)
             if sub.presence:

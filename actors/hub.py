@@ -133,7 +133,8 @@ class Hub:
         """Add a subscriber: every publication fanned out after this returns reaches it
         (the channel actor's inbox is FIFO, so a told AddSubscriber is handled before any
         later Deliver; with a broker, once the broker subscription and the sequencer's
-        position are in place)."""
+        position are in place). When it raises (the log read for the position failed:
+        Error 100), nothing of this subscriber is left."""
         ref = self._live(channel)
         if ref is None:
             if self._broker is not None and self._node is not None:
@@ -143,12 +144,18 @@ class Hub:
             self._channels[channel] = ref
             self._channel_subs[channel] = 0
         self._channel_subs[channel] += 1
-        if self._broker is not None:
+        if self._broker is None:
+            ref.tell(AddSubscriber(client_id, conn, join_leave))
+            return
+        try:
             await self._sync_broker(channel)
             await ref.ask(Init(), block=False)  # reads the stream top after the broker sub
             await ref.ask(AddSubscriber(client_id, conn, join_leave), block=False)
-        else:
-            ref.tell(AddSubscriber(client_id, conn, join_leave))
+        except BaseException:
+            # Storage down (Init reads the log) or cancelled: leave no trace of this
+            # subscriber (the last one gone stops the actor and the broker subscription).
+            self.unsubscribe(channel, client_id)
+            raise
 
     async def _sync_broker(self, channel: str) -> None:
         """Make the broker subscription match whether the channel has local subscribers;
