@@ -15,10 +15,11 @@ row or record cannot block its partition for good (dispatch.RetryLimit).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from centripy.consumers.dispatch import (
     DEFAULT_MAX_RETRIES,
@@ -37,13 +38,16 @@ log = logging.getLogger("centripy.consumers")
 
 __all__ = ["ConsumerStartError", "Consumers", "Dispatcher", "start_consumers"]
 
+STOP_TIMEOUT: Final = 15.0  # seconds for all consumers together, unless the caller says
+MIN_STOP_TIMEOUT: Final = 0.5  # each consumer gets at least this to commit and close
+
 
 class RunningConsumer(Protocol):
     name: str
 
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, timeout: float) -> None: ...
 
     def stats(self) -> dict[str, object]: ...
 
@@ -57,12 +61,15 @@ class Consumers:
     def __len__(self) -> int:
         return len(self._consumers)
 
-    async def stop(self) -> None:
-        """Stop every consumer (each finishes or commits what it was doing)."""
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every consumer (each finishes or commits what it was doing), all within
+        about `timeout` seconds (the server passes what is left of shutdown_timeout)."""
         consumers, self._consumers = self._consumers, []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         for consumer in reversed(consumers):
             try:
-                await consumer.stop()
+                await consumer.stop(max(MIN_STOP_TIMEOUT, deadline - loop.time()))
             except Exception:
                 log.exception("consumer %s: error while stopping", consumer.name)
 
