@@ -163,8 +163,10 @@ def _serve(argv: list[str]) -> int:
         if exc.name != "centripy.server":
             raise
         raise _UsageError("the server module centripy.server is not installed") from None
+    from centripy.reload import ConfigSource
 
-    return int(run(config))
+    # SIGHUP re-reads the same file with the same environment and flags
+    return int(run(config, ConfigSource(path, os.environ, args)))
 
 
 # --------------------------------------------------------------------------- config files

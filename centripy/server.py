@@ -15,7 +15,6 @@ import os
 import signal
 import ssl
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,8 @@ from centripy.engine.jwks import JWKSCache
 from centripy.engine.metrics import Metrics
 from centripy.engine.node import VERSION, Node
 from centripy.engine.sessions import Sessions
+from centripy.logs import LogBudget, setup_logging
+from centripy.reload import ConfigSource, Reloader
 from centripy.storage.broker_postgres import PostgresBroker
 from centripy.storage.broker_redis import RedisBroker
 from centripy.storage.factory import open_event_log
@@ -137,6 +138,7 @@ class Services:
     ports: list[int] = field(default_factory=list)
     consumers: Consumers = field(default_factory=Consumers)
     link: ClusterLink | None = None
+    ctx: ConnContext | None = None  # what connections read the config and verifier from
 
 
 def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
@@ -266,7 +268,7 @@ async def start(config: Config) -> Services:
     node.metrics.set("centrifugo_node_build", 1, "Build info.", version=VERSION)
     ctx = ConnContext(config, node, hub, build_verifier(config))
     executor = Executor(node, sessions)
-    services = Services(config, node, hub, writer, executor, InFlight(), link=link)
+    services = Services(config, node, hub, writer, executor, InFlight(), link=link, ctx=ctx)
     services.consumers = await start_consumers(config, executor)
     node.metrics.collector(consumer_counters(services.consumers))
     settings: dict[str, Any] = {
@@ -325,13 +327,14 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, source: ConfigSource | None = None) -> int:
     services = await start(config)
     tune_gc()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, Reloader(services, source, _fetch))
     await stopping.wait()
     log.info("shutting down")
     try:
@@ -344,55 +347,15 @@ async def serve(config: Config) -> int:
     return 0
 
 
-class LogBudget(logging.Filter):
-    """At most `per_second` records a second pass (hostile clients must not be able to flood
-    the log with failed requests); the first one after a throttled second says how many
-    were dropped."""
-
-    def __init__(self, per_second: int = 20, clock: Callable[[], float] = time.monotonic):
-        super().__init__()
-        self._per_second = per_second
-        self._clock = clock
-        self._second = -1
-        self._passed = 0
-        self._dropped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        second = int(self._clock())
-        if second != self._second:
-            self._second, self._passed = second, 0
-            if self._dropped:
-                record.msg = f"{record.msg} (and {self._dropped} similar lines dropped)"
-                self._dropped = 0
-        self._passed += 1
-        if self._passed > self._per_second:
-            self._dropped += 1
-            return False
-        return True
-
-
-def _setup_logging(config: Config) -> None:
-    level = {"trace": "DEBUG", "none": "CRITICAL", "fatal": "CRITICAL", "warn": "WARNING"}.get(
-        config.log_level, config.log_level.upper()
-    )
-    handler: logging.Handler = (
-        logging.FileHandler(config.log_file) if config.log_file else logging.StreamHandler()
-    )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
-    access_log.addFilter(LogBudget())
-
-
-def run(config: Config) -> int:
-    """Entry point of `centripy serve`: blocks until a signal, returns the exit code."""
-    _setup_logging(config)
+def run(config: Config, source: ConfigSource | None = None) -> int:
+    """Entry point of `centripy serve`: blocks until SIGTERM/SIGINT, returns the exit code.
+    SIGHUP reloads the config from `source` (centripy/reload.py)."""
+    setup_logging(config)
     if config.pid_file:
         with open(config.pid_file, "w") as fh:
             fh.write(str(os.getpid()))
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, source))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -269,6 +269,12 @@ class TokenVerifier:
         self._jwks = jwks
         self._clock = clock
 
+    @property
+    def jwks(self) -> JWKSCache | None:
+        """The JWKS key cache (None without JWKS endpoints): a reload hands it on to the
+        verifier built from the new config, keys already fetched included."""
+        return self._jwks
+
     def verify_connection_token(self, token: str) -> ConnectToken:
         with _hostile_input():
             parsed = parse_token(token)

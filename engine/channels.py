@@ -112,6 +112,12 @@ def resolve(rules: ChannelRules, channel: str) -> ChannelName:
     return name
 
 
+def clear_cache() -> None:
+    """Forget every resolved name (a config reload: the entries of the replaced config would
+    otherwise stay, holding it, until the cache fills up)."""
+    _cache.clear()
+
+
 def _split(rules: ChannelRules, channel: str) -> tuple[str, str]:
     """(namespace, rest) as Centrifugo's rule container splits them: the private prefix is
     stripped, then the FIRST boundary splits; without a boundary rest is the whole name."""

@@ -116,6 +116,7 @@ class Config:
     broker: str = ""
     log_level: str = "info"
     log_file: str = ""
+    log_format: str = "text"  # centripy: "text" or "json" (one JSON object per line)
     pid_file: str = ""
     gomaxprocs: int = 0
     database_url: str = "sqlite+aiosqlite:///centripy.db"

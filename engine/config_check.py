@@ -104,6 +104,8 @@ def _validate_core(c: Config) -> None:
             'broker "nats" is not supported by centripy (yet): nodes would not see each '
             'other\'s publications; use engine "redis" or "postgresql"',
         )
+    if c.log_format not in ("text", "json"):
+        raise ConfigError("log_format", f'unknown format "{c.log_format}": use "text" or "json"')
     if c.api_error_mode not in ("", "transport"):
         raise ConfigError("api_error_mode", f'unknown mode "{c.api_error_mode}": use "transport"')
     if c.ping_interval <= c.pong_timeout:

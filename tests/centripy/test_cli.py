@@ -18,6 +18,7 @@ from centripy.cli import format_go_duration, main
 from centripy.engine.auth import TokenVerifier, make_token
 from centripy.engine.config import Config
 from centripy.engine.config_load import load_config
+from centripy.reload import ConfigSource
 
 ROOT = Path(__file__).resolve().parents[2]
 Capture = pytest.CaptureFixture[str]
@@ -190,9 +191,11 @@ def test_serve_passes_overrides_to_server(
     tmp_path: Path, capsys: Capture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[Config] = []
+    sources: list[ConfigSource] = []
 
-    def fake_run(config: Config) -> int:
+    def fake_run(config: Config, source: ConfigSource) -> int:
         seen.append(config)
+        sources.append(source)
         return 7
 
     module = types.ModuleType("centripy.server")
@@ -208,6 +211,9 @@ def test_serve_passes_overrides_to_server(
     (config,) = seen
     assert (config.port, config.api_key, config.address) == (9001, "k", "127.0.0.2")
     assert config.admin is True and config.health is False
+    # SIGHUP reloads from the same file, environment and flags
+    assert sources[0].path == path and sources[0].overrides["port"] == "9001"
+    assert sources[0].load()[0] == config
     code, _, _ = run(capsys, "serve", "-c", path, "--client_insecure")
     assert code == 7 and seen[-1].client_insecure is True
 
