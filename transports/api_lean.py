@@ -340,7 +340,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             status, out, content_type = 500, b"Internal Server Error\n", "text/plain; charset=utf-8"
         keep_10 = request.keep_alive and request.http10
         await stream.write(response_bytes(status, out, content_type, self._date.value(), keep_10))
-        if status >= 400:
+        if status >= 400 or access_log.isEnabledFor(logging.DEBUG):
             self._log(status, request, stream, started)
         return request.keep_alive
 
@@ -368,8 +368,12 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
     def _log(
         status: int, request: RequestHead, stream: tornado.iostream.IOStream, started: float
     ) -> None:
-        """Access log of a failed request: the path only (the query may hold an API key)."""
-        level = logging.ERROR if status >= 500 else logging.WARNING
+        """Access log of a request, as Tornado's path logs it (centripy/server.py): failures
+        at warning (error for 5xx), the others at debug; the path only, never the query or
+        the headers (they may hold the API key)."""
+        level = (
+            logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.DEBUG
+        )
         millis = 1000.0 * (time.monotonic() - started)
         access_log.log(level, "%d POST %s (%s) %.2fms", status, request.path, _ip(stream), millis)
 
