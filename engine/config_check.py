@@ -315,15 +315,12 @@ UNSUPPORTED: Final[dict[str, str]] = {
             "subscribe_stream_timeout",
             "http_headers",
             "static_http_headers",
-            "grpc_metadata",
             "binary_encoding",
             "include_connection_meta",
-            "grpc_cert_file",
-            "grpc_credentials_key",
-            "grpc_credentials_value",
-            "grpc_compression",
         )
     },
+    "proxy_grpc_metadata": "it forwards the metadata of GRPC client connections (uni_grpc), "
+    "a transport centripy does not serve",
     "granular_proxy_mode": _PROXY,
     "proxies": _PROXY,
     "connect_proxy_name": _PROXY,
