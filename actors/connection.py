@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any, NamedTuple
 
+from centripy.actors import connection_proxy
 from centripy.actors.connection_core import (
     CONNECTED,
     NEW,
@@ -19,7 +20,7 @@ from centripy.actors.connection_core import (
     Subscription,
 )
 from centripy.actors.hub import ServerDisconnectMsg
-from centripy.engine import auth, channels, recovery
+from centripy.engine import auth, channels, proxy, recovery
 from centripy.engine.channels import ChannelName, SubscribeOverride, SubscriptionFeatures
 from centripy.engine.node import VERSION
 from centripy.engine.protocol.codes import Disconnect, DisconnectCode, Error, ErrorCode
@@ -115,7 +116,12 @@ class ConnectionActor(ConnectionCore):
     # -- connect --------------------------------------------------------------------------
 
     async def cmd_connect(self, req: ConnectRequest) -> Result:
-        token = await self._authenticate(req)
+        token, proxied = None, None
+        target = None if req.token else connection_proxy.connect_target(self)
+        if target is not None:  # tokenless, with a connect proxy: it authenticates
+            proxied = await connection_proxy.connect(self, target, req)
+        else:
+            token = await self._authenticate(req)
         config = self.config
         hub = self.ctx.hub
         limit = config.client_user_connection_limit
@@ -125,7 +131,7 @@ class ConnectionActor(ConnectionCore):
         if self.expire_at and self.expire_at <= now:
             raise Error.of(ErrorCode.EXPIRED)
         try:
-            subs = await self._connect_subscriptions(req, token)
+            subs = await self._connect_subscriptions(req, token, proxied)
         except BaseException:
             for channel, sub in list(self.subs.items()):
                 self._leave_channel(channel, sub)
@@ -138,11 +144,14 @@ class ConnectionActor(ConnectionCore):
             code = DisconnectCode.CONNECTION_LIMIT
             hub.tell(others, ServerDisconnectMsg(code, Disconnect.of(code).reason))
         transport = self.transport
+        # with a refresh proxy the server refreshes: the client is not told of the expiry
+        client_refresh = connection_proxy.refresh_target(self) is None
         return self.codec.connect_result_obj(
             client=self.client_id,
             version=VERSION,
-            expires=bool(self.expire_at),
-            ttl=_ttl(self.expire_at, now),
+            expires=bool(self.expire_at) and client_refresh,
+            ttl=_ttl(self.expire_at, now) if client_refresh else 0,
+            data=proxied.data if proxied is not None else b"",
             subs=subs,
             ping=int(self.config.ping_interval),
             pong=transport.pong and self.config.pong_timeout > 0,
@@ -170,10 +179,13 @@ class ConnectionActor(ConnectionCore):
         return token
 
     async def _connect_subscriptions(
-        self, req: ConnectRequest, token: auth.ConnectToken | None
+        self,
+        req: ConnectRequest,
+        token: auth.ConnectToken | None,
+        proxied: proxy.ConnectResult | None = None,
     ) -> dict[str, Result]:
-        """Server-side subscriptions: token subs/channels, personal channel, and channels of
-        the request's `subs` the client could subscribe to itself."""
+        """Server-side subscriptions: token (or connect proxy) subs/channels, personal
+        channel, and channels of the request's `subs` the client could subscribe to itself."""
         wanted: dict[str, tuple[bytes, bytes, SubscribeOverride | None]] = {}
         if token is not None:
             if token.subs:
@@ -182,6 +194,11 @@ class ConnectionActor(ConnectionCore):
             else:
                 for ch in token.channels:
                     wanted[ch] = (b"", b"", None)
+        if proxied is not None:
+            for ch in proxied.channels:
+                wanted[ch] = (b"", b"", None)
+            for ch, opts in proxied.subs.items():
+                wanted[ch] = (opts.info, opts.data, opts.override)
         config = self.config
         if config.user_subscribe_to_personal and self.user:
             wanted.setdefault(channels.personal_channel(config, self.user), (b"", b"", None))
@@ -239,6 +256,8 @@ class ConnectionActor(ConnectionCore):
         if len(self.subs) >= config.client_channel_limit:
             raise Error.of(ErrorCode.LIMIT_EXCEEDED)
         info, data, override, expire_at = b"", b"", None, 0
+        target = None if req.token else connection_proxy.subscribe_target(self, name)
+        by_proxy = False  # the sub_refresh proxy refreshes it
         if req.token:
             claims = await self._verify_sub_token(req.token, req.channel)
             info, data, override, expire_at = (
@@ -249,6 +268,10 @@ class ConnectionActor(ConnectionCore):
             )
         elif name.private:
             raise Error.of(ErrorCode.PERMISSION_DENIED)
+        elif target is not None:
+            res = await connection_proxy.subscribe(self, target, req)
+            info, data, override, expire_at = res.info, res.data, res.override, res.expire_at
+            by_proxy = connection_proxy.sub_refresh_target(self, name) is not None
         elif channels.subscribe_proxy_decides(name):
             raise Error.of(ErrorCode.NOT_AVAILABLE)
         elif not channels.can_subscribe_without_token(config, name, self.user):
@@ -260,7 +283,14 @@ class ConnectionActor(ConnectionCore):
         )
         position = StreamPosition(req.offset, req.epoch) if req.recover else None
         return await self.subscribe_channel(
-            name, features, info, data, position, server_side=False, expire_at=expire_at
+            name,
+            features,
+            info,
+            data,
+            position,
+            server_side=False,
+            expire_at=expire_at,
+            refresh_by_proxy=by_proxy,
         )
 
     async def _verify_sub_token(self, token: str, channel: str) -> auth.SubscriptionToken:
@@ -284,6 +314,7 @@ class ConnectionActor(ConnectionCore):
         *,
         server_side: bool,
         expire_at: int,
+        refresh_by_proxy: bool = False,
     ) -> Result:
         """Join the channel actor first (later publications queue in our inbox), then read
         the stream position or recover; the reply is queued before any of those pushes."""
@@ -300,6 +331,7 @@ class ConnectionActor(ConnectionCore):
             emit_join_leave=features.emit_join_leave,
             server_side=server_side,
             expire_at=expire_at,
+            refresh_by_proxy=refresh_by_proxy,
         )
         self.subs[channel] = sub
         try:  # the hub leaves nothing behind when it raises (the position read failed)
@@ -321,9 +353,10 @@ class ConnectionActor(ConnectionCore):
         if sub.emit_join_leave:
             self.node.join(channel, info)
         now = time.time()
+        client_refresh = bool(expire_at) and not refresh_by_proxy
         return self.codec.subscribe_result_obj(
-            expires=bool(expire_at),
-            ttl=_ttl(expire_at, now),
+            expires=client_refresh,
+            ttl=_ttl(expire_at, now) if client_refresh else 0,
             data=data,
             **result,
         )
@@ -403,11 +436,19 @@ class ConnectionActor(ConnectionCore):
         name = self.node.resolve(req.channel)
         channels.check_client_channel_name(self.config, name)
         sub = self.subs.get(req.channel)
+        info = sub.info if sub else ClientInfo(self.user, self.client_id, self.conn_info)
+        target = connection_proxy.publish_target(self, name)
+        if target is not None:  # the proxy decides, and may replace the data
+            res = await connection_proxy.publish(self, target, req)
+            data = req.data if res.data is None else res.data
+            await self.node.publish(
+                req.channel, data, info=info, name=name, skip_history=res.skip_history
+            )
+            return {}
         if channels.publish_proxy_decides(name):
             raise Error.of(ErrorCode.NOT_AVAILABLE)
         if not channels.can_publish(self.config, name, self.user, sub is not None):
             raise Error.of(ErrorCode.PERMISSION_DENIED)
-        info = sub.info if sub else ClientInfo(self.user, self.client_id, self.conn_info)
         await self.node.publish(req.channel, req.data, info=info, name=name)
         return {}
 
@@ -457,7 +498,7 @@ class ConnectionActor(ConnectionCore):
         )
 
     async def cmd_rpc(self, req: RPCRequest) -> Result:
-        raise Error.of(ErrorCode.NOT_AVAILABLE)
+        return self.codec.rpc_result_obj(await connection_proxy.rpc(self, req))
 
     async def cmd_send(self, req: Any) -> Result:
         raise Disconnect.of(DisconnectCode.NOT_AVAILABLE)

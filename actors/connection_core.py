@@ -22,9 +22,11 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from centripy.actors import connection_proxy
 from centripy.actors.base import actor_of, tell_if_alive
 from centripy.actors.channel import NOT_JSON, Deliver, Insufficient, JoinLeave
 from centripy.actors.context import ConnContext
@@ -130,12 +132,15 @@ class Subscription:
     server_side: bool = False
     expire_at: int = 0  # unix seconds; 0 = never
     seen_top: int = 0  # stream top seen at the previous position check
+    refresh_by_proxy: bool = False  # the sub_refresh proxy refreshes it when it expires
 
 
 class ConnectionCore(Outbound):
     inline = True  # Deliver and JoinLeave are handled synchronously (InlineFanOut)
 
-    def __init__(self, ctx: ConnContext, transport: Transport) -> None:
+    def __init__(
+        self, ctx: ConnContext, transport: Transport, proxy_headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(ctx.config.client_queue_max_size)
         self.ctx = ctx
         self.node = ctx.node
@@ -156,6 +161,7 @@ class ConnectionCore(Outbound):
         self._pong_pending = False
         self._last_position_check = time.monotonic()
         self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
+        self.proxy_headers = proxy_headers or {}  # client request headers the proxies forward
 
     @property
     def config(self) -> Config:
@@ -353,7 +359,9 @@ class ConnectionCore(Outbound):
         if old is not None:
             old.cancel()
         if self.expire_at:
-            delay = self.expire_at - time.time() + self.config.client_expired_close_delay
+            delay = self.expire_at - time.time()
+            if connection_proxy.refresh_target(self) is None:  # else the server refreshes
+                delay += self.config.client_expired_close_delay
             self._set_timer(Timer.EXPIRE, delay)
 
     def _on_timer(self, kind: Timer) -> Any:
@@ -368,6 +376,9 @@ class ConnectionCore(Outbound):
                 self.close(DisconnectCode.NO_PONG)
         elif kind is Timer.EXPIRE:
             if self.expire_at and self.expire_at <= time.time():
+                target = connection_proxy.refresh_target(self)
+                if target is not None and self.state is CONNECTED:
+                    return connection_proxy.refresh(self, target)
                 self.close(DisconnectCode.EXPIRED)
         elif kind is Timer.TICK:
             return self._periodic()
@@ -396,11 +407,15 @@ class ConnectionCore(Outbound):
         now = time.time()
         for channel, sub in list(self.subs.items()):
             if sub.expire_at and sub.expire_at + self.config.client_expired_sub_close_delay <= now:
-                if sub.server_side or self.transport.unidirectional:
-                    self.close(DisconnectCode.SUBSCRIPTION_EXPIRED)
+                refreshed = await self._refresh_sub(channel, sub)
+                if self.state is not CONNECTED:
                     return
-                self._unsubscribe(channel, UnsubscribeCode.EXPIRED, push=True)
-                continue
+                if not refreshed:
+                    if sub.server_side or self.transport.unidirectional:
+                        self.close(DisconnectCode.SUBSCRIPTION_EXPIRED)
+                        return
+                    self._unsubscribe(channel, UnsubscribeCode.EXPIRED, push=True)
+                    continue
             if sub.presence:
                 try:
                     await self.node.presence_manager.add(
@@ -412,6 +427,13 @@ class ConnectionCore(Outbound):
         if time.monotonic() - self._last_position_check >= delay:
             self._last_position_check = time.monotonic()
             await self._check_positions()
+
+    async def _refresh_sub(self, channel: str, sub: Subscription) -> bool:
+        """An expired subscription the sub_refresh proxy refreshes: True if it did."""
+        target = connection_proxy.sub_refresh_target(self, sub.name)
+        if not sub.refresh_by_proxy or target is None:
+            return False
+        return await connection_proxy.sub_refresh(self, target, channel, sub)
 
     async def _check_positions(self) -> None:
         """A positioned subscription must have reached, by now, the stream top seen at the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from centripy.engine.node import Node
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codec import Codec
 from centripy.engine.protocol.commands import Command
+from centripy.engine.proxy import Proxies
 
 
 @dataclass(slots=True)
@@ -24,6 +26,7 @@ class ConnContext:
     hub: Hub
     verifier: TokenVerifier
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    proxies: Proxies | None = None  # the event proxies (docs/spec/proxy.md), if configured
     admission: Admission = field(init=False)  # client_connection_limit / _rate_limit
 
     def __post_init__(self) -> None:
@@ -33,6 +36,11 @@ class ConnContext:
             config.client_connection_rate_limit,
             self.hub.connection_count,
         )
+
+    def proxy_headers(self, header: Callable[[str], str | None]) -> dict[str, str]:
+        """The headers of a client's request (read by name through `header`) that the
+        proxies forward (`proxy_http_headers`); transports pass them to the actor."""
+        return self.proxies.routes.forwarded(header) if self.proxies is not None else {}
 
     def codec(self, fmt: int) -> Codec:
         """The codec module of a wire format: `json_codec` or `protobuf_codec`, which

@@ -36,6 +36,7 @@ from centripy.engine.metrics import Metrics
 from centripy.engine.node import VERSION, Node
 from centripy.engine.sessions import Sessions
 from centripy.logs import LogBudget, setup_logging
+from centripy.proxy import build_proxies
 from centripy.reload import ConfigSource, Reloader
 from centripy.storage.broker_postgres import PostgresBroker
 from centripy.storage.broker_redis import RedisBroker
@@ -249,6 +250,7 @@ def listeners(
 
 async def start(config: Config) -> Services:
     """Build and start every component; listen on the configured ports."""
+    proxies = build_proxies(config)  # first: a proxy it cannot serve is a ConfigError
     event_log = open_event_log(config.database_url)
     await event_log.start()
     writer = GroupCommitWriter(event_log)
@@ -266,7 +268,7 @@ async def start(config: Config) -> Services:
         sessions = ClusterSessions(link)
     node.metrics.collector(hub_gauges(hub))
     node.metrics.set("centrifugo_node_build", 1, "Build info.", version=VERSION)
-    ctx = ConnContext(config, node, hub, build_verifier(config))
+    ctx = ConnContext(config, node, hub, build_verifier(config), proxies=proxies)
     executor = Executor(node, sessions)
     services = Services(config, node, hub, writer, executor, InFlight(), link=link, ctx=ctx)
     services.consumers = await start_consumers(config, executor)
@@ -313,6 +315,8 @@ async def stop(services: Services) -> None:
         await services.link.close()
     await services.node.event_log.close()
     await services.node.presence_manager.close()
+    if services.ctx is not None and services.ctx.proxies is not None:
+        await services.ctx.proxies.close()
     for server in services.servers:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.close_all_connections(), 1.0)

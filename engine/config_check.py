@@ -172,11 +172,23 @@ def _validate_namespaces(c: Config) -> None:
         )
 
 
+_PROXY_SCHEMES = ("http://", "https://", "grpc://")
+
+
+def _check_endpoint(key: str, endpoint: str) -> None:
+    if endpoint and not endpoint.lower().startswith(_PROXY_SCHEMES):
+        raise ConfigError(key, "a proxy endpoint is an http://, https:// or grpc:// URL")
+
+
 def _validate_proxies(c: Config) -> None:
     _check_names([p.name for p in c.proxies], "proxies", _NAMESPACE_RE)
     for i, proxy in enumerate(c.proxies):
         if not proxy.endpoint:
             raise ConfigError(f"proxies[{i}].endpoint", f'proxy "{proxy.name}": endpoint required')
+        _check_endpoint(f"proxies[{i}].endpoint", proxy.endpoint)
+    for kind in ("connect", "refresh", "subscribe", "publish", "sub_refresh", "rpc"):
+        key = f"proxy_{kind}_endpoint"
+        _check_endpoint(key, getattr(c, key))
     if not c.granular_proxy_mode:
         return
     refs: list[tuple[str, str]] = [
@@ -251,7 +263,7 @@ def validate_config(config: Config) -> None:
         _validate_consumer(consumer, f"consumers[{i}]")
 
 
-_PROXY = "event proxies are not implemented by centripy yet"
+_STREAM_PROXY = "subscribe stream proxies are not implemented by centripy"
 _ADMIN = "centripy has no admin web UI"
 _BUFFERS = "no equivalent in centripy's WebSocket implementation"
 
@@ -275,8 +287,6 @@ UNSUPPORTED: Final[dict[str, str]] = {
     "swagger_handler_prefix": "no Swagger UI",
     "client_user_id_http_header": "authentication by proxy header is not implemented",
     "client_concurrency": "commands of a connection are handled one at a time",
-    "rpc_namespace_boundary": "client RPC is not implemented (rpc answers 108)",
-    "rpc_namespaces": "client RPC is not implemented (rpc answers 108)",
     "global_redis_presence_user_mapping": "presence user counts are computed per request",
     "node_info_metrics_aggregate_interval": "node info metrics are not aggregated",
     "websocket_compression_min_size": "permessage-deflate compresses every message",
@@ -296,34 +306,8 @@ UNSUPPORTED: Final[dict[str, str]] = {
     "nats_prefix": "the NATS broker is not implemented yet",
     "nats_dial_timeout": "the NATS broker is not implemented yet",
     "nats_write_timeout": "the NATS broker is not implemented yet",
-    **{
-        f"proxy_{name}": _PROXY
-        for name in (
-            "connect_endpoint",
-            "refresh_endpoint",
-            "subscribe_endpoint",
-            "publish_endpoint",
-            "sub_refresh_endpoint",
-            "rpc_endpoint",
-            "subscribe_stream_endpoint",
-            "connect_timeout",
-            "refresh_timeout",
-            "subscribe_timeout",
-            "publish_timeout",
-            "sub_refresh_timeout",
-            "rpc_timeout",
-            "subscribe_stream_timeout",
-            "http_headers",
-            "static_http_headers",
-            "binary_encoding",
-            "include_connection_meta",
-        )
-    },
+    "proxy_subscribe_stream_endpoint": _STREAM_PROXY,
+    "proxy_subscribe_stream_timeout": _STREAM_PROXY,
     "proxy_grpc_metadata": "it forwards the metadata of GRPC client connections (uni_grpc), "
     "a transport centripy does not serve",
-    "granular_proxy_mode": _PROXY,
-    "proxies": _PROXY,
-    "connect_proxy_name": _PROXY,
-    "refresh_proxy_name": _PROXY,
-    "rpc_proxy_name": _PROXY,
 }

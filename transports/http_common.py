@@ -183,7 +183,8 @@ class StreamingHandler(LimitedBodyHandler):
         and wait until the response has ended."""
         if self._ended.is_set():  # the peer left while we were reading the request
             return
-        self.actor = ConnectionActor.start(self.ctx, transport)
+        headers = self.ctx.proxy_headers(self.request.headers.get)
+        self.actor = ConnectionActor.start(self.ctx, transport, headers)
         self.actor.tell(first_message)
         await self._ended.wait()
 

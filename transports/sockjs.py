@@ -304,7 +304,8 @@ class ReceiveHandler(_Base):
         timeout = write_timeout(self.endpoint.ctx)
         recv = HttpReceiver(self, kind.encoder(name, callback), kind.limit, timeout)
         self._recv = recv
-        session = self.endpoint.sessions.get_or_create(session_id)
+        headers = self.endpoint.ctx.proxy_headers(self.request.headers.get)
+        session = self.endpoint.sessions.get_or_create(session_id, headers)
         if not session.attach(recv):
             recv.send_frame(ANOTHER_CONNECTION_FRAME)
             recv.close()
@@ -379,7 +380,7 @@ class SessionWebSocketHandler(tornado.websocket.WebSocketHandler):
 
     def open(self, *args: str, **kwargs: str) -> None:
         session = Session(args[1], heartbeat=self.endpoint.config.sockjs_heartbeat_delay)
-        session.start(self.endpoint.ctx)
+        session.start(self.endpoint.ctx, self.endpoint.ctx.proxy_headers(self.request.headers.get))
         self.session = session
         self.recv = WebSocketReceiver(self)
         session.attach(self.recv)

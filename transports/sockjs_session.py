@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -153,10 +153,11 @@ class Session:
         self._timer: asyncio.TimerHandle | None = None
         self._resumed: asyncio.Future[None] | None = None
 
-    def start(self, ctx: ConnContext) -> None:
+    def start(self, ctx: ConnContext, headers: Mapping[str, str] | None = None) -> None:
         """Start the connection actor and the no-receiver timeout. Called by the handler
-        that creates the session, which attaches its receiver next."""
-        self.actor = ConnectionActor.start(ctx, SockJSTransport(self))
+        that creates the session, which attaches its receiver next; `headers` are those
+        of its request the proxies forward."""
+        self.actor = ConnectionActor.start(ctx, SockJSTransport(self), headers)
         self._set_timer(self._disconnect_delay, self.close)
 
     # -- client to server -----------------------------------------------------------------
@@ -425,13 +426,13 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
-    def get_or_create(self, session_id: str) -> Session:
+    def get_or_create(self, session_id: str, headers: Mapping[str, str] | None = None) -> Session:
         """The session `session_id`, created (with its actor) if new."""
         session = self._sessions.get(session_id)
         if session is None:
             session = Session(session_id, heartbeat=self.heartbeat, on_closed=self._remove)
             self._sessions[session_id] = session
-            session.start(self.ctx)
+            session.start(self.ctx, headers)
         return session
 
     def _remove(self, session: Session) -> None:

@@ -212,7 +212,8 @@ class UniWebSocketHandler(tornado.websocket.WebSocketHandler):
         except ProtocolError:
             self.drop()
             return
-        self.actor = ConnectionActor.start(self.ctx, _UniWebSocketTransport(self))
+        headers = self.ctx.proxy_headers(self.request.headers.get)
+        self.actor = ConnectionActor.start(self.ctx, _UniWebSocketTransport(self), headers)
         self.actor.tell(UniConnect(req))
 
     def drop(self) -> None:

@@ -189,7 +189,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         query = urllib.parse.parse_qs(self.request.query, keep_blank_values=True)
         transport = _WebSocketTransport(self, wire_format(self.selected_subprotocol, query))
-        self.actor = ConnectionActor.start(self.ctx, transport)
+        headers = self.ctx.proxy_headers(self.request.headers.get)
+        self.actor = ConnectionActor.start(self.ctx, transport, headers)
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Tell the actor; with `client_max_pending_frames` frames waiting, Tornado reads
@@ -246,6 +247,7 @@ class LeanWebSocket(asyncio.Protocol):
         "_transport",
         "early",
         "format",
+        "proxy_headers",
         "write_timeout",
     )
 
@@ -266,6 +268,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._max_pending = ctx.config.client_max_pending_frames
         self._paused = False  # reading paused: the actor has _max_pending frames waiting
         self.write_timeout = ctx.config.websocket_write_timeout
+        self.proxy_headers: dict[str, str] = {}  # of the upgrade request (lean_websocket)
 
     @property
     def state(self) -> State:
@@ -279,7 +282,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._conns.add(self)
         transport.write(self._response)
         self._response = b""
-        self._actor = ConnectionActor.start(self._ctx, self)
+        self._actor = ConnectionActor.start(self._ctx, self, self.proxy_headers)
         early, self.early = self.early, b""
         if early:
             self.data_received(early)
@@ -384,4 +387,6 @@ def lean_websocket(
     subprotocol = select_subprotocol(upgrade.subprotocols)
     query = urllib.parse.parse_qs(upgrade.query, keep_blank_values=True) if upgrade.query else {}
     fmt = wire_format(subprotocol, query)
-    return LeanWebSocket(ctx, fmt, upgrade.response(subprotocol), conns)
+    protocol = LeanWebSocket(ctx, fmt, upgrade.response(subprotocol), conns)
+    protocol.proxy_headers = ctx.proxy_headers(upgrade.headers.get)
+    return protocol

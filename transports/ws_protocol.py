@@ -25,7 +25,8 @@ import base64
 import enum
 import hashlib
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 from centripy.transports.http11 import RequestHead
@@ -105,6 +106,7 @@ class Upgrade:
     key: bytes
     subprotocols: tuple[str, ...]
     origin: str | None  # Origin (or the old Sec-WebSocket-Origin); None when absent
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-cased names, first value
 
     def response(self, subprotocol: str | None) -> bytes:
         """The `101 Switching Protocols` answer (RFC 6455 4.2.2)."""
@@ -141,6 +143,7 @@ def accept_upgrade(request: RequestHead) -> Upgrade | None:
         key=key.encode("latin-1"),
         subprotocols=tuple(p.strip() for p in offered.split(",")) if offered else (),
         origin=joined("sec-websocket-origin") if origin is None else origin,
+        headers=request.headers,
     )
 
 

@@ -138,7 +138,7 @@ def test_env_parsing(tmp_path: Path) -> None:
     }
     config, warnings = load(tmp_path, {"api_key": "from-file", "presence": True}, env)
     assert [w for w in warnings if not w.startswith("not supported by centripy")] == []
-    assert any('"proxy_static_http_headers"' in w for w in warnings)  # parsed, but no proxies
+    assert not any('"proxy_static_http_headers"' in w for w in warnings)  # proxies read it
     assert config.client_insecure is True and config.health is True
     assert config.allowed_origins == ("https://a", "https://b")
     assert config.ping_interval == 5400.0
