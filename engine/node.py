@@ -284,11 +284,20 @@ class Node:
     # -- presence -------------------------------------------------------------------------
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        """Error 108 when presence is off; 100 when the presence store fails."""
         if not self.resolve(channel).options.presence:
             raise Error.of(ErrorCode.NOT_AVAILABLE)
-        return await self.presence_manager.presence(channel)
+        try:
+            return await self.presence_manager.presence(channel)
+        except StorageError as exc:
+            log.error("presence of %r failed: %s", channel, exc)
+            raise Error.of(ErrorCode.INTERNAL) from exc
 
     async def presence_stats(self, channel: str) -> PresenceStats:
         if not self.resolve(channel).options.presence:
             raise Error.of(ErrorCode.NOT_AVAILABLE)
-        return await self.presence_manager.stats(channel)
+        try:
+            return await self.presence_manager.stats(channel)
+        except StorageError as exc:
+            log.error("presence stats of %r failed: %s", channel, exc)
+            raise Error.of(ErrorCode.INTERNAL) from exc

@@ -25,6 +25,14 @@ from centripy.storage.sql import SqlEventLog
 from centripy.storage.sql_statements import Session, Sql, json_dumps
 
 SCHEME = "postgresql+asyncpg"
+# Errors after which no pooled connection is trusted (the server went away or restarted).
+LOST_CONNECTION = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    ConnectionError,
+)
 
 
 class PostgresSession(Session):
@@ -71,9 +79,10 @@ class PostgresEventLog(SqlEventLog):
         self._pool_size = pool_size
         self._max_overflow = max_overflow
         self._connect_timeout = connect_timeout
+        self._pool_stale = False  # a session lost its connection: renew the pool
 
     def _make_engine(self) -> AsyncEngine:
-        return create_async_engine(
+        engine = create_async_engine(
             self.url,
             pool_size=self._pool_size,
             max_overflow=self._max_overflow,
@@ -84,6 +93,17 @@ class PostgresEventLog(SqlEventLog):
                 "server_settings": {"application_name": "centripy"},
             },
         )
+        sa.event.listen(engine.sync_engine, "checkout", self._on_checkout)
+        return engine
+
+    def _on_checkout(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        """Pool checkout (in SQLAlchemy's greenlet, on the loop): a connection the server
+        closed (a restart: asyncpg saw the socket end), or any pooled one after a session
+        lost its connection, is not handed out; the pool drops every connection made before
+        now and opens a fresh one, so an outage costs no failed batch per stale connection."""
+        stale, self._pool_stale = self._pool_stale, False
+        if stale or dbapi_conn.driver_connection.is_closed():
+            raise sa.exc.InvalidatePoolError("connection lost")
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[Session]:
@@ -93,7 +113,9 @@ class PostgresEventLog(SqlEventLog):
             try:
                 async with raw.transaction():
                     yield PostgresSession(raw)
-            except BaseException:
+            except BaseException as exc:
+                if raw.is_closed() or isinstance(exc, LOST_CONNECTION):
+                    self._pool_stale = True  # the others may be dead too (a restart)
                 if raw.is_closed() or raw.is_in_transaction():
                     await conn.invalidate()  # unusable (lost, or mid-cancel): do not reuse
                 raise
