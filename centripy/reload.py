@@ -128,22 +128,34 @@ class Running(Protocol):
 
 
 class Reloader:
-    """The SIGHUP handler. `fetch` fetches a JWKS document (used when the new config adds a
-    JWKS endpoint to one that had none). Called on the event loop thread."""
+    """The SIGHUP handler, installed before the server starts listening (a SIGHUP must
+    never take the default action, which ends the process); `attach` gives it the started
+    server, and a SIGHUP received before that is acted on then. `fetch` fetches a JWKS
+    document (when the new config adds a JWKS endpoint to one that had none). Called on the
+    event loop thread."""
 
     def __init__(
-        self,
-        running: Running,
-        source: ConfigSource | None,
-        fetch: Callable[[str], Awaitable[bytes]],
+        self, source: ConfigSource | None, fetch: Callable[[str], Awaitable[bytes]]
     ) -> None:
-        self._running = running
         self._source = source
         self._fetch = fetch
+        self._running: Running | None = None
+        self._pending = False
+
+    def attach(self, running: Running) -> None:
+        """The server has started: reload from now on (now, if a SIGHUP came meanwhile)."""
+        self._running = running
+        if self._pending:
+            self._pending = False
+            self()
 
     def __call__(self) -> bool:
         """Reload once; True when the new config is in effect. Never raises: a failure is
         logged and the running config stays."""
+        if self._running is None:
+            log.info("SIGHUP received while starting: reloading once started")
+            self._pending = True
+            return False
         log.info("reloading configuration")
         if self._source is None:
             log.error("error reloading configuration: the server was not started from a file")
@@ -151,7 +163,7 @@ class Reloader:
         try:
             new, warnings = self._source.load()
             plan = plan_reload(self._running.config, new)
-            verifier = self._verifier(plan.config)
+            verifier = self._verifier(self._running, plan.config)
         except Exception as exc:  # a signal handler must never take the server down
             log.error("error reloading configuration, keeping the running one: %s", exc)
             return False
@@ -162,13 +174,13 @@ class Reloader:
                 "changed keys that are not reloadable, ignored until restart: %s",
                 ", ".join(plan.ignored),
             )
-        self._swap(plan.config, verifier)
+        self._swap(self._running, plan.config, verifier)
         changed = ", ".join(plan.changed) or "nothing changed"
         log.info("configuration successfully reloaded (%s)", changed)
         return True
 
-    def _verifier(self, config: Config) -> TokenVerifier:
-        ctx = self._running.ctx
+    def _verifier(self, running: Running, config: Config) -> TokenVerifier:
+        ctx = running.ctx
         jwks = ctx.verifier.jwks if ctx is not None else None
         if jwks is None and (
             config.token_jwks_public_endpoint or config.subscription_token_jwks_public_endpoint
@@ -176,9 +188,9 @@ class Reloader:
             jwks = JWKSCache(self._fetch)
         return TokenVerifier(config, jwks=jwks)
 
-    def _swap(self, config: Config, verifier: TokenVerifier) -> None:
+    @staticmethod
+    def _swap(running: Running, config: Config, verifier: TokenVerifier) -> None:
         """Replace the references; no await, so no command sees half of it."""
-        running = self._running
         running.node.config = config
         running.config = config
         ctx = running.ctx

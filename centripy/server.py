@@ -332,13 +332,15 @@ def tune_gc() -> None:
 
 
 async def serve(config: Config, source: ConfigSource | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    reloader = Reloader(source, _fetch)  # before listening: SIGHUP must never end the process
+    loop.add_signal_handler(signal.SIGHUP, reloader)
     services = await start(config)
+    reloader.attach(services)
     tune_gc()
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(services, source, _fetch))
     await stopping.wait()
     log.info("shutting down")
     try:
