@@ -45,6 +45,7 @@ from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.presence_postgres import PostgresPresence
 from centripy.storage.presence_redis import RedisPresence
 from centripy.storage.writer import GroupCommitWriter
+from centripy.transports.admin import admin_routes
 from centripy.transports.api_http import InFlight, api_routes
 from centripy.transports.api_lean import LeanHTTPServer, Limits
 from centripy.transports.websocket import WebSocketHandler
@@ -280,6 +281,12 @@ async def start(config: Config) -> Services:
     }
     external = client_routes(config, ctx)
     internal = internal_routes(config, services)
+    # The admin rules go last (with admin_web_path they catch every path below the prefix),
+    # on the internal port unless admin_external puts them on a separate client port.
+    separate = len(listeners(config, [], [], None)) > 1
+    (external if config.admin_external and separate else internal).extend(
+        admin_routes(config, executor, services.inflight)
+    )
     tls = ssl_context(config)
     limits = Limits(
         header_timeout=config.http_read_header_timeout,

@@ -264,7 +264,6 @@ def validate_config(config: Config) -> None:
 
 
 _STREAM_PROXY = "subscribe stream proxies are not implemented by centripy"
-_ADMIN = "centripy has no admin web UI"
 _BUFFERS = "no equivalent in centripy's WebSocket implementation"
 
 # Keys of Centrifugo v5 that centripy parses but that have no effect here: `serve` and
@@ -274,14 +273,7 @@ _BUFFERS = "no equivalent in centripy's WebSocket implementation"
 UNSUPPORTED: Final[dict[str, str]] = {
     "gomaxprocs": "a Go runtime setting",
     "api_external": "the API is served where internal_port puts it",
-    "admin": _ADMIN,
-    "admin_password": _ADMIN,
-    "admin_secret": _ADMIN,
-    "admin_insecure": _ADMIN,
-    "admin_external": _ADMIN,
-    "admin_web_path": _ADMIN,
-    "admin_web_proxy_address": _ADMIN,
-    "admin_handler_prefix": _ADMIN,
+    "admin_web_proxy_address": "the admin UI is served from the package or admin_web_path",
     "debug": "no pprof endpoints",
     "swagger": "no Swagger UI",
     "swagger_handler_prefix": "no Swagger UI",
