@@ -37,6 +37,7 @@ from centripy.engine.config_check import validate_config
 from centripy.engine.config_load import load_config
 from centripy.engine.jwks import JWKSCache
 from centripy.engine.node import Node
+from centripy.engine.proxy import ProxyRoutes
 
 __all__ = ["RELOADABLE", "ConfigSource", "ReloadPlan", "Reloader", "plan_reload"]
 
@@ -164,6 +165,9 @@ class Reloader:
             new, warnings = self._source.load()
             plan = plan_reload(self._running.config, new)
             verifier = self._verifier(self._running, plan.config)
+            ctx = self._running.ctx
+            # rpc_proxy_name, rpc_namespaces, rpc_namespace_boundary are read by the routes
+            routes = ProxyRoutes(plan.config) if ctx and ctx.proxies else None
         except Exception as exc:  # a signal handler must never take the server down
             log.error("error reloading configuration, keeping the running one: %s", exc)
             return False
@@ -174,7 +178,7 @@ class Reloader:
                 "changed keys that are not reloadable, ignored until restart: %s",
                 ", ".join(plan.ignored),
             )
-        self._swap(self._running, plan.config, verifier)
+        self._swap(self._running, plan.config, verifier, routes)
         changed = ", ".join(plan.changed) or "nothing changed"
         log.info("configuration successfully reloaded (%s)", changed)
         return True
@@ -189,8 +193,12 @@ class Reloader:
         return TokenVerifier(config, jwks=jwks)
 
     @staticmethod
-    def _swap(running: Running, config: Config, verifier: TokenVerifier) -> None:
-        """Replace the references; no await, so no command sees half of it."""
+    def _swap(
+        running: Running, config: Config, verifier: TokenVerifier, routes: ProxyRoutes | None
+    ) -> None:
+        """Replace the references; no await, so no command sees half of it. The proxies
+        themselves (`proxies`, the endpoints) are not reloadable, so the back ends the new
+        routes name are the ones already built."""
         running.node.config = config
         running.config = config
         ctx = running.ctx
@@ -203,4 +211,6 @@ class Reloader:
                 ctx.admission = admission
             ctx.config = config
             ctx.verifier = verifier
+            if ctx.proxies is not None and routes is not None:
+                ctx.proxies.routes = routes
         channels.clear_cache()
