@@ -38,6 +38,7 @@ from centripy.engine.sessions import Sessions
 from centripy.logs import LogBudget, setup_logging
 from centripy.proxy import build_proxies
 from centripy.reload import ConfigSource, Reloader
+from centripy.storage.broker_nats import NatsBroker
 from centripy.storage.broker_postgres import PostgresBroker
 from centripy.storage.broker_redis import RedisBroker
 from centripy.storage.factory import open_event_log
@@ -145,7 +146,24 @@ class Services:
 
 def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
     """`engine`: memory (one node), redis (Redis PUB/SUB + presence), postgresql
-    (LISTEN/NOTIFY + a presence table on the event log's database)."""
+    (LISTEN/NOTIFY + a presence table on the event log's database); `broker: nats` replaces
+    the engine's PUB/SUB by NATS and keeps its presence (per node with engine memory)."""
+    nats_broker = config.broker == "nats"
+    broker, presence = _build_engine(config, with_broker=not nats_broker)
+    if not nats_broker:
+        return broker, presence
+    if config.engine == "memory":
+        log.warning("broker nats with engine memory: presence is per node")
+    nats = NatsBroker(
+        config.nats_url,
+        prefix=config.nats_prefix,
+        dial_timeout=config.nats_dial_timeout,
+        write_timeout=config.nats_write_timeout,
+    )
+    return nats, presence
+
+
+def _build_engine(config: Config, with_broker: bool) -> tuple[Broker | None, PresenceManager]:
     if config.engine == "redis":
         redis_kw: dict[str, Any] = {
             "prefix": config.redis_prefix,
@@ -156,13 +174,17 @@ def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
             "io_timeout": config.redis_io_timeout,
         }
         return (
-            RedisBroker(config.redis_address, **redis_kw),
+            RedisBroker(config.redis_address, **redis_kw) if with_broker else None,
             RedisPresence(config.redis_address, **redis_kw),
         )
     if config.engine == "postgresql":
         prefix = config.postgresql_prefix
-        broker = PostgresBroker(
-            config.database_url, channel_prefix=prefix, table=f"{prefix}_broker_messages"
+        broker = (
+            PostgresBroker(
+                config.database_url, channel_prefix=prefix, table=f"{prefix}_broker_messages"
+            )
+            if with_broker
+            else None
         )
         return broker, PostgresPresence(config.database_url, table=f"{prefix}_presence")
     return None, MemoryPresence()

@@ -98,12 +98,8 @@ def _validate_core(c: Config) -> None:
         )
     if c.broker not in _BROKERS:
         raise ConfigError("broker", f'unknown broker "{c.broker}": only "nats" is allowed')
-    if c.broker:
-        raise ConfigError(
-            "broker",
-            'broker "nats" is not supported by centripy (yet): nodes would not see each '
-            'other\'s publications; use engine "redis" or "postgresql"',
-        )
+    if c.broker == "nats":
+        _validate_nats(c)
     if c.log_format not in ("text", "json"):
         raise ConfigError("log_format", f'unknown format "{c.log_format}": use "text" or "json"')
     if c.api_error_mode not in ("", "transport"):
@@ -116,10 +112,13 @@ def _validate_core(c: Config) -> None:
     for key, kind in field_kinds(Config).items():
         if kind == "int" and getattr(c, key) < 0:
             raise ConfigError(key, "must not be negative")
-    if c.engine != "memory" and not c.database_url.startswith(("postgresql", "postgres")):
+    if (c.engine != "memory" or c.broker) and not c.database_url.startswith(
+        ("postgresql", "postgres")
+    ):
+        what = f'broker "{c.broker}"' if c.broker else f'engine "{c.engine}"'
         raise ConfigError(
             "database_url",
-            f'engine "{c.engine}" runs several nodes, which must share one event log: '
+            f"{what} runs several nodes, which must share one event log: "
             "point database_url at PostgreSQL (a SQLite file is local to one node)",
         )
     for key in ("http_read_header_timeout", "http_read_timeout", "http_idle_timeout"):
@@ -132,6 +131,21 @@ def _validate_core(c: Config) -> None:
         raise ConfigError(
             key, "tls is on: set tls_cert and tls_key (or tls_cert_pem and tls_key_pem)"
         )
+
+
+def _validate_nats(c: Config) -> None:
+    """`broker: nats` settings (storage/broker_nats.py checks the same again)."""
+    urls = [u.strip() for u in c.nats_url.split(",") if u.strip()]
+    if not urls or not all(re.match(r"^(nats|tls)://[^\s]+$", u) for u in urls):
+        raise ConfigError("nats_url", f'invalid "{c.nats_url}": use nats://host:port[,...]')
+    tokens = c.nats_prefix.split(".")
+    if not all(re.match(r"^[!-~]+$", t) and "*" not in t and ">" not in t for t in tokens):
+        raise ConfigError(
+            "nats_prefix", f'invalid "{c.nats_prefix}": must be a NATS subject without wildcards'
+        )
+    for key in ("nats_dial_timeout", "nats_write_timeout"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(key, "must be a positive duration")
 
 
 def _validate_tokens(c: Config) -> None:
@@ -294,10 +308,6 @@ UNSUPPORTED: Final[dict[str, str]] = {
     "redis_client_name": "Redis connections are not named",
     "redis_use_lists": "history lives in the SQL event log, not in Redis",
     "redis_force_resp2": "the Redis client negotiates its protocol itself",
-    "nats_url": "the NATS broker is not implemented yet",
-    "nats_prefix": "the NATS broker is not implemented yet",
-    "nats_dial_timeout": "the NATS broker is not implemented yet",
-    "nats_write_timeout": "the NATS broker is not implemented yet",
     "proxy_subscribe_stream_endpoint": _STREAM_PROXY,
     "proxy_subscribe_stream_timeout": _STREAM_PROXY,
     "proxy_grpc_metadata": "it forwards the metadata of GRPC client connections (uni_grpc), "

@@ -74,7 +74,7 @@ def test_serve_and_checkconfig_name_each_unsupported_key(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("config", "key"),
-    [('{"redis_tls": true}', "redis_tls"), ('{"broker": "nats"}', "broker")],
+    [('{"redis_tls": true}', "redis_tls"), ('{"broker": "nats"}', "database_url")],
 )
 def test_unsafe_to_ignore_keys_refuse_the_config(tmp_path: Path, config: str, key: str) -> None:
     path = tmp_path / "config.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import shutil
 import subprocess
 import uuid
@@ -21,9 +22,15 @@ from typing import Any
 import nats
 import pytest
 
+from centripy.engine.config import ConfigError
+from centripy.engine.config_load import load_config
 from centripy.engine.contracts import Broker, StorageError
 from centripy.engine.types import Publication
+from centripy.server import build_engine
 from centripy.storage.broker_nats import NatsBroker, client_subject, plain_subject_part
+from centripy.storage.presence_memory import MemoryPresence
+from centripy.storage.presence_postgres import PostgresPresence
+from centripy.storage.presence_redis import RedisPresence
 from tests.storage.test_broker_contract import (
     INFO,
     PUB,
@@ -303,3 +310,52 @@ async def test_close_is_idempotent_and_stops_delivery(cluster: NatsCluster) -> N
     with pytest.raises(StorageError):
         await b.publish("ch", PUB, "E")
     assert rb.events.empty()
+
+
+# -- the config keys ------------------------------------------------------------------------
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"broker": "nats"}, "database_url"),  # a SQLite log is local to one node
+        ({"broker": "nats", "database_url": PG, "nats_url": "127.0.0.1:4222"}, "nats_url"),
+        ({"broker": "nats", "database_url": PG, "nats_prefix": "a.*"}, "nats_prefix"),
+        ({"broker": "nats", "database_url": PG, "nats_prefix": "a b"}, "nats_prefix"),
+        ({"broker": "nats", "database_url": PG, "nats_dial_timeout": "0s"}, "nats_dial_timeout"),
+        ({"broker": "nats", "database_url": PG, "nats_write_timeout": 0}, "nats_write_timeout"),
+    ],
+)
+def test_bad_nats_settings_refuse_the_config(
+    tmp_path: Path, data: dict[str, Any], key: str
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {}, {})
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("engine", ["memory", "redis", "postgresql"])
+def test_broker_nats_keeps_the_engines_presence(tmp_path: Path, engine: str) -> None:
+    path = tmp_path / "config.json"
+    settings = {
+        "broker": "nats",
+        "engine": engine,
+        "database_url": PG,
+        "nats_url": "nats://127.0.0.1:1,nats://127.0.0.1:2",
+        "nats_prefix": "p1",
+        "nats_dial_timeout": "2s",
+        "nats_write_timeout": "3s",
+    }
+    path.write_text(json.dumps(settings))
+    config, warnings = load_config(str(path), {}, {})
+    assert not any("nats" in w for w in warnings)
+    broker, presence = build_engine(config)
+    assert isinstance(broker, NatsBroker)
+    assert (broker._servers, broker._prefix) == (["nats://127.0.0.1:1", "nats://127.0.0.1:2"], "p1")
+    assert (broker._dial_timeout, broker._write_timeout) == (2.0, 3.0)
+    kinds = {"memory": MemoryPresence, "redis": RedisPresence, "postgresql": PostgresPresence}
+    assert type(presence) is kinds[engine]
