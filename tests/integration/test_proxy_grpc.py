@@ -7,11 +7,14 @@ proxy endpoints are `grpc://` (the same cases as the HTTP proxy tests)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import pytest
 
 from centripy.engine.config import Config
@@ -23,8 +26,11 @@ from tests.integration.grpc_proxy_backend import (
     self_signed_cert,
     sleep_then,
 )
-from tests.support.server import free_port
+from tests.support.server import ServerFactory, ServerProcess, free_port
 from tests.support.wait import eventually
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import TokenMaker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -179,3 +185,314 @@ async def test_backend_down_then_up() -> None:
     finally:
         await client.close()
         await server.stop()
+
+
+# ------------------------------------------------------------- a centripy process behind it
+
+
+class WsClient:
+    """A raw JSON-protocol WebSocket client (aiohttp): commands get ids, replies are matched by
+    id, pushes are collected, the server's pings are answered."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.pushes: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._next = 0
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            for line in message.data.splitlines():
+                frame = json.loads(line)
+                if not frame:
+                    await self.ws.send_str("{}")  # pong
+                elif "id" in frame:
+                    self.replies[frame["id"]] = frame
+                else:
+                    self.pushes.append(frame.get("push", frame))
+                self.changed.set()
+        if message.type == aiohttp.WSMsgType.CLOSE:
+            self.close_code, self.close_reason = message.data, message.extra or ""
+        else:
+            self.close_code = self.ws.close_code or 1006
+        self.changed.set()
+
+    async def command(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send one command and return its reply (`{"id": .., method: {...}}` or `{"error"}`)."""
+        self._next += 1
+        id_ = self._next
+        await self.ws.send_str(json.dumps({"id": id_, method: params}))
+        return await eventually(lambda: self.replies.get(id_), WAIT, f"reply to {method}",
+                                changed=self.changed)  # fmt: skip
+
+    async def closed(self) -> int:
+        await eventually(lambda: self.close_code is not None, WAIT, "close", changed=self.changed)
+        assert self.close_code is not None
+        return self.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+
+WAIT = 10.0
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def _ws(
+    http: aiohttp.ClientSession, server: ServerProcess, headers: dict[str, str] | None = None
+) -> WsClient:
+    return WsClient(await http.ws_connect(server.ws_url, headers=headers or {}))
+
+
+NS = {
+    "name": "sec", "proxy_subscribe": True, "allow_subscribe_for_client": True,
+}  # fmt: skip
+CHAT = {
+    "name": "chat", "proxy_publish": True, "allow_subscribe_for_client": True,
+    "allow_publish_for_subscriber": True, "allow_publish_for_client": True,
+}  # fmt: skip
+
+
+def _start(server_factory: ServerFactory, **config: Any) -> ServerProcess:
+    return server_factory({"namespaces": [NS, CHAT], **config})
+
+
+async def test_connect_with_forwarded_metadata(
+    server_factory: ServerFactory, backend: GrpcProxyBackendServer, http: aiohttp.ClientSession
+) -> None:
+    backend.answer(
+        "connect",
+        lambda r: pb.ConnectResponse(
+            result=pb.ConnectResult(
+                user="56", data=b'{"welcome":true}', channels=["news"], info=b'{"name":"Alex"}'
+            )
+        ),
+    )
+    server = server_factory(
+        {
+            "proxy_connect_endpoint": backend.endpoint,
+            "proxy_http_headers": ["Cookie", "X-Request-Id"],
+            "proxy_static_http_headers": {"X-Static": "only-http"},
+        }
+    )
+    client = await _ws(http, server, {"Cookie": "sid=abc", "X-Other": "no"})
+    try:
+        reply = await client.command("connect", {"data": {"hello": 1}, "name": "raw"})
+        assert "error" not in reply, reply
+        connect = reply["connect"]
+        assert connect["data"] == {"welcome": True}
+        assert "news" in connect.get("subs", {})
+        assert "expires" not in connect
+        [call] = backend.of("connect")
+        assert call.request.client == connect["client"]
+        assert (call.request.transport, call.request.protocol, call.request.encoding) == (
+            "websocket", "json", "json",
+        )  # fmt: skip
+        assert call.request.data == b'{"hello":1}'
+        assert call.request.name == "raw"
+        assert call.metadata.get("cookie") == "sid=abc"
+        assert "x-other" not in call.metadata and "x-static" not in call.metadata
+        # the server-side subscription is live: the user "56" gets a publication on "news"
+        await server.api_async("publish", {"channel": "news", "data": {"n": 1}})
+        push = await eventually(
+            lambda: next((p for p in client.pushes if p.get("channel") == "news"), None),
+            WAIT, "publication on the server-side channel", changed=client.changed,
+        )  # fmt: skip
+        assert push["pub"]["data"] == {"n": 1}
+    finally:
+        await client.close()
+
+
+async def test_connect_refused_with_a_disconnect(
+    server_factory: ServerFactory, backend: GrpcProxyBackendServer, http: aiohttp.ClientSession
+) -> None:
+    backend.answer(
+        "connect",
+        lambda r: pb.ConnectResponse(disconnect=pb.Disconnect(code=4501, reason="unauthorized")),
+    )
+    server = server_factory({"proxy_connect_endpoint": backend.endpoint})
+    client = await _ws(http, server)
+    await client.ws.send_str(json.dumps({"id": 1, "connect": {}}))
+    assert await client.closed() == 4501
+    assert client.close_reason == "unauthorized"
+    assert 1 not in client.replies
+    await client.close()
+
+
+async def test_subscribe_allowed_and_refused(
+    server_factory: ServerFactory,
+    backend: GrpcProxyBackendServer,
+    http: aiohttp.ClientSession,
+    make_token: TokenMaker,
+) -> None:
+    def subscribe(r: Any) -> pb.SubscribeResponse:
+        if r.channel == "sec:open":
+            return pb.SubscribeResponse(result=pb.SubscribeResult(data=b'{"room":"open"}'))
+        return pb.SubscribeResponse(error=pb.Error(code=1000, message="custom refusal"))
+
+    backend.answer("subscribe", subscribe)
+    server = _start(server_factory, proxy_subscribe_endpoint=backend.endpoint)
+    client = await _ws(http, server)
+    try:
+        await client.command("connect", {"token": make_token("42")})
+        allowed = await client.command("subscribe", {"channel": "sec:open", "data": {"k": 1}})
+        assert allowed.get("subscribe", {}).get("data") == {"room": "open"}, allowed
+        refused = await client.command("subscribe", {"channel": "sec:closed"})
+        assert refused["error"] == {"code": 1000, "message": "custom refusal"}
+    finally:
+        await client.close()
+    first, second = backend.of("subscribe")
+    assert (first.request.user, first.request.channel, first.request.data) == (
+        "42", "sec:open", b'{"k":1}',
+    )  # fmt: skip
+    assert second.request.channel == "sec:closed"
+
+
+async def test_publish_with_rewritten_data_reaches_another_subscriber(
+    server_factory: ServerFactory,
+    backend: GrpcProxyBackendServer,
+    http: aiohttp.ClientSession,
+    make_token: TokenMaker,
+) -> None:
+    def publish(r: Any) -> pb.PublishResponse:
+        text = json.loads(r.data)["text"]
+        rewritten = json.dumps({"text": text.upper(), "by": r.user}).encode()
+        return pb.PublishResponse(result=pb.PublishResult(data=rewritten))
+
+    backend.answer("publish", publish)
+    server = _start(server_factory, proxy_publish_endpoint=backend.endpoint)
+    alice, bob = await _ws(http, server), await _ws(http, server)
+    try:
+        for client, user in ((alice, "alice"), (bob, "bob")):
+            await client.command("connect", {"token": make_token(user)})
+            reply = await client.command("subscribe", {"channel": "chat:1"})
+            assert "error" not in reply, reply
+        reply = await alice.command("publish", {"channel": "chat:1", "data": {"text": "hi"}})
+        assert "error" not in reply, reply
+        push = await eventually(
+            lambda: next((p for p in bob.pushes if p.get("channel") == "chat:1"), None),
+            WAIT, "bob gets the publication", changed=bob.changed,
+        )  # fmt: skip
+        assert push["pub"]["data"] == {"text": "HI", "by": "alice"}
+    finally:
+        await alice.close()
+        await bob.close()
+    [call] = backend.of("publish")
+    assert (call.request.channel, call.request.data) == ("chat:1", b'{"text":"hi"}')
+
+
+async def test_rpc_returns_the_backends_data(
+    server_factory: ServerFactory,
+    backend: GrpcProxyBackendServer,
+    http: aiohttp.ClientSession,
+    make_token: TokenMaker,
+) -> None:
+    backend.answer(
+        "rpc",
+        lambda r: pb.RPCResponse(
+            result=pb.RPCResult(
+                data=json.dumps({"method": r.method, "echo": json.loads(r.data)}).encode()
+            )
+        ),
+    )
+    server = server_factory({"proxy_rpc_endpoint": backend.endpoint})
+    client = await _ws(http, server)
+    try:
+        await client.command("connect", {"token": make_token("7")})
+        reply = await client.command("rpc", {"method": "getPrice", "data": {"id": 12}})
+        assert reply.get("rpc") == {"data": {"method": "getPrice", "echo": {"id": 12}}}, reply
+    finally:
+        await client.close()
+    [call] = backend.of("rpc")
+    assert (call.request.user, call.request.method) == ("7", "getPrice")
+
+
+async def test_refresh_by_the_server(
+    server_factory: ServerFactory, backend: GrpcProxyBackendServer, http: aiohttp.ClientSession
+) -> None:
+    backend.answer(
+        "connect",
+        lambda r: pb.ConnectResponse(
+            result=pb.ConnectResult(user="u1", expire_at=int(time.time()) + 2)
+        ),
+    )
+    backend.answer(
+        "refresh",
+        lambda r: pb.RefreshResponse(result=pb.RefreshResult(expire_at=int(time.time()) + 600)),
+    )
+    server = server_factory(
+        {"proxy_connect_endpoint": backend.endpoint, "proxy_refresh_endpoint": backend.endpoint}
+    )
+    client = await _ws(http, server)
+    try:
+        reply = await client.command("connect", {})
+        assert "error" not in reply and "expires" not in reply["connect"], reply
+        await eventually(lambda: backend.of("refresh"), WAIT, "a refresh call",
+                         changed=backend.changed)  # fmt: skip
+        [call] = backend.of("refresh")
+        assert (call.request.user, call.request.client) == ("u1", reply["connect"]["client"])
+        # still connected after the first expiry: the server asks, the client is not involved
+        ping = await client.command("presence_stats", {"channel": "news"})
+        assert client.close_code is None, ping
+    finally:
+        await client.close()
+
+
+async def test_refresh_expired_closes_the_connection(
+    server_factory: ServerFactory, backend: GrpcProxyBackendServer, http: aiohttp.ClientSession
+) -> None:
+    backend.answer(
+        "connect",
+        lambda r: pb.ConnectResponse(
+            result=pb.ConnectResult(user="u1", expire_at=int(time.time()) + 1)
+        ),
+    )
+    backend.answer("refresh", lambda r: pb.RefreshResponse(result=pb.RefreshResult(expired=True)))
+    server = server_factory(
+        {"proxy_connect_endpoint": backend.endpoint, "proxy_refresh_endpoint": backend.endpoint}
+    )
+    client = await _ws(http, server)
+    await client.command("connect", {})
+    assert await client.closed() == 3005  # expired
+    await client.close()
+
+
+@pytest.mark.parametrize("failure", ["down", "slow"])
+async def test_backend_down_or_slow_is_error_100_within_the_timeout(
+    server_factory: ServerFactory,
+    backend: GrpcProxyBackendServer,
+    http: aiohttp.ClientSession,
+    make_token: TokenMaker,
+    failure: str,
+) -> None:
+    if failure == "down":
+        endpoint = f"grpc://127.0.0.1:{free_port()}"
+    else:
+        backend.answer("rpc", lambda r: sleep_then(5.0, pb.RPCResponse()))
+        endpoint = backend.endpoint
+    server = server_factory({"proxy_rpc_endpoint": endpoint, "proxy_rpc_timeout": "500ms"})
+    client = await _ws(http, server)
+    try:
+        await client.command("connect", {"token": make_token("7")})
+        started = time.monotonic()
+        reply = await client.command("rpc", {"method": "m", "data": {}})
+        elapsed = time.monotonic() - started
+        assert reply["error"]["code"] == 100, reply
+        assert elapsed < 2.0, elapsed
+        if failure == "slow":
+            assert elapsed >= 0.4, elapsed
+    finally:
+        await client.close()
