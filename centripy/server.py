@@ -70,15 +70,25 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(self.metrics.render())
 
 
-def hub_gauges(hub: Hub) -> Callable[[], list[tuple[str, str, tuple[tuple[str, str], ...], float]]]:
+def hub_gauges(
+    hub: Hub, link: ClusterLink | None = None, ctx: ConnContext | None = None
+) -> Callable[[], list[tuple[str, str, tuple[tuple[str, str], ...], float]]]:
+    """Centrifugo's node gauges, read at scrape time; with `ctx`, the connections refused
+    by client_connection_limit/_rate_limit (Centrifugo's connection_limit_reached)."""
+
     def collect() -> list[tuple[str, str, tuple[tuple[str, str], ...], float]]:
         stats = hub.stats()
-        return [
+        out: list[tuple[str, str, tuple[tuple[str, str], ...], float]] = [
             ("centrifugo_node_num_clients", "gauge", (), stats.num_clients),
             ("centrifugo_node_num_users", "gauge", (), stats.num_users),
             ("centrifugo_node_num_channels", "gauge", (), stats.num_channels),
             ("centrifugo_node_num_subscriptions", "gauge", (), stats.num_subs),
+            ("centrifugo_node_num_nodes", "gauge", (), len(link.registry) if link else 1),
         ]
+        if ctx is not None:
+            refused = ctx.admission.refused
+            out.append(("centrifugo_client_connection_limit_reached_total", "counter", (), refused))
+        return out
 
     return collect
 
@@ -86,13 +96,14 @@ def hub_gauges(hub: Hub) -> Callable[[], list[tuple[str, str, tuple[tuple[str, s
 def consumer_counters(
     consumers: Consumers,
 ) -> Callable[[], list[tuple[str, str, tuple[tuple[str, str], ...], float]]]:
-    """Per-consumer counters (applied, skipped, retries, errors) and Kafka lag."""
+    """Per-consumer counters (applied, skipped, retries, errors, gave up) and Kafka lag
+    (summed over the consumer's assigned partitions: what the consumers expose)."""
 
     def collect() -> list[tuple[str, str, tuple[tuple[str, str], ...], float]]:
         out: list[tuple[str, str, tuple[tuple[str, str], ...], float]] = []
         for name, stats in consumers.stats().items():
             labels = (("consumer", name), ("type", str(stats.get("type", ""))))
-            for key in ("applied", "skipped", "retries", "errors"):
+            for key in ("applied", "skipped", "retries", "errors", "gave_up"):
                 value = stats.get(key)
                 if isinstance(value, int | float):
                     out.append((f"centripy_consumer_{key}_total", "counter", labels, value))
@@ -289,9 +300,10 @@ async def start(config: Config) -> Services:
         link = ClusterLink(node, hub, broker)
         await link.start()
         sessions = ClusterSessions(link)
-    node.metrics.collector(hub_gauges(hub))
-    node.metrics.set("centrifugo_node_build", 1, "Build info.", version=VERSION)
+    writer.metrics = node.metrics
+    node.metrics.set("centrifugo_node_build", 1, "Node build info.", version=VERSION)
     ctx = ConnContext(config, node, hub, build_verifier(config), proxies=proxies)
+    node.metrics.collector(hub_gauges(hub, link, ctx))
     executor = Executor(node, sessions)
     services = Services(config, node, hub, writer, executor, InFlight(), link=link, ctx=ctx)
     services.consumers = await start_consumers(config, executor)

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -70,6 +71,16 @@ DISPATCH_METHODS: Final = frozenset(
 )
 MAX_CONCURRENCY: Final = 1024  # parallel batch commands / broadcast channels in flight
 
+# Request type -> method name (the `method` label of centrifugo_api_command_duration_seconds).
+_METHOD_NAMES: Final[dict[type, str]] = {
+    PublishRequest: "publish", BroadcastRequest: "broadcast", ServerSubscribe: "subscribe",
+    UnsubscribeRequest: "unsubscribe", DisconnectRequest: "disconnect",
+    RefreshRequest: "refresh", PresenceRequest: "presence",
+    PresenceStatsRequest: "presence_stats", HistoryRequest: "history",
+    HistoryRemoveRequest: "history_remove", InfoRequest: "info", ApiRpcRequest: "rpc",
+    ChannelsRequest: "channels", BatchRequest: "batch",
+}  # fmt: skip
+
 
 # --- result encoding -----------------------------------------------------------------------
 
@@ -117,9 +128,10 @@ class Executor:
     the consumers; every method returns the result object or raises `Error` (`DecodeError`
     for a request that does not decode)."""
 
-    def __init__(self, node: Node, sessions: Sessions) -> None:
+    def __init__(self, node: Node, sessions: Sessions, protocol: str = "http") -> None:
         self._node = node
         self._sessions = sessions
+        self._protocol = protocol  # the `protocol` label of the API duration metrics
 
     @property
     def node(self) -> Node:
@@ -137,6 +149,7 @@ class Executor:
     async def execute(self, req: Request) -> Result:
         """Run a decoded request; an unexpected exception becomes Error 100 (and is logged)."""
         self._count(req)
+        started = time.perf_counter()
         try:
             return await self._run(req)
         except Error as err:
@@ -145,6 +158,9 @@ class Executor:
         except Exception:
             log.exception("server API %s failed", type(req).__name__)
             raise api_error(100) from None
+        finally:
+            method = _METHOD_NAMES.get(type(req), "unknown")
+            self.node.metrics.api_command(self._protocol, method, time.perf_counter() - started)
 
     def _count(self, req: Request, amount: int = 1) -> None:
         self.node.metrics.inc(
@@ -416,6 +432,7 @@ class Executor:
         where: list[int] = []
         if publishes:
             self._count(publishes[0][1], len(publishes))
+        started = time.perf_counter()
         for i, req in publishes:
             try:
                 ready.append((req.channel, self._payload(req.body), req.body))
@@ -429,6 +446,9 @@ class Executor:
                 replies[i] = {"error": error_body(result)}
             else:
                 replies[i] = {"publish": result}
+        if publishes:  # each publish took the time of the group (one commit)
+            seconds = time.perf_counter() - started
+            self.node.metrics.api_command(self._protocol, "publish", seconds, len(publishes))
 
     async def _batch_reply(self, cmd: tuple[str, Request] | None) -> Result:
         if cmd is None:

@@ -101,6 +101,10 @@ class Node:
         self._background: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         self.metrics = Metrics()
+        self._sent_pub = self.metrics.cell(
+            "centrifugo_node_messages_sent_count", "Number of messages sent by node to broker.",
+            type="publication",
+        )  # fmt: skip
 
     def attach_fanout(self, fanout: Fanout) -> None:
         self._fanouts.append(fanout)
@@ -148,6 +152,7 @@ class Node:
         in one transaction, then each is fanned out in order. Results in `items` order; a
         failed commit gives every logged item Error 100 (the others were delivered)."""
         results: list[PublishResult | Error] = [PublishResult()] * len(items)
+        self.metrics.action("publish", len(items))
         requests: list[AppendRequest] = []
         logged: list[int] = []
         fenced: set[str] = set()  # channels whose broker barrier was passed in this call
@@ -203,9 +208,7 @@ class Node:
         )
 
     def _deliver(self, channel: str, pub: Publication, epoch: str) -> None:
-        self.metrics.inc(
-            "centrifugo_node_messages_sent_count", "Messages sent to channels.", type="publication"
-        )
+        self._sent_pub.value += 1
         for fanout in self._fanouts:
             fanout.deliver(channel, pub, epoch)
 
@@ -217,14 +220,17 @@ class Node:
         try:
             await self._broker.publish(channel, pub, epoch)
         except StorageError as exc:
+            self.metrics.broker_error("publish")
             log.warning("publication to %r not sent to other nodes: %s", channel, exc)
 
     def join(self, channel: str, info: ClientInfo) -> None:
+        self.metrics.action("join")
         for fanout in self._fanouts:
             fanout.join(channel, info)
         self._join_leave_remote(channel, info, True)
 
     def leave(self, channel: str, info: ClientInfo) -> None:
+        self.metrics.action("leave")
         for fanout in self._fanouts:
             fanout.leave(channel, info)
         self._join_leave_remote(channel, info, False)
@@ -238,11 +244,13 @@ class Node:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @staticmethod
-    async def _send_join_leave(broker: Broker, channel: str, info: ClientInfo, join: bool) -> None:
+    async def _send_join_leave(
+        self, broker: Broker, channel: str, info: ClientInfo, join: bool
+    ) -> None:
         try:
             await broker.publish_join_leave(channel, info, join)
         except StorageError as exc:
+            self.metrics.broker_error("join" if join else "leave")
             log.warning("join/leave in %r not sent to other nodes: %s", channel, exc)
 
     # -- history --------------------------------------------------------------------------
@@ -261,11 +269,13 @@ class Node:
         if not name.options.history_enabled:
             raise Error.of(ErrorCode.NOT_AVAILABLE)
         query = HistoryQuery(channel, limit, since, reverse, self.meta_ttl(name))
+        self.metrics.action("history")
         try:
             return await self.event_log.history(query)
         except UnrecoverablePosition as exc:
             raise Error.of(ErrorCode.UNRECOVERABLE_POSITION) from exc
         except StorageError as exc:
+            self.metrics.log_error("history")
             log.error("history of %r failed: %s", channel, exc)
             raise Error.of(ErrorCode.INTERNAL) from exc
 
@@ -276,9 +286,11 @@ class Node:
         name = self.resolve(channel)
         if not name.options.history_enabled:
             raise Error.of(ErrorCode.NOT_AVAILABLE)
+        self.metrics.action("remove_history")
         try:
             await self.event_log.remove_history(channel)
         except StorageError as exc:
+            self.metrics.log_error("remove_history")
             raise Error.of(ErrorCode.INTERNAL) from exc
 
     # -- presence -------------------------------------------------------------------------
@@ -287,6 +299,7 @@ class Node:
         """Error 108 when presence is off; 100 when the presence store fails."""
         if not self.resolve(channel).options.presence:
             raise Error.of(ErrorCode.NOT_AVAILABLE)
+        self.metrics.action("presence")
         try:
             return await self.presence_manager.presence(channel)
         except StorageError as exc:
@@ -296,6 +309,7 @@ class Node:
     async def presence_stats(self, channel: str) -> PresenceStats:
         if not self.resolve(channel).options.presence:
             raise Error.of(ErrorCode.NOT_AVAILABLE)
+        self.metrics.action("presence_stats")
         try:
             return await self.presence_manager.stats(channel)
         except StorageError as exc:

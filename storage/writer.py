@@ -21,10 +21,12 @@ import asyncio
 import collections
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
+from centripy.engine.metrics import Metrics
 from centripy.storage.rules import check_append
 
 log = logging.getLogger("centripy.storage.writer")
@@ -61,6 +63,9 @@ class GroupCommitWriter:
         self._wake = asyncio.Event()  # set when work arrives or on close
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # The node's metrics (set by the composition root): per batch, its size, its
+        # transaction's duration and whether it failed.
+        self.metrics: Metrics | None = None
 
     async def start(self) -> None:
         """Start the batching task on the running loop (idempotent)."""
@@ -151,6 +156,7 @@ class GroupCommitWriter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         requests = [request for item in batch for request in item.requests]
+        started = time.perf_counter()
         try:
             results = await self._log.append_many(requests)
             if len(results) != len(requests):
@@ -163,18 +169,24 @@ class GroupCommitWriter:
                     item.future.set_exception(StorageError("writer cancelled mid-batch"))
             raise
         except Exception as exc:
+            self._observe(len(requests), started, True)
             if not isinstance(exc, StorageError):
                 log.exception("event log append_many failed unexpectedly")
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(batch_error(exc))
             return
+        self._observe(len(requests), started, False)
         start = 0
         for item in batch:
             end = start + len(item.requests)
             if not item.future.done():
                 item.future.set_result(results[start:end])
             start = end
+
+    def _observe(self, rows: int, started: float, failed: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.log_commit(rows, time.perf_counter() - started, failed)
 
     def _fail_all(self, exc: StorageError) -> None:
         while self._pending:
