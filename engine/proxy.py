@@ -373,13 +373,16 @@ class PublishResult:
 
 
 def connect_result(result: Mapping[str, Any]) -> ConnectResult:
-    user = result.get("user") or ""
+    user = result.get("user")
+    user = "" if user is None else user
     if not isinstance(user, str):
         raise ProxyError("user is not a string")
-    channels = result.get("channels") or []
+    channels = result.get("channels")
+    channels = [] if channels is None else channels
     if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
         raise ProxyError("channels is not a list of strings")
-    raw_subs = result.get("subs") or {}
+    raw_subs = result.get("subs")
+    raw_subs = {} if raw_subs is None else raw_subs
     if not isinstance(raw_subs, dict):
         raise ProxyError("subs is not an object")
     subs = {}
