@@ -296,6 +296,7 @@ const inspector = {
     this.error('');
     try {
       const position = await call('history', { channel, limit: 0 });
+      if (channel !== this.channel) return;
       this.epoch = position.epoch || '';
       this.top = position.offset || 0;
       this.showPosition();
@@ -303,6 +304,7 @@ const inspector = {
       await this.page(this.top);
       this.resume();
     } catch (error) {
+      if (channel !== this.channel) return;
       $('inspector').hidden = true;
       if (error.code === 108) this.error('History is off for this channel: nothing to browse or tail.');
       else if (error.code !== 401) this.error(`history failed: ${error.message}`);
@@ -312,7 +314,31 @@ const inspector = {
   resume() {
     clearInterval(this.presenceTimer);
     this.loadPresence();
-    this.presenceTimer = setInterval(() => this.loadPresence(), PRESENCE_EVERY_MS);
+    this.presenceTimer = setInterval(() => {
+      this.loadPresence();
+      this.refreshPosition();
+    }, PRESENCE_EVERY_MS);
+  },
+
+  // The stream's top now; a history page showing the newest publications follows it.
+  async refreshPosition() {
+    const channel = this.channel;
+    try {
+      const position = await call('history', { channel, limit: 0 });
+      if (channel !== this.channel || position.epoch !== this.epoch) return;
+      this.advance(position.offset || 0);
+    } catch (error) {
+      if (error.code !== 401 && channel === this.channel) this.error(`history failed: ${error.message}`);
+    }
+  },
+
+  advance(top) {
+    if (top <= this.top) return;
+    const atNewest = this.upper >= this.top;
+    this.top = top;
+    this.showPosition();
+    if (atNewest) this.page(top).catch((e) => this.error(e.message));
+    else $('history-newest').disabled = $('history-newer').disabled = false;
   },
 
   stop() {
@@ -330,13 +356,16 @@ const inspector = {
   async page(upper) {
     const request = { channel: this.channel, limit: this.limit(), reverse: true };
     if (upper > 0) request.since = { offset: upper + 1, epoch: this.epoch };
+    const channel = this.channel;
     let result;
     try {
       result = await call('history', request);
     } catch (error) {
-      if (error.code === 112) return this.open(this.channel); // a new epoch: start over
+      if (channel !== this.channel) return undefined;
+      if (error.code === 112) return this.open(channel); // a new epoch: start over
       throw error;
     }
+    if (channel !== this.channel) return undefined; // another channel was opened meanwhile
     this.top = Math.max(this.top, result.offset || 0);
     this.showPosition();
     const pubs = result.publications || [];
@@ -361,8 +390,10 @@ const inspector = {
   },
 
   async newest() {
+    const channel = this.channel;
     try {
-      const position = await call('history', { channel: this.channel, limit: 0 });
+      const position = await call('history', { channel, limit: 0 });
+      if (channel !== this.channel) return;
       this.top = position.offset || 0;
       await this.page(this.top);
     } catch (error) {
@@ -432,8 +463,7 @@ const inspector = {
         this.tailOffset = pub.offset;
         this.add(pub);
       }
-      this.top = Math.max(this.top, result.offset || 0);
-      this.showPosition();
+      this.advance(result.offset || 0);
       more = (result.publications || []).length === TAIL_BATCH;
     } catch (error) {
       if (error.code === 112) {
