@@ -179,6 +179,9 @@ class AdminApiHandler(_AdminHandler):
         self._answer(status, out, JSON_TYPE)
 
     async def _legacy(self, body: bytes) -> None:
+        if self.executor.node.shutting_down:
+            self._answer(503)
+            return
         with self.inflight.track():
             try:
                 if not body:
