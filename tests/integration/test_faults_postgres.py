@@ -20,10 +20,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from centrifuge import Client as SdkClient
 
 from centripy.engine.contracts import AppendRequest, HistoryQuery, StorageError
 from centripy.storage.postgres import PostgresEventLog
 from tests.integration.test_cluster import Client
+from tests.integration.test_websocket_sdks import ClientEvents, SubEvents
 from tests.support.private_servers import PrivatePostgres
 from tests.support.server import ServerFactory, ServerProcess, port_accepts
 from tests.support.wait import eventually
@@ -105,6 +107,14 @@ async def clients() -> AsyncIterator[list[Client]]:
         await client.close()
 
 
+@pytest.fixture
+async def sdk_clients() -> AsyncIterator[list[SdkClient]]:
+    made: list[SdkClient] = []
+    yield made
+    for client in made:
+        await client.disconnect()
+
+
 async def _subscribed(made: list[Client], node: ServerProcess, token: str, channel: str) -> Client:
     client = await Client.connect(node, token)
     made.append(client)
@@ -144,6 +154,7 @@ async def test_two_nodes_ride_out_a_postgresql_restart(
     server_factory: ServerFactory,
     restart_pg: PrivatePostgres,
     clients: list[Client],
+    sdk_clients: list[SdkClient],
     make_token: Any,
 ) -> None:
     pg = restart_pg
@@ -161,6 +172,16 @@ async def test_two_nodes_ride_out_a_postgresql_restart(
         for i, node in enumerate((a, b, a, b))
     ]
     leaver = await _subscribed(clients, b, make_token("leaver"), channel)
+    # centrifuge-python, recovering: reconnected during the outage, it resubscribes (the
+    # temporary 100 makes it retry) and recovers what it missed once the database is back.
+    sdk_events, sdk_sub = ClientEvents(), SubEvents()
+    sdk = SdkClient(b.ws_url, events=sdk_events, token=make_token("sdk"), proxy=None)
+    sdk_clients.append(sdk)
+    subscription = sdk.new_subscription(channel, events=sdk_sub, max_resubscribe_delay=1.0)
+    await sdk.connect()
+    await sdk.ready(timeout=WITHIN)
+    await subscription.subscribe()
+    await sdk_sub.wait_for("subscribed", within=WITHIN)
     publisher = Publisher([a, b], channel)
     task = asyncio.create_task(publisher.run())
     await eventually(lambda: len(publisher.acked) >= 20, WITHIN, "20 publications before")
@@ -190,6 +211,8 @@ async def test_two_nodes_ride_out_a_postgresql_restart(
     fresh = f"room:{uuid.uuid4().hex[:8]}"  # no subscriber on the node yet: its actor's Init fails
     reply = await newcomer.call("subscribe", {"channel": fresh})
     assert reply["error"]["code"] == 100, reply
+    b.api_result("disconnect", {"user": "sdk", "disconnect": {"code": 4000, "reason": "go"}})
+    await sdk_sub.wait_for("error", within=WITHIN)  # its resubscribe met the outage
     await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down_at)))
 
     await asyncio.to_thread(pg.start)
@@ -243,11 +266,17 @@ async def test_two_nodes_ride_out_a_postgresql_restart(
     assert result.get("recovered") is True, result
     assert [p["offset"] for p in result["publications"]] == list(range(position + 1, top + 1))
 
+    # The SDK recovered: each offset once, in order, the last subscribe a recovery.
+    await eventually(lambda: len(sdk_sub.offsets()) >= top, WITHIN, "the SDK has everything")
+    assert sdk_sub.offsets() == list(range(1, top + 1))
+    last = sdk_sub.of("subscribed")[-1]
+    assert len(sdk_sub.of("subscribed")) == 2 and last.was_recovering and last.recovered
+
     # `info`: both nodes, exactly our connections (no zombie); both processes alive.
     def info_counts() -> list[int]:
         nodes = a.api_result("info", {})["nodes"]
         return sorted(n["num_clients"] for n in nodes) if len(nodes) == 2 else []
 
-    expected = sorted([len(live) // 2 + 1, len(live) // 2 + 1])  # + newcomer on a, back on b
+    expected = [3, 4]  # a: two live + the newcomer; b: two live + the one back + the SDK
     await eventually(lambda: info_counts() == expected, WITHIN, "info counts", interval=0.3)
     assert a.running and b.running
