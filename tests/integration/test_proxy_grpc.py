@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import centrifuge
 import pytest
 
 from centripy.engine.config import Config
@@ -496,3 +497,122 @@ async def test_backend_down_or_slow_is_error_100_within_the_timeout(
             assert elapsed >= 0.4, elapsed
     finally:
         await client.close()
+
+
+async def test_sub_refresh_extends_or_ends_a_subscription(
+    server_factory: ServerFactory,
+    backend: GrpcProxyBackendServer,
+    http: aiohttp.ClientSession,
+    make_token: TokenMaker,
+) -> None:
+    backend.answer(
+        "subscribe",
+        lambda r: pb.SubscribeResponse(result=pb.SubscribeResult(expire_at=int(time.time()) + 1)),
+    )
+
+    def sub_refresh(r: Any) -> pb.SubRefreshResponse:
+        if r.channel == "timed:keep":
+            return pb.SubRefreshResponse(
+                result=pb.SubRefreshResult(expire_at=int(time.time()) + 600)
+            )
+        return pb.SubRefreshResponse(result=pb.SubRefreshResult(expired=True))
+
+    backend.answer("sub_refresh", sub_refresh)
+    timed = {"name": "timed", "proxy_subscribe": True, "proxy_sub_refresh": True}
+    server = server_factory(
+        {
+            "namespaces": [timed],
+            "proxy_subscribe_endpoint": backend.endpoint,
+            "proxy_sub_refresh_endpoint": backend.endpoint,
+            # expiry is checked on the presence tick, after the close delay
+            "client_presence_update_interval": "500ms",
+            "client_expired_sub_close_delay": "0s",
+        }
+    )
+    client = await _ws(http, server)
+    try:
+        await client.command("connect", {"token": make_token("99")})
+        for channel in ("timed:keep", "timed:drop"):
+            reply = await client.command("subscribe", {"channel": channel})
+            assert "error" not in reply, reply
+        unsubscribed = await eventually(
+            lambda: next((p for p in client.pushes if "unsubscribe" in p), None),
+            WAIT, "the expired subscription ends", changed=client.changed,
+        )  # fmt: skip
+        assert unsubscribed["channel"] == "timed:drop"
+        assert unsubscribed["unsubscribe"]["code"] == 2501
+        await server.api_async("publish", {"channel": "timed:keep", "data": {"still": True}})
+        push = await eventually(
+            lambda: next((p for p in client.pushes if p.get("channel") == "timed:keep"), None),
+            WAIT, "the refreshed subscription is live", changed=client.changed,
+        )  # fmt: skip
+        assert push["pub"]["data"] == {"still": True}
+    finally:
+        await client.close()
+    calls = {c.request.channel: c.request for c in backend.of("sub_refresh")}
+    assert set(calls) == {"timed:keep", "timed:drop"}
+    assert calls["timed:keep"].user == "99"
+
+
+async def test_granular_mode_grpc_proxy_with_credentials(
+    server_factory: ServerFactory, backend: GrpcProxyBackendServer, http: aiohttp.ClientSession
+) -> None:
+    backend.answer("connect", lambda r: pb.ConnectResponse(result=pb.ConnectResult(user="g")))
+    backend.answer("rpc", lambda r: pb.RPCResponse(result=pb.RPCResult(data=b'{"ok":true}')))
+    server = server_factory(
+        {
+            "granular_proxy_mode": True,
+            "proxies": [
+                {
+                    "name": "backend",
+                    "endpoint": backend.endpoint,
+                    "http_headers": ["Authorization"],
+                    "grpc_credentials_key": "x-proxy-secret",
+                    "grpc_credentials_value": "s3cret",
+                }
+            ],
+            "connect_proxy_name": "backend",
+            "rpc_namespaces": [{"name": "admin", "rpc_proxy_name": "backend"}],
+        }
+    )
+    client = await _ws(http, server, {"Authorization": "Bearer t"})
+    try:
+        assert (await client.command("connect", {}))["connect"]["client"]
+        reply = await client.command("rpc", {"method": "admin:stats", "data": {}})
+        assert reply.get("rpc") == {"data": {"ok": True}}, reply
+    finally:
+        await client.close()
+    assert [c.kind for c in backend.calls] == ["connect", "rpc"]
+    for call in backend.calls:
+        assert call.metadata.get("authorization") == "Bearer t"
+        assert call.metadata.get("x-proxy-secret") == "s3cret"
+    assert backend.of("rpc")[0].request.method == "admin:stats"
+
+
+async def test_protobuf_client_payloads_travel_as_raw_bytes(
+    server_factory: ServerFactory, backend: GrpcProxyBackendServer
+) -> None:
+    # A protobuf client's payloads are not JSON: the back end gets and returns raw bytes.
+    backend.answer(
+        "connect",
+        lambda r: pb.ConnectResponse(result=pb.ConnectResult(user="bin", data=r.data[::-1])),
+    )
+    backend.answer("rpc", lambda r: pb.RPCResponse(result=pb.RPCResult(data=r.data[::-1])))
+    server = server_factory(
+        {"proxy_connect_endpoint": backend.endpoint, "proxy_rpc_endpoint": backend.endpoint}
+    )
+    client = centrifuge.Client(
+        server.ws_url, use_protobuf=True, data=b"\x00\x01\xfe", headers={"Cookie": "c=1"}
+    )
+    try:
+        await client.connect()
+        await client.ready(WAIT)
+        result = await client.rpc("bytes", b"\xff\x00\x80")
+        assert result.data == b"\x80\x00\xff"
+    finally:
+        await client.disconnect()
+    connect, rpc = backend.calls
+    assert (connect.request.protocol, connect.request.data) == ("protobuf", b"\x00\x01\xfe")
+    assert (rpc.request.encoding, rpc.request.data, rpc.request.b64data) == (
+        "json", b"\xff\x00\x80", "",
+    )  # fmt: skip
