@@ -478,3 +478,24 @@ async def test_connection_meta_reaches_later_proxy_calls_when_included(
     (call,) = backend.of("rpc")
     assert call.body["meta"] == {"plan": "pro"} and call.body["data"] == {"a": 1}
     assert "meta" not in backend.of("connect")[0].body
+
+
+async def test_uni_http_stream_connect_goes_through_the_proxy_with_forwarded_headers(
+    server_factory: ServerFactory, backend: ProxyBackend
+) -> None:
+    backend.answers["connect"] = {"result": {"user": "uma", "data": {"hi": "uma"}}}
+    server = server_factory(
+        proxy_config(backend, "connect", uni_http_stream=True, proxy_http_headers=["Cookie"])
+    )
+    url = f"{server.http_url}/connection/uni_http_stream"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=b'{"name": "curl"}', headers={"Cookie": "sid=9"}) as response,
+    ):
+        assert response.status == 200
+        line = await asyncio.wait_for(response.content.readline(), WAIT)
+    connect = json.loads(line)["connect"]
+    assert connect["data"] == {"hi": "uma"}
+    (call,) = backend.of("connect")
+    assert call.body["transport"] == "uni_http_stream" and call.body["name"] == "curl"
+    assert call.headers["Cookie"] == "sid=9"
