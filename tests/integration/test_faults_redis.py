@@ -40,6 +40,13 @@ NAMESPACE = {
     "allow_publish_for_subscriber": True,
     "allow_presence_for_subscriber": True,
 }
+FEED = {
+    "name": "feed",
+    "history_size": 1000,
+    "history_ttl": "600s",
+    "force_recovery": True,
+    "allow_subscribe_for_client": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +116,7 @@ async def test_two_nodes_ride_out_a_redis_kill(
         "redis_address": redis.address,
         "redis_prefix": f"t{uuid.uuid4().hex[:10]}",
         "database_url": postgres_url(),  # the shared log (not broken by this test)
-        "namespaces": [NAMESPACE],
+        "namespaces": [NAMESPACE, FEED],
         "allow_subscribe_for_client": True,
         # Killed Redis lost every presence entry: clients re-add theirs on this tick.
         "client_presence_update_interval": "1s",
@@ -141,6 +148,10 @@ async def test_two_nodes_ride_out_a_redis_kill(
     fresh = f"room:{uuid.uuid4().hex[:8]}"
     reply = await newcomer.call("subscribe", {"channel": fresh})
     assert reply["error"]["code"] == 100, reply
+    # Without presence it succeeds (the log is up); the broker subscribes it on reconnect.
+    feed = f"feed:{uuid.uuid4().hex[:8]}"
+    reply = await newcomer.call("subscribe", {"channel": feed})
+    assert "subscribe" in reply, reply
     await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - killed_at)))
 
     await asyncio.to_thread(redis.start)
@@ -194,6 +205,8 @@ async def test_two_nodes_ride_out_a_redis_kill(
     assert "subscribe" in reply, reply
     a.api_result("publish", {"channel": fresh, "data": {"i": 0}})
     await eventually(lambda: newcomer.offsets(fresh) == [1], 5, changed=newcomer.changed)
+    a.api_result("publish", {"channel": feed, "data": {"i": 0}})
+    await eventually(lambda: newcomer.offsets(feed) == [1], 5, changed=newcomer.changed)
 
     await eventually(lambda: info_counts() == [2, 3], WITHIN, "info lists both", interval=0.3)
     assert a.running and b.running
