@@ -106,6 +106,8 @@ def _validate_core(c: Config) -> None:
         raise ConfigError("api_error_mode", f'unknown mode "{c.api_error_mode}": use "transport"')
     if c.ping_interval <= c.pong_timeout:
         raise ConfigError("ping_interval", "must be greater than pong_timeout")
+    if c.admin_web_proxy_address and not re.match(r"https?://[^/?#]+", c.admin_web_proxy_address):
+        raise ConfigError("admin_web_proxy_address", "must be an http:// or https:// URL")
     for key in ("port", "internal_port"):
         if not 0 <= getattr(c, key) <= 65535:
             raise ConfigError(key, "must be a port number between 0 and 65535")
@@ -287,7 +289,6 @@ _BUFFERS = "no equivalent in centripy's WebSocket implementation"
 UNSUPPORTED: Final[dict[str, str]] = {
     "gomaxprocs": "a Go runtime setting",
     "api_external": "the API is served where internal_port puts it",
-    "admin_web_proxy_address": "the admin UI is served from the package or admin_web_path",
     "debug": "no pprof endpoints",
     "swagger": "no Swagger UI",
     "swagger_handler_prefix": "no Swagger UI",

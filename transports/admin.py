@@ -13,7 +13,7 @@ Under `admin_handler_prefix` (default ""), on the internal port unless `admin_ex
   request, as `/api/<method>` (any method, `batch` too). Both need `Authorization: token
   <t>` (or `?token=`) unless `admin_insecure`; without a valid token -> 401, empty body;
 * `GET /` (and its files): the UI shipped in the package (centripy/admin_ui), or the files
-  of `admin_web_path` when set.
+  of `admin_web_path`, or those of the HTTP server at `admin_web_proxy_address` (proxied).
 
 The UI's channel inspector reads a channel's history with the `history` method (newest
 first, paged by offset with `reverse` + `since`) and tails it by polling `history` forward
@@ -32,6 +32,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 import orjson
+import tornado.httpclient
 import tornado.web
 
 from centripy.engine import admin_auth
@@ -211,11 +212,63 @@ class AdminWebHandler(tornado.web.StaticFileHandler):
             self.set_header("X-Frame-Options", "DENY")
 
 
+# Response headers of the proxied UI that do not pass: hop-by-hop ones, and those the client
+# already undid (the body arrives decompressed and whole).
+_HOP_HEADERS: Final = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade", "content-length", "content-encoding", "server", "date"}
+)  # fmt: skip
+_FORWARDED_HEADERS: Final = ("Accept", "Accept-Language", "If-None-Match", "If-Modified-Since")
+
+
+class AdminWebProxyHandler(tornado.web.RequestHandler):
+    """`admin_web_proxy_address`: the UI's files fetched from another HTTP server (a UI in
+    development), as Centrifugo's reverse proxy. GET and HEAD only; 502 when it is down."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD")
+
+    def initialize(self, target: str) -> None:
+        self.target = target.rstrip("/")
+
+    async def get(self, path: str) -> None:
+        url = f"{self.target}/{path}"
+        if self.request.query:
+            url += f"?{self.request.query}"
+        headers = {k: v for k in _FORWARDED_HEADERS if (v := self.request.headers.get(k))}
+        try:
+            response = await tornado.httpclient.AsyncHTTPClient().fetch(
+                url,
+                method=self.request.method or "GET",
+                headers=headers,
+                follow_redirects=False,
+                raise_error=False,
+                request_timeout=10,
+            )
+        except (OSError, tornado.httpclient.HTTPClientError) as exc:  # no HTTP answer
+            log.warning("admin web proxy %s: %s", self.target, exc)
+            self.set_status(502)
+            self.finish(b"Bad Gateway\n")
+            return
+        self.set_status(response.code, response.reason)
+        self.clear_header("Content-Type")
+        for name, value in response.headers.get_all():
+            if name.lower() not in _HOP_HEADERS:
+                self.add_header(name, value)
+        if self.request.method == "HEAD" or response.code in (204, 304):
+            self.finish()
+        else:
+            self.finish(response.body)
+
+    async def head(self, path: str) -> None:
+        await self.get(path)
+
+
 def admin_routes(
     config: Config, executor: Executor, inflight: InFlight
 ) -> list[tuple[str, type, dict[str, Any]]]:
-    """Tornado rules of the admin endpoints and UI ([] unless `admin`). With `admin_web_path`
-    the last rule catches every path below the prefix: put these rules last."""
+    """Tornado rules of the admin endpoints and UI ([] unless `admin`). With
+    `admin_web_proxy_address` or `admin_web_path` the last rule catches every path below
+    the prefix: put these rules last."""
     if not config.admin:
         return []
     if not config.admin_insecure and not (config.admin_password and config.admin_secret):
@@ -234,7 +287,10 @@ def admin_routes(
         (prefix + "/admin/api", AdminApiHandler, api),
         (prefix + "/admin/api/([a-z_]+)", AdminApiHandler, api),
     ]
-    if config.admin_web_path:
+    if config.admin_web_proxy_address:
+        proxy: dict[str, Any] = {"target": config.admin_web_proxy_address}
+        routes.append((prefix + "/(.*)", AdminWebProxyHandler, proxy))
+    elif config.admin_web_path:
         web: dict[str, Any] = {
             "path": config.admin_web_path,
             "default_filename": "index.html",

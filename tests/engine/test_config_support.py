@@ -62,11 +62,11 @@ def test_serve_and_checkconfig_name_each_unsupported_key(tmp_path: Path) -> None
         ' "grpc_api": true, "redis_sentinel_address": ["127.0.0.1:26379"],'
         ' "usage_stats_disable": true, "api_key": "k"}'
     )
-    env = {"CENTRIFUGO_ADMIN_WEB_PROXY_ADDRESS": "http://127.0.0.1:9"}
+    env = {"CENTRIFUGO_WEBSOCKET_READ_BUFFER_SIZE": "8192"}
     _, warnings = load_config(str(path), env, {})
     named = [w for w in warnings if w.startswith("not supported by centripy")]
     for key in ("proxy_subscribe_stream_endpoint", "client_concurrency", "grpc_api",
-                "redis_sentinel_address", "admin_web_proxy_address"):  # fmt: skip
+                "redis_sentinel_address", "websocket_read_buffer_size"):  # fmt: skip
         assert any(f'"{key}"' in w for w in named), (key, warnings)
     assert not any("usage_stats" in w for w in warnings)
     assert not any('"api_key"' in w for w in warnings)

@@ -5,17 +5,22 @@ web path and the shipped UI files."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from centripy.engine.admin_auth import MAX_AGE, issue_token, verify_token
+from centripy.engine.config import Config, ConfigError
+from centripy.engine.config_check import validate_config
 from tests.support.server import ServerFactory, ServerProcess, free_port, port_accepts
 from tests.support.wait import eventually_sync
 
@@ -254,3 +259,52 @@ def test_admin_web_path_serves_another_ui(server_factory: ServerFactory, tmp_pat
     assert server.api_result("info")["nodes"]
     assert request(server.port, "/health")[0] == 200
     assert login(server.port)[0] == 200
+
+
+@contextlib.contextmanager
+def static_server(root: Path) -> Iterator[int]:
+    """A real HTTP server (http.server) serving `root` on a free port, in a thread."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+def test_admin_web_proxy_address(server_factory: ServerFactory, tmp_path: Path) -> None:
+    web = tmp_path / "dev-ui"
+    (web / "js").mkdir(parents=True)
+    (web / "index.html").write_text("<p>dev server</p>")
+    (web / "js" / "main.js").write_text("main()")
+    with static_server(web) as port:
+        target = f"http://127.0.0.1:{port}"
+        server = server_factory({**ADMIN, "admin_web_proxy_address": target})
+        status, headers, body = request(server.port, "/")
+        assert (status, body) == (200, b"<p>dev server</p>")
+        assert headers["Content-Type"].startswith("text/html")
+        status, headers, body = request(server.port, "/js/main.js?v=1")
+        assert (status, body) == (200, b"main()")
+        assert "javascript" in headers["Content-Type"]
+        assert request(server.port, "/missing.js")[0] == 404
+        assert request(server.port, "/js/main.js", method="HEAD")[:1] == (200,)
+        # the admin endpoints and the API are not proxied
+        assert login(server.port)[0] == 200
+        assert server.api_result("info")["nodes"]
+    assert request(server.port, "/")[0] == 502  # the dev server is gone
+
+
+def test_admin_web_proxy_address_must_be_a_url() -> None:
+    for bad in ("127.0.0.1:3000", "ftp://x", "http://"):
+        with pytest.raises(ConfigError, match="admin_web_proxy_address"):
+            validate_config(Config(admin_web_proxy_address=bad))
+    validate_config(Config(admin_web_proxy_address="https://ui.example:8443/base"))
