@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
+import resource
 import signal
 import ssl
 import tempfile
@@ -342,15 +344,23 @@ async def start(config: Config) -> Services:
 
 
 async def stop(services: Services) -> None:
-    """Graceful shutdown, bounded by shutdown_timeout."""
-    config = services.config
+    """Graceful shutdown: stop accepting, stop the consumers (they finish or commit their
+    batch), disconnect clients with 3001, let in-flight API calls and their log writes
+    finish, flush the log writer, close storage. Each step gets what is left of
+    shutdown_timeout (the caller gives up after it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + services.config.shutdown_timeout
+
+    def left(cap: float = math.inf) -> float:
+        return max(0.0, min(cap, deadline - loop.time()))
+
     services.node.shutting_down = True
     for server in services.servers:
         server.stop()
-    await services.consumers.stop()
-    timeout = config.shutdown_timeout
-    await services.hub.shutdown(min(timeout, 5.0))
-    await services.inflight.wait_idle(timeout)
+    await services.consumers.stop(left(15.0))
+    await services.hub.shutdown(left(5.0))
+    if not await services.inflight.wait_idle(left()):
+        log.warning("shutdown: %d API calls still in flight", services.inflight.count)
     await services.writer.close()
     if services.link is not None:
         await services.link.close()
@@ -384,8 +394,8 @@ async def serve(config: Config, source: ConfigSource | None = None) -> int:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("shutting down")
-    try:
-        await asyncio.wait_for(stop(services), config.shutdown_timeout + 5)
+    try:  # as Centrifugo: exit code 1 when the shutdown outlives shutdown_timeout
+        await asyncio.wait_for(stop(services), config.shutdown_timeout)
     except TimeoutError:
         log.error("shutdown did not finish within %ss", config.shutdown_timeout)
         return 1
@@ -398,6 +408,7 @@ def run(config: Config, source: ConfigSource | None = None) -> int:
     """Entry point of `centripy serve`: blocks until SIGTERM/SIGINT, returns the exit code.
     SIGHUP reloads the config from `source` (centripy/reload.py)."""
     setup_logging(config)
+    raise_open_files_limit()
     if config.pid_file:
         with open(config.pid_file, "w") as fh:
             fh.write(str(os.getpid()))
@@ -406,6 +417,26 @@ def run(config: Config, source: ConfigSource | None = None) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        if config.pid_file:  # removed on exit, as Centrifugo does
+            with contextlib.suppress(OSError):
+                os.unlink(config.pid_file)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (Go, and so Centrifugo, does this at
+    start-up): every client connection is a file descriptor, and a soft limit of 1024 is
+    common."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or (hard != resource.RLIM_INFINITY and soft > hard):
+        return
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+        return
+    log.debug("open files limit raised from %d to %d", soft, target)
 
 
 __all__ = ["LogBudget", "Services", "run", "ssl_context", "start", "stop"]
