@@ -8,6 +8,7 @@ proxy endpoints are `grpc://` (the same cases as the HTTP proxy tests)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -616,3 +617,24 @@ async def test_protobuf_client_payloads_travel_as_raw_bytes(
     assert (rpc.request.encoding, rpc.request.data, rpc.request.b64data) == (
         "json", b"\xff\x00\x80", "",
     )  # fmt: skip
+
+
+async def test_binary_encoding_sends_and_accepts_base64_strings(
+    server_factory: ServerFactory,
+    backend: GrpcProxyBackendServer,
+    http: aiohttp.ClientSession,
+    make_token: TokenMaker,
+) -> None:
+    answer = base64.b64encode(b'{"y":2}').decode()
+    backend.answer("rpc", lambda r: pb.RPCResponse(result=pb.RPCResult(b64data=answer)))
+    server = server_factory({"proxy_rpc_endpoint": backend.endpoint, "proxy_binary_encoding": True})
+    client = await _ws(http, server)
+    try:
+        await client.command("connect", {"token": make_token("7")})
+        reply = await client.command("rpc", {"method": "m", "data": {"x": 1}})
+        assert reply.get("rpc") == {"data": {"y": 2}}, reply
+    finally:
+        await client.close()
+    [call] = backend.of("rpc")
+    assert (call.request.encoding, call.request.data) == ("binary", b"")
+    assert base64.b64decode(call.request.b64data) == b'{"x":1}'
