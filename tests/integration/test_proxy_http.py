@@ -499,3 +499,34 @@ async def test_uni_http_stream_connect_goes_through_the_proxy_with_forwarded_hea
     (call,) = backend.of("connect")
     assert call.body["transport"] == "uni_http_stream" and call.body["name"] == "curl"
     assert call.headers["Cookie"] == "sid=9"
+
+
+async def test_protobuf_client_through_the_connect_and_rpc_proxies(
+    server_factory: ServerFactory, backend: ProxyBackend, clients: list[Client]
+) -> None:
+    backend.answers["connect"] = {"result": {"user": "pat", "data": {"p": 1}}}
+    backend.answers["rpc"] = lambda body: {"result": {"data": {"echo": body["data"]}}}
+    server = server_factory(proxy_config(backend, "connect", "rpc"))
+    client, events = py_client(server, clients, use_protobuf=True, data=b'{"hello": 1}')
+    await client.connect()
+    connected = await events.wait_for("connected")
+    assert json.loads(connected.data) == {"p": 1}
+    (call,) = await backend.wait_for("connect")
+    assert (call.body["protocol"], call.body["encoding"]) == ("protobuf", "json")
+    assert call.body["data"] == {"hello": 1}
+    reply = await client.rpc("m", b'{"x": 2}')
+    assert json.loads(reply.data) == {"echo": {"x": 2}}
+
+
+async def test_binary_encoding_sends_and_takes_base64_payloads(
+    server_factory: ServerFactory, backend: ProxyBackend, clients: list[Client]
+) -> None:
+    backend.answers["connect"] = {"result": {"user": "bin", "b64data": "AQID"}}  # 01 02 03
+    server = server_factory(proxy_config(backend, "connect", proxy_binary_encoding=True))
+    client, events = py_client(server, clients, use_protobuf=True, data=b"\x00\xff")
+    await client.connect()
+    connected = await events.wait_for("connected")
+    assert connected.data == b"\x01\x02\x03"
+    (call,) = backend.of("connect")
+    assert call.body["encoding"] == "binary" and call.body["b64data"] == "AP8="
+    assert "data" not in call.body
