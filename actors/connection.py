@@ -111,6 +111,7 @@ class ConnectionActor(ConnectionCore):
     def _reply_error(self, cmd: Command, err: Error) -> None:
         if cmd.method == "connect":
             self.state = UNUSABLE
+        self.node.metrics.reply_error(cmd.method, err.code)
         self._enqueue(self.codec.encode_error(cmd.id, err))
 
     # -- connect --------------------------------------------------------------------------
@@ -379,6 +380,7 @@ class ConnectionActor(ConnectionCore):
                 top = await self.node.stream_top(channel, name=sub.name)
                 pubs, recovered = [], False
             sub.epoch = top.epoch
+            self.node.metrics.recover(recovered)
             if recovered:
                 sub.offset = pubs[-1].offset if pubs else position.offset
                 out.update(recovered=True, publications=pubs, offset=position.offset)

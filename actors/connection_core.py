@@ -159,6 +159,7 @@ class ConnectionCore(Outbound):
         self._closing: tuple[int, str] | None = None
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._pong_pending = False
+        self._ping_at = 0.0  # monotonic time of the ping awaiting its pong (metrics)
         self._last_position_check = time.monotonic()
         self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
         self.proxy_headers = proxy_headers or {}  # client request headers the proxies forward
@@ -258,6 +259,7 @@ class ConnectionCore(Outbound):
         except ProtocolError:
             self.close(DisconnectCode.BAD_REQUEST)
             return
+        self.node.metrics.received(self.transport.name, [c.method for c in commands], len(data))
         cap = self.config.client_max_commands_per_frame
         if len(commands) > cap:  # the rest are refused, not handled
             busy = Error.of(ErrorCode.TOO_MANY_REQUESTS)
@@ -271,11 +273,14 @@ class ConnectionCore(Outbound):
             if self.state is UNUSABLE:
                 self.close(DisconnectCode.BAD_REQUEST)
                 return
+            started = time.perf_counter()
             try:
                 await self.handle_command(cmd)
             except Disconnect as exc:
                 self.close(exc.code, exc.reason)
                 return
+            finally:
+                self.node.metrics.client_command(cmd.method, time.perf_counter() - started)
 
     # -- publications ---------------------------------------------------------------------
 
@@ -312,6 +317,7 @@ class ConnectionCore(Outbound):
             return
         self._leave_channel(channel, sub)
         if push:
+            self.node.metrics.server_unsubscribe(code)
             reason = UNSUBSCRIBE_REASONS.get(code, "unsubscribed")
             self._enqueue(
                 self.codec.encode_unsubscribe_push(channel, code, reason, **self._uni_kw())
@@ -390,6 +396,7 @@ class ConnectionCore(Outbound):
         self._enqueue(self.codec.PING)
         if self.transport.pong and self.config.pong_timeout > 0 and not self._pong_pending:
             self._pong_pending = True
+            self._ping_at = time.monotonic()
             self._set_timer(Timer.PONG, self.config.pong_timeout)
         self._set_timer(Timer.PING, self.config.ping_interval)
 
@@ -397,6 +404,7 @@ class ConnectionCore(Outbound):
         if not self._pong_pending:
             raise Disconnect.of(DisconnectCode.BAD_REQUEST)
         self._pong_pending = False
+        self.node.metrics.ping_pong(self.transport.name, time.monotonic() - self._ping_at)
         old = self._timers.pop(Timer.PONG, None)
         if old is not None:
             old.cancel()

@@ -292,15 +292,18 @@ class Metrics:
         children[1].observe(seconds, times)
 
     def client_command(self, method: str, seconds: float) -> None:
-        """A client protocol command handled (`method`: connect, subscribe, rpc, ...)."""
-        self._client_summary.labels(method).observe(seconds)
+        """A client protocol command handled (`method`: connect, subscribe, rpc, ...; ""
+        is a pong, which Centrifugo does not time)."""
+        if method:
+            self._client_summary.labels(method).observe(seconds)
 
     def received(self, transport: str, methods: Sequence[str], size: int) -> None:
         """A client frame of `size` bytes carrying commands `methods` (once per frame; the
-        size is shared out evenly)."""
+        size is shared out evenly; "" is a pong: frame_type client_pong)."""
         counts = self.transport(transport)
         share = size // len(methods) if methods else 0
         for method in methods:
+            method = method or "client_pong"
             counts.received[method] = counts.received.get(method, 0) + 1
             counts.received_bytes[method] = counts.received_bytes.get(method, 0) + share
 

@@ -25,6 +25,7 @@ import tornado.iostream
 import tornado.web
 from pykka import ActorDeadError
 
+from centripy.actors.channel import Push
 from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed
 from centripy.actors.context import ConnContext
@@ -256,8 +257,10 @@ class StreamTransport:
         self._frame = frame
         self._disconnect = disconnect
         self.write_timeout = write_timeout(handler.ctx)
+        self._counts = handler.ctx.node.metrics.transport(name)
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
+        self._counts.sent(messages, type(messages[0]) is Push)
         return self._handler.send(self._frame(messages))
 
     def abort(self) -> None:

@@ -33,10 +33,12 @@ import tornado.websocket
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
+from centripy.actors.channel import Push
 from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, frames_waiting, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format
+from centripy.engine.metrics import TransportCounts
 from centripy.engine.protocol.codes import DisconnectCode
 from centripy.transports.http_common import WRITE_TIMEOUT, abort_unless_done
 
@@ -157,7 +159,8 @@ class Session:
         """Start the connection actor and the no-receiver timeout. Called by the handler
         that creates the session, which attaches its receiver next; `headers` are those
         of its request the proxies forward."""
-        self.actor = ConnectionActor.start(ctx, SockJSTransport(self), headers)
+        transport = SockJSTransport(self, ctx.node.metrics.transport(SockJSTransport.name))
+        self.actor = ConnectionActor.start(ctx, transport, headers)
         self._set_timer(self._disconnect_delay, self.close)
 
     # -- client to server -----------------------------------------------------------------
@@ -450,11 +453,13 @@ class SockJSTransport:
     unidirectional = False
     pong = True
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, counts: TransportCounts | None = None) -> None:
         self._session = session
+        self._counts = counts or TransportCounts()  # the node's counts of "sockjs"
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         """Called by the actor's writer on the loop, one call at a time."""
+        self._counts.sent(messages, type(messages[0]) is Push)
         data = messages[0] if len(messages) == 1 else b"\n".join(messages)
         return self._session.send(data)
 

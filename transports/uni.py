@@ -26,6 +26,7 @@ from typing import Any
 import tornado.websocket
 from pykka import ActorDeadError
 
+from centripy.actors.channel import Push
 from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, UniConnect
 from centripy.actors.context import ConnContext
@@ -138,10 +139,12 @@ class _UniWebSocketTransport:
         self._handler = handler
         # a write pending longer than this drops the peer (the connection actor's timer)
         self.write_timeout = handler.ctx.config.uni_websocket_write_timeout or WRITE_TIMEOUT
+        self._counts = handler.ctx.node.metrics.transport(self.name)
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         """One text frame per message; the awaitable completes when the last was sent."""
         handler = self._handler
+        self._counts.sent(messages, type(messages[0]) is Push)
         last: Awaitable[None] | None = None
         for message in messages:
             last = handler.write_message(message, binary=False)

@@ -36,6 +36,7 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
+from centripy.engine.metrics import TransportCounts
 from centripy.transports.http_common import refuse_over_admission
 from centripy.transports.origins import origin_allowed
 from centripy.transports.ws_protocol import (
@@ -138,6 +139,7 @@ class _WebSocketTransport:
         self.format = fmt
         self._compress = handler.ctx.config.websocket_compression
         self.write_timeout = handler.ctx.config.websocket_write_timeout
+        self._counts = handler.ctx.node.metrics.transport(self.name)
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         protobuf = self.format == Format.PROTOBUF
@@ -145,6 +147,7 @@ class _WebSocketTransport:
         stream: tornado.iostream.IOStream | None = getattr(conn, "stream", None)
         if conn is None or stream is None or conn.is_closing():
             raise tornado.websocket.WebSocketClosedError()
+        self._counts.sent(messages, type(messages[0]) is Push)
         if self._compress:
             if protobuf:
                 data = protobuf_codec().join_frame(messages)
@@ -236,6 +239,7 @@ class LeanWebSocket(asyncio.Protocol):
     __slots__ = (
         "_actor",
         "_conns",
+        "_counts",
         "_ctx",
         "_drained",
         "_max_pending",
@@ -269,6 +273,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._paused = False  # reading paused: the actor has _max_pending frames waiting
         self.write_timeout = ctx.config.websocket_write_timeout
         self.proxy_headers: dict[str, str] = {}  # of the upgrade request (lean_websocket)
+        self._counts = TransportCounts()  # the node's, from connection_made
 
     @property
     def state(self) -> State:
@@ -279,6 +284,7 @@ class LeanWebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._counts = self._ctx.node.metrics.transport(self.name)
         self._conns.add(self)
         transport.write(self._response)
         self._response = b""
@@ -350,11 +356,20 @@ class LeanWebSocket(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._protocol.state is not _OPEN or transport.is_closing():
             raise ConnectionResetError("websocket closed")
+        counts = self._counts
         if len(messages) == 1:  # a fan-out's push, framed already: no call, no allocation
             data = messages[0]
-            framed = data.framed if type(data) is Push else None
+            if type(data) is Push:
+                counts.pushes += 1
+                counts.push_bytes += len(data)
+                framed = data.framed
+            else:
+                counts.replies += 1
+                counts.reply_bytes += len(data)
+                framed = None
             transport.write(framed or frame_messages(messages, self._protobuf))
         else:
+            counts.sent(messages, type(messages[0]) is Push)
             transport.write(frame_messages(messages, self._protobuf))
         return self._drained
 
