@@ -28,7 +28,7 @@ from tests.integration.grpc_proxy_backend import (
     self_signed_cert,
     sleep_then,
 )
-from tests.support.server import ServerFactory, ServerProcess, free_port
+from tests.support.server import ServerError, ServerFactory, ServerProcess, free_port
 from tests.support.wait import eventually
 
 if TYPE_CHECKING:
@@ -638,3 +638,19 @@ async def test_binary_encoding_sends_and_accepts_base64_strings(
     [call] = backend.of("rpc")
     assert (call.request.encoding, call.request.data) == ("binary", b"")
     assert base64.b64decode(call.request.b64data) == b'{"x":1}'
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"proxy_grpc_cert_file": "/nonexistent/ca.pem"}, '"proxy_grpc_cert_file": cannot read'),
+        ({"proxy_grpc_credentials_key": "bad key"}, '"proxy_grpc_credentials_key"'),
+    ],
+)
+def test_serve_refuses_bad_grpc_settings_naming_the_key(
+    server_factory: ServerFactory, config: dict[str, Any], named: str
+) -> None:
+    server = server_factory({"proxy_rpc_endpoint": "grpc://127.0.0.1:9", **config}, start=False)
+    with pytest.raises(ServerError) as info:
+        server.start()
+    assert f"config error: {named}" in str(info.value)
