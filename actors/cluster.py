@@ -4,23 +4,31 @@ that must reach connections on every node.
 `ClusterLink` is the broker's `BrokerHandler` for this node: remote publications and
 join/leave go to the local channel actors (which sequence them against the log), control
 messages are heartbeats (the node registry behind `info` and `channels`) or user commands
-applied to this node's connections. `ClusterSessions` is the `Sessions` the API uses: it
-acts locally and forwards the command to the other nodes. Everything runs on the loop.
+applied to this node's connections, or `/emulation` requests forwarded by the node that
+received them (`forward_emulation` on that side, `emulate` on the session's node).
+`ClusterSessions` is the `Sessions` the API uses: it acts locally and forwards the command to
+the other nodes. Everything runs on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Coroutine
 from typing import Any
 
+from pykka import ActorDeadError
+
+from centripy.actors.connection_core import frames_waiting, tell_frame
 from centripy.actors.hub import Hub, SessionsAdapter
 from centripy.engine.cluster import (
     HEARTBEAT_INTERVAL,
     ControlError,
+    EmulationForward,
+    EmulationReply,
     NodeRegistry,
     apply_command,
     decode_control,
@@ -41,6 +49,22 @@ from centripy.engine.types import ClientInfo, Publication
 
 log = logging.getLogger("centripy.cluster")
 
+EMULATION_TIMEOUT = 5.0  # seconds a forwarded /emulation request waits for the owner's reply
+
+
+def emulate(hub: Hub, session: str, data: bytes, max_pending: int) -> int:
+    """Hand an `/emulation` request's commands to the connection actor of `session` on this
+    node; the HTTP status to answer: 204 (handed over, or no such session: dropped as
+    Centrifugo does), 503 while `max_pending` of its frames wait (the client retries)."""
+    actor = hub.by_session(session) if session else None
+    if actor is None:
+        return 204
+    if frames_waiting(actor) >= max_pending:
+        return 503
+    with contextlib.suppress(ActorDeadError):
+        tell_frame(actor, data)
+    return 204
+
 
 class ClusterLink:
     def __init__(self, node: Node, hub: Hub, broker: Broker) -> None:
@@ -51,6 +75,8 @@ class ClusterLink:
         self.registry = NodeRegistry(node.uid)
         self._heartbeat: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._emulations: dict[str, asyncio.Future[int]] = {}  # request id -> reply
+        self._emulation_ids = itertools.count(1)
 
     async def start(self) -> None:
         await self.broker.start(self.node.uid, self)
@@ -105,8 +131,14 @@ class ClusterLink:
         if isinstance(message, NodeInfo):
             if self.registry.update(message):
                 log.info("node %s (%s) joined", message.name, message.uid)
-            return
-        self._spawn(apply_command(self.local, message))
+        elif isinstance(message, EmulationForward):
+            self._spawn(self._serve_emulation(message))
+        elif isinstance(message, EmulationReply):
+            waiter = self._emulations.pop(message.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message.status)
+        else:
+            self._spawn(apply_command(self.local, message))
 
     def on_reconnect(self) -> None:
         log.warning("broker reconnected: re-reading the log of every local channel")
@@ -120,6 +152,38 @@ class ClusterLink:
             await self.broker.publish_control(encode_control(cmd))
         except StorageError as exc:
             log.error("could not forward %s to other nodes: %s", type(cmd).__name__, exc)
+
+    async def forward_emulation(
+        self, node_uid: str, session: str, data: bytes, timeout: float = EMULATION_TIMEOUT
+    ) -> int:
+        """Send an `/emulation` request to the node owning `session` and return the HTTP
+        status to answer: the owner's (204, 503); 404 when no reply comes and the node is
+        not a live one (a session of a node that is gone); 500 when a live node does not
+        answer within `timeout` or the broker fails."""
+        request_id = f"{self.node.uid}:{next(self._emulation_ids)}"
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._emulations[request_id] = waiter
+        message = EmulationForward(request_id, self.node.uid, session, data)
+        try:
+            await self.broker.publish_control(encode_control(message), node_uid)
+            return await asyncio.wait_for(waiter, timeout)
+        except StorageError as exc:
+            log.warning("emulation request not forwarded to %s: %s", node_uid, exc)
+            return 500
+        except TimeoutError:
+            live = any(n.uid == node_uid for n in self.registry.nodes())
+            return 500 if live else 404
+        finally:
+            self._emulations.pop(request_id, None)
+
+    async def _serve_emulation(self, message: EmulationForward) -> None:
+        limit = self.node.config.client_max_pending_frames
+        status = emulate(self.hub, message.session, message.data, limit)
+        reply = EmulationReply(message.request_id, status)
+        try:
+            await self.broker.publish_control(encode_control(reply), message.origin)
+        except StorageError as exc:
+            log.warning("emulation reply to %s not sent: %s", message.origin, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

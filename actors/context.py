@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,9 @@ class ConnContext:
     verifier: TokenVerifier
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     proxies: Proxies | None = None  # the event proxies (docs/spec/proxy.md), if configured
+    # several nodes: (node uid, session, commands) -> HTTP status of an /emulation request
+    # for a session of another node (ClusterLink.forward_emulation)
+    forward_emulation: Callable[[str, str, bytes], Awaitable[int]] | None = None
     admission: Admission = field(init=False)  # client_connection_limit / _rate_limit
 
     def __post_init__(self) -> None:

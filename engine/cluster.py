@@ -8,7 +8,11 @@ values are defined in `engine/sessions.py`, the `Sessions` contract they belong 
   counters and its channels (channel -> local subscriber count, for the `channels` API);
 * `ServerSubscribe`, `UnsubscribeCommand`, `DisconnectCommand`, `RefreshCommand`: server
   API actions applied on the local node AND broadcast, so that they reach the user's
-  connections on every node (`apply_command` hands one to `Sessions`).
+  connections on every node (`apply_command` hands one to `Sessions`);
+* `EmulationForward` and its `EmulationReply`: an `/emulation` request that reached a node
+  other than the one owning the session (the request's `node`), sent to that node only;
+  the owner answers with the HTTP status the first node gives (Centrifugo's emulation
+  survey).
 
 Wire format: one orjson object with `"v": 1` and a type tag `"t"`; byte payloads (`info`,
 `data`) are base64 so that binary ones survive. Unknown keys are ignored (newer nodes may
@@ -24,6 +28,7 @@ import base64
 import binascii
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -49,7 +54,27 @@ class ControlError(ValueError):
     """A control message that cannot be decoded."""
 
 
-ControlMessage = NodeInfo | UserCommand
+@dataclass(frozen=True, slots=True)
+class EmulationForward:
+    """Commands for `session` (in its wire format) from an `/emulation` request that node
+    `origin` received; `request_id` names the reply `origin` waits for."""
+
+    request_id: str
+    origin: str
+    session: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EmulationReply:
+    """What the session's node did with an `EmulationForward`: the HTTP status (204 handed
+    over or no such session, 503 too many frames waiting)."""
+
+    request_id: str
+    status: int
+
+
+ControlMessage = NodeInfo | UserCommand | EmulationForward | EmulationReply
 
 # -- encoding -------------------------------------------------------------------------------
 
@@ -106,6 +131,16 @@ def _fields(msg: ControlMessage) -> dict[str, Any]:
             "client": msg.client,
             "session": msg.session,
         }
+    if isinstance(msg, EmulationForward):
+        return {
+            "t": "emulation",
+            "id": msg.request_id,
+            "origin": msg.origin,
+            "session": msg.session,
+            "data": _b64(msg.data),
+        }
+    if isinstance(msg, EmulationReply):
+        return {"t": "emulation_reply", "id": msg.request_id, "status": msg.status}
     if isinstance(msg, DisconnectCommand):
         return {
             "t": "disconnect",
@@ -247,6 +282,19 @@ def _decode_disconnect(r: _Reader) -> DisconnectCommand:
     )
 
 
+def _decode_emulation(r: _Reader) -> EmulationForward:
+    return EmulationForward(
+        r.required("id"), r.required("origin"), r.required("session"), r.blob("data") or b""
+    )
+
+
+def _decode_emulation_reply(r: _Reader) -> EmulationReply:
+    status = r.integer("status")
+    if not 100 <= status <= 599:
+        raise ControlError("'status' must be an HTTP status")
+    return EmulationReply(r.required("id"), status)
+
+
 _DECODERS: dict[str, Callable[[_Reader], ControlMessage]] = {
     "node": _decode_node,
     "subscribe": _decode_subscribe,
@@ -254,6 +302,8 @@ _DECODERS: dict[str, Callable[[_Reader], ControlMessage]] = {
         r.text("user"), r.text("channel"), r.text("client"), r.text("session")
     ),
     "disconnect": _decode_disconnect,
+    "emulation": _decode_emulation,
+    "emulation_reply": _decode_emulation_reply,
     "refresh": lambda r: RefreshCommand(
         r.text("user"),
         r.text("client"),
@@ -357,6 +407,8 @@ __all__ = [
     "NODE_EXPIRE_AFTER",
     "ControlError",
     "ControlMessage",
+    "EmulationForward",
+    "EmulationReply",
     "NodeRegistry",
     "apply_command",
     "decode_control",

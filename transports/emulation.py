@@ -17,14 +17,13 @@ Handlers run on the loop (Tornado); they hold no protocol state.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import orjson
-from pykka import ActorDeadError
 
-from centripy.actors.connection_core import Frame, frames_waiting, tell_frame
+from centripy.actors.cluster import emulate
+from centripy.actors.connection_core import Frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
 from centripy.engine.config import Config
@@ -150,16 +149,20 @@ class SseHandler(StreamingHandler):
 
 
 class EmulationHandler(LimitedBodyHandler):
-    """`POST /emulation`: hand the commands to the session's connection actor. 204 when
+    """`POST /emulation`: hand the commands to the session's connection actor, on this
+    node or, when the request names another node, on that one through the broker
+    (Centrifugo forwards them the same way, so no sticky sessions are needed). 204 when
     handed over (or when the session is unknown: silently dropped), 400 for a bad body, 404
-    for another node, 413 for a body over the limit, 503 while the connection has
-    `client_max_pending_frames` frames not handled yet (the client retries); OPTIONS 200."""
+    for a node that is not there (or any other node without a broker), 413 for a body
+    over the limit, 500 when the session's node does not answer, 503 while the connection
+    has `client_max_pending_frames` frames not handled yet (the client retries); OPTIONS
+    200."""
 
     def initialize(self, ctx: ConnContext, body_limit: int) -> None:
         self.ctx = ctx
         self.body_limit = body_limit
 
-    def post(self) -> None:
+    async def post(self) -> None:
         body = self.body()
         if body is None:
             return
@@ -169,16 +172,16 @@ class EmulationHandler(LimitedBodyHandler):
         except BadEmulationRequest:
             self.send_error(400)
             return
-        if req.node and req.node != self.ctx.node.uid:
-            self.send_error(404)
+        ctx = self.ctx
+        if not req.node or req.node == ctx.node.uid:
+            status = emulate(ctx.hub, req.session, req.data, ctx.config.client_max_pending_frames)
+        elif ctx.forward_emulation is None:
+            status = 404
+        else:
+            status = await ctx.forward_emulation(req.node, req.session, req.data)
+        if status != 204:
+            self.send_error(status)
             return
-        actor = self.ctx.hub.by_session(req.session) if req.session else None
-        if actor is not None:
-            if frames_waiting(actor) >= self.ctx.config.client_max_pending_frames:
-                self.send_error(503)
-                return
-            with contextlib.suppress(ActorDeadError):
-                tell_frame(actor, req.data)
         self.set_status(204)
         self.finish()
 
