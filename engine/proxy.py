@@ -12,12 +12,14 @@ import base64
 import binascii
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from centripy.engine.channels import SubscribeOverride
 from centripy.engine.config import Config
+from centripy.engine.metrics import Metrics
 from centripy.engine.options import ChannelOptions
 from centripy.engine.protocol.codes import Disconnect, Error, ErrorCode
 from centripy.engine.protocol.json_codec import dumps_exact, loads_exact
@@ -445,6 +447,9 @@ class Proxies:
     def __init__(self, routes: ProxyRoutes, backends: Mapping[str, ProxyBackend]) -> None:
         self.routes = routes
         self._backends = dict(backends)
+        # The node's metrics (set by the composition root): every call's duration, and its
+        # failures, as Centrifugo's (granular_)proxy_duration_seconds and _errors.
+        self.metrics: Metrics | None = None
 
     async def call(
         self,
@@ -472,15 +477,28 @@ class Proxies:
         `parse`; its `error` is raised as Error and its `disconnect` as Disconnect. A failed
         call, a timeout or an undecodable response raises ProxyError (logged)."""
         call = ProxyCall(kind, request, target.headers(forwarded), target.timeout)
+        started = time.perf_counter()
         try:
             # the back end times out itself; this bounds one that does not
             response = await asyncio.wait_for(
                 self._backends[target.name].call(call), target.timeout + 1.0
             )
-            return parse(outcome(response))
+            result = parse(outcome(response))
         except (ProxyError, TimeoutError) as exc:
+            self._observe(target, kind, started, True)
             log.error("%s proxy %s failed: %r", kind, target.endpoint, exc)
             raise ProxyError(str(exc)) from None
+        except (Error, Disconnect):  # the back end answered with an error or a disconnect
+            self._observe(target, kind, started, False)
+            raise
+        self._observe(target, kind, started, False)
+        return result
+
+    def _observe(self, target: ProxyTarget, kind: str, started: float, error: bool) -> None:
+        if self.metrics is not None:
+            protocol = "grpc" if target.endpoint.startswith("grpc://") else "http"
+            name = target.name if self.routes.granular else ""
+            self.metrics.observe_proxy(protocol, kind, name, time.perf_counter() - started, error)
 
     async def close(self) -> None:
         for backend in self._backends.values():

@@ -1,10 +1,14 @@
 import math
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from centripy.engine.metrics import Metrics
+
+DASHBOARD = Path(__file__).parents[2] / "examples" / "grafana" / "centripy-dashboard.json"
 
 
 def parse(m: Metrics) -> dict[str, tuple[str, list[Sample]]]:
@@ -168,3 +172,39 @@ def test_empty_families_are_not_written_and_values_are_finite() -> None:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             assert not math.isnan(sample.value)
+
+
+def test_every_dashboard_metric_is_rendered_under_that_name() -> None:
+    """The example Grafana dashboard queries only names this module renders (once every
+    instrument saw an event), or the node gauges and consumer counters that
+    centripy/server.py's collectors yield (checked against a real server in
+    tests/integration/test_metrics.py)."""
+    m = Metrics()
+    m.api_command("http", "publish", 0.01)
+    m.client_command("connect", 0.01)
+    m.received("websocket", ["connect"], 10)
+    m.transport("websocket").sent([b"x"], pushes=True)
+    m.reply_error("subscribe", 102)
+    m.server_unsubscribe(2000)
+    m.server_disconnect(3008)
+    m.recover(True)
+    m.ping_pong("websocket", 0.01)
+    m.observe_proxy("http", "connect", "", 0.01, error=True)
+    m.observe_proxy("http", "rpc", "named", 0.01, error=True)
+    m.action("publish")
+    m.inc("centrifugo_node_messages_sent_count", type="publication")
+    m.inc("centrifugo_transport_connect_count", transport="websocket")
+    m.log_commit(3, 0.01, failed=True)
+    m.broker_error("publish")
+    m.set("centrifugo_node_build", 1, version="x")
+    rendered = {
+        line.split("{")[0].split(" ")[0]
+        for line in m.render().decode().splitlines()
+        if not line.startswith("#")
+    }
+    dashboard = DASHBOARD.read_text()
+    queried = set(re.findall(r"\b((?:centrifugo|centripy|process|python)_[a-z_]+)", dashboard))
+    from_server = re.compile(r"^centrifugo_node_num_|^centripy_consumer_|connection_limit")
+    missing = {q for q in queried if q not in rendered and not from_server.search(q)}
+    assert not missing, sorted(missing)
+    assert len(queried) > 30
