@@ -37,7 +37,7 @@ from centripy.engine.protocol.commands import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from centripy.engine.sessions import ServerSubscribe
+from centripy.engine.sessions import DisconnectCommand, ServerSubscribe
 from centripy.engine.types import ClientInfo, StreamPosition
 
 log = logging.getLogger("centripy.connection")
@@ -143,7 +143,11 @@ class ConnectionActor(ConnectionCore):
         if config.user_personal_single_connection and self.user:
             others = [c for c in hub.matching(self.user, "", "") if c.client_id != self.client_id]
             code = DisconnectCode.CONNECTION_LIMIT
-            hub.tell(others, ServerDisconnectMsg(code, Disconnect.of(code).reason))
+            reason = Disconnect.of(code).reason
+            hub.tell(others, ServerDisconnectMsg(code, reason))
+            if self.ctx.forward_command is not None:  # the user's connections on other nodes
+                cmd = DisconnectCommand(self.user, code, reason, whitelist=(self.client_id,))
+                await self.ctx.forward_command(cmd)
         transport = self.transport
         # with a refresh proxy the server refreshes: the client is not told of the expiry
         client_refresh = connection_proxy.refresh_target(self) is None

@@ -17,6 +17,7 @@ from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codec import Codec
 from centripy.engine.protocol.commands import Command
 from centripy.engine.proxy import Proxies
+from centripy.engine.sessions import UserCommand
 
 
 @dataclass(slots=True)
@@ -30,6 +31,8 @@ class ConnContext:
     # several nodes: (node uid, session, commands) -> HTTP status of an /emulation request
     # for a session of another node (ClusterLink.forward_emulation)
     forward_emulation: Callable[[str, str, bytes], Awaitable[int]] | None = None
+    # several nodes: send a user command to the other nodes (ClusterLink.forward)
+    forward_command: Callable[[UserCommand], Awaitable[None]] | None = None
     admission: Admission = field(init=False)  # client_connection_limit / _rate_limit
 
     def __post_init__(self) -> None:
