@@ -27,7 +27,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,10 @@ from tests.integration.consumers_support import (
     wait_for_log_count,
 )
 from tests.integration.test_kafka_consumer import KAFKA_ENV, Topic, command
+from tests.integration.test_outbox_postgres import PgOutbox, new_outbox
 from tests.integration.test_outbox_sqlite import SqliteOutbox
 from tests.support.server import ServerFactory, ServerProcess, free_port, port_accepts, tail
-from tests.support.services import TansuBroker, tansu_binary
+from tests.support.services import TansuBroker, postgres_url, tansu_binary
 from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -127,6 +128,55 @@ async def test_outbox_temporary_failure_is_retried_with_backoff(
     assert len(delays) >= 4
     for n, delay in enumerate(delays):  # min(5 s, (10 ms + jitter[0, 10 ms)) * 2^n)
         assert min(5.0, 0.010 * 2**n) - 0.001 <= delay <= min(5.0, 0.020 * 2**n) + 0.001
+
+
+@pytest.fixture
+async def pg_outbox() -> AsyncIterator[PgOutbox]:
+    postgres_url()  # skips (or fails under CI) without PostgreSQL
+    box = await new_outbox([])
+    try:
+        yield box
+    finally:
+        await box.conn.execute(f"DROP TABLE IF EXISTS {box.table}")
+        await box.conn.close()
+
+
+async def test_postgres_outbox_poison_row_blocks_only_its_partition_and_is_skipped(
+    server_factory: ServerFactory, pg_outbox: PgOutbox
+) -> None:
+    # 8 retries: partition 0 waits at least 2.5 s in all before the row is skipped.
+    env = {"CENTRIPY_CONSUMER_MAX_RETRIES": "8"}
+    server = server_factory(pg_outbox.config(num_partitions=2), env=env)
+    first, second, poison = channel_name(), channel_name(), channel_name()
+    refuse_publications(server, poison)
+    await pg_outbox.insert(
+        [
+            ("publish", {"channel": first, "data": 0}),
+            ("publish", {"channel": poison, "data": "never"}),
+            ("publish", {"channel": first, "data": 1}),
+        ],
+        partition=0,
+    )
+    await pg_outbox.publish(second, list(range(5)), partition=1)
+
+    async def other_partition_done() -> bool:
+        return await history_data(server, second) == [0, 1, 2, 3, 4]
+
+    async def stuck_at_poison() -> bool:
+        return await history_data(server, first) == [0]
+
+    await eventually(other_partition_done, WAIT, "partition 1 consumed", interval=0.05)
+    await eventually(stuck_at_poison, WAIT, "partition 0 at the poison row", interval=0.05)
+    assert "giving up" not in server_log(server)  # so partition 0 was still blocked
+    await pg_outbox.drained()
+    assert await history_data(server, first) == [0, 1]
+    assert await history_data(server, second) == [0, 1, 2, 3, 4]
+    assert await history_data(server, poison) == []
+    poison_id = 2
+    assert (
+        f"giving up on publish at {pg_outbox.table} partition 0 id {poison_id} after "
+        "8 retries, skipping it" in server_log(server)
+    )
 
 
 # --- Kafka: poison and temporary failures --------------------------------------------------
