@@ -154,7 +154,7 @@ async def test_gzip_compression_switch() -> None:
 async def test_slow_backend_is_a_proxy_error_within_the_timeout(
     backend: GrpcProxyBackendServer,
 ) -> None:
-    backend.answer("rpc", lambda r: sleep_then(5.0, pb.RPCResponse()))
+    backend.answer("rpc", lambda r: sleep_then(10.0, pb.RPCResponse()))
     client = _client(backend.endpoint)
     started = time.monotonic()
     try:
@@ -162,7 +162,7 @@ async def test_slow_backend_is_a_proxy_error_within_the_timeout(
             await client.call(ProxyCall("rpc", {}, {}, 0.3))
     finally:
         await client.close()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.0  # the answer would take 10 s
 
 
 async def test_backend_down_then_up() -> None:
@@ -173,7 +173,7 @@ async def test_backend_down_then_up() -> None:
         started = time.monotonic()
         with pytest.raises(ProxyError, match="UNAVAILABLE"):
             await client.call(ProxyCall("rpc", {}, {}, 1.0))
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3.0
         await server.start(port)
 
         async def answered() -> bool:
@@ -483,7 +483,7 @@ async def test_backend_down_or_slow_is_error_100_within_the_timeout(
     if failure == "down":
         endpoint = f"grpc://127.0.0.1:{free_port()}"
     else:
-        backend.answer("rpc", lambda r: sleep_then(5.0, pb.RPCResponse()))
+        backend.answer("rpc", lambda r: sleep_then(10.0, pb.RPCResponse()))
         endpoint = backend.endpoint
     server = server_factory({"proxy_rpc_endpoint": endpoint, "proxy_rpc_timeout": "500ms"})
     client = await _ws(http, server)
@@ -493,7 +493,7 @@ async def test_backend_down_or_slow_is_error_100_within_the_timeout(
         reply = await client.command("rpc", {"method": "m", "data": {}})
         elapsed = time.monotonic() - started
         assert reply["error"]["code"] == 100, reply
-        assert elapsed < 2.0, elapsed
+        assert elapsed < 3.0, elapsed  # a slow answer would take 10 s
         if failure == "slow":
             assert elapsed >= 0.4, elapsed
     finally:
