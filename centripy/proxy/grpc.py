@@ -340,6 +340,10 @@ class GrpcProxyBackend:
             details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             name = code.name if code is not None else "ERROR"
             raise ProxyError(f"{self.settings.endpoint} {call.kind}: {name} {details}") from None
+        if response is None:  # grpc logs the undecodable reply and hands over None
+            raise ProxyError(
+                f"{self.settings.endpoint} {call.kind}: reply is not a {call.kind} response"
+            )
         return decode_response(response)
 
     async def close(self) -> None:

@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from centripy.proxy.grpc import METHODS, SERVICE
 
-Handler = Callable[[Any], "Message | Awaitable[Message]"]
+Handler = Callable[[Any], "Message | bytes | Awaitable[Message]"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,11 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def _serialize(response: Message | bytes) -> bytes:
+    """A handler may answer raw bytes (to send what is not a response message)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 class GrpcProxyBackendServer:
     """Start with `await start()` (returns the port), stop with `await stop()`. `answer(kind,
     handler)` sets how a kind is answered: the handler gets the request message and returns
@@ -98,7 +103,7 @@ class GrpcProxyBackendServer:
         return [c for c in self.calls if c.kind == kind]
 
     def _method(self, kind: str, response_type: type[Message]) -> Any:
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Message:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Message | bytes:
             metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
             self.calls.append(Recorded(kind, request, metadata, context.peer()))
             self.changed.set()
@@ -120,7 +125,7 @@ class GrpcProxyBackendServer:
             method: grpc.unary_unary_rpc_method_handler(
                 self._method(kind, response),
                 request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString,
+                response_serializer=_serialize,
             )
             for kind, (method, request, response) in METHODS.items()
         }

@@ -165,6 +165,18 @@ async def test_slow_backend_is_a_proxy_error_within_the_timeout(
     assert time.monotonic() - started < 3.0  # the answer would take 10 s
 
 
+async def test_a_reply_that_is_not_a_response_is_a_proxy_error(
+    backend: GrpcProxyBackendServer,
+) -> None:
+    backend.answer("connect", lambda r: b"\xff\xff\xff")
+    client = _client(backend.endpoint)
+    try:
+        with pytest.raises(ProxyError, match="reply is not a connect response"):
+            await client.call(ProxyCall("connect", {}, {}, 2.0))
+    finally:
+        await client.close()
+
+
 async def test_backend_down_then_up() -> None:
     port = free_port()
     client = _client(f"grpc://127.0.0.1:{port}")
