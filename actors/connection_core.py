@@ -163,6 +163,8 @@ class ConnectionCore(Outbound):
         self._last_position_check = time.monotonic()
         self.frames_pending = 0  # told by the transport (tell_frame), not handled yet
         self.proxy_headers = proxy_headers or {}  # client request headers the proxies forward
+        self._slots: asyncio.Semaphore | None = None  # client_concurrency > 1: command slots
+        self._channel_locks: dict[str, list[Any]] = {}  # channel -> [Lock, commands using it]
 
     @property
     def config(self) -> Config:
@@ -273,14 +275,68 @@ class ConnectionCore(Outbound):
             if self.state is UNUSABLE:
                 self.close(DisconnectCode.BAD_REQUEST)
                 return
-            started = time.perf_counter()
-            try:
-                await self.handle_command(cmd)
-            except Disconnect as exc:
-                self.close(exc.code, exc.reason)
+            if self.config.client_concurrency > 1 and self.state is CONNECTED and cmd.id:
+                await self._start_concurrent(cmd)
+            elif not await self._run_command(cmd):
                 return
-            finally:
-                self.node.metrics.client_command(cmd.method, time.perf_counter() - started)
+
+    async def _run_command(self, cmd: Command) -> bool:
+        """Handle `cmd`; False when it closed the connection."""
+        started = time.perf_counter()
+        try:
+            await self.handle_command(cmd)
+        except Disconnect as exc:
+            self.close(exc.code, exc.reason)
+            return False
+        finally:
+            self.node.metrics.client_command(cmd.method, time.perf_counter() - started)
+        return True
+
+    # -- client_concurrency ---------------------------------------------------------------
+    # With client_concurrency N > 1 (Centrifugo's key), the commands of a connected client
+    # run as tasks, at most N at a time: a frame waits for a free slot (so a client cannot
+    # start more, and the read backpressure of tell_frame still applies), replies go out as
+    # each finishes and are matched by id. Commands naming the same channel keep their order
+    # (a subscribe never overtakes the unsubscribe sent before it).
+
+    async def _start_concurrent(self, cmd: Command) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.client_concurrency)
+        slots = self._slots
+        await slots.acquire()
+        channel = getattr(cmd.request, "channel", "") or ""
+        lock = None
+        if channel:
+            entry = self._channel_locks.setdefault(channel, [asyncio.Lock(), 0])
+            entry[1] += 1
+            lock = entry[0]
+        self._spawn(self._concurrent(cmd, slots, channel, lock))
+
+    async def _concurrent(
+        self, cmd: Command, slots: asyncio.Semaphore, channel: str, lock: asyncio.Lock | None
+    ) -> None:
+        try:
+            if lock is None:
+                await self._guarded(cmd)
+            else:
+                async with lock:
+                    await self._guarded(cmd)
+        finally:
+            slots.release()
+            if lock is not None:
+                entry = self._channel_locks[channel]
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._channel_locks[channel]
+
+    async def _guarded(self, cmd: Command) -> None:
+        if self._closing is not None or self.state is not CONNECTED:
+            return
+        try:
+            await self._run_command(cmd)
+        except Exception:  # outside the actor, supervision is ours: close this connection
+            log.exception("connection %s: %s failed", self.client_id, cmd.method)
+            self.close(DisconnectCode.INTERNAL)
 
     # -- publications ---------------------------------------------------------------------
 

@@ -293,7 +293,6 @@ UNSUPPORTED: Final[dict[str, str]] = {
     "swagger": "no Swagger UI",
     "swagger_handler_prefix": "no Swagger UI",
     "client_user_id_http_header": "authentication by proxy header is not implemented",
-    "client_concurrency": "commands of a connection are handled one at a time",
     "global_redis_presence_user_mapping": "presence user counts are computed per request",
     "node_info_metrics_aggregate_interval": "node info metrics are not aggregated",
     "websocket_compression_min_size": "permessage-deflate compresses every message",

@@ -58,14 +58,14 @@ def test_every_key_is_read_by_the_server_or_listed_as_not_supported() -> None:
 def test_serve_and_checkconfig_name_each_unsupported_key(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(
-        '{"proxy_subscribe_stream_endpoint": "http://127.0.0.1:9/s", "client_concurrency": 4,'
+        '{"proxy_subscribe_stream_endpoint": "http://127.0.0.1:9/s", "redis_use_lists": true,'
         ' "grpc_api": true, "redis_sentinel_address": ["127.0.0.1:26379"],'
         ' "usage_stats_disable": true, "api_key": "k"}'
     )
     env = {"CENTRIFUGO_WEBSOCKET_READ_BUFFER_SIZE": "8192"}
     _, warnings = load_config(str(path), env, {})
     named = [w for w in warnings if w.startswith("not supported by centripy")]
-    for key in ("proxy_subscribe_stream_endpoint", "client_concurrency", "grpc_api",
+    for key in ("proxy_subscribe_stream_endpoint", "redis_use_lists", "grpc_api",
                 "redis_sentinel_address", "websocket_read_buffer_size"):  # fmt: skip
         assert any(f'"{key}"' in w for w in named), (key, warnings)
     assert not any("usage_stats" in w for w in warnings)
