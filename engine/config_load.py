@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -39,9 +39,9 @@ __all__ = ["load_config", "parse_go_bool", "parse_go_duration"]
 # --------------------------------------------------------------------------- key tables
 
 _LIST_KEYS = ("namespaces", "rpc_namespaces", "proxies", "consumers")
-# Valid Centrifugo v5.2 keys that centripy accepts without using them.
-_IGNORED_KEYS = frozenset({"redis_cluster_address", "redis_sentinel_address", "http3"})
-_IGNORED_PREFIXES = (
+# Valid Centrifugo v5.2 keys that centripy accepts without using them (warned when set).
+IGNORED_KEYS: Final = frozenset({"redis_cluster_address", "redis_sentinel_address", "http3"})
+IGNORED_PREFIXES: Final = (
     "grpc_api",
     "uni_grpc",
     "graphite",
@@ -53,6 +53,11 @@ _IGNORED_PREFIXES = (
     "redis_sentinel_",
     "webtransport",
 )
+# Keys a config may not set: running without them would be unsafe.
+REFUSED: Final[dict[str, str]] = {
+    "redis_tls": "TLS to Redis is not supported by centripy; refusing to connect in plain "
+    "text (remove redis_tls or terminate TLS in front)",
+}
 _SECONDS_PRECISION = frozenset({"history_ttl", "history_meta_ttl", "global_history_meta_ttl"})
 _LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal", "none")
 _CONSUMER_ENV_RE = re.compile(r"^CENTRIFUGO_CONSUMERS_(POSTGRESQL|KAFKA)_")
@@ -68,7 +73,7 @@ def _top_level_keys() -> frozenset[str]:
 
 
 def _is_ignored(key: str) -> bool:
-    return key in _IGNORED_KEYS or key.startswith(_IGNORED_PREFIXES)
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
 
 
 # --------------------------------------------------------------------------- value parsing
@@ -434,12 +439,9 @@ def _unsupported_warnings(merged: Mapping[str, object], config: Config) -> list[
     centripy does not act on: the keys of `UNSUPPORTED` and the features it does not have
     (grpc_api, redis_sentinel_*, ...). Refuses `redis_tls`: running without it would talk to
     Redis in plain text."""
-    if _truthy(merged.get("redis_tls")):
-        raise ConfigError(
-            "redis_tls",
-            "TLS to Redis is not supported by centripy; refusing to "
-            "connect in plain text (remove redis_tls or terminate TLS in front)",
-        )
+    for key, why in REFUSED.items():
+        if _truthy(merged.get(key)):
+            raise ConfigError(key, why)
     out = []
     for key in sorted(merged):
         if key in UNSUPPORTED:
