@@ -127,7 +127,9 @@ def test_admin_ui_in_chromium(server_factory: ServerFactory, tmp_path: Path) -> 
     published = result["result"]["result"]
     assert published["offset"] == 1 and published["epoch"] == history_epoch(server, CHANNEL)
     assert result["status"].startswith("publish: HTTP 200")
-    tail = one(events, "tail")["items"]
+    tail_event = one(events, "tail")
+    print(f"console publish -> shown in the live tail: {tail_event['latencyMs']} ms")
+    tail = tail_event["items"]
     assert [item["offset"] for item in tail] == [1]
     assert json.loads(tail[0]["text"])["text"] == "hello from the console"
     assert one(events, "watcher-received")["offsets"] == [1]

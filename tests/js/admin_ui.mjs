@@ -30,6 +30,9 @@ import WebSocket from 'ws';
 const CHROMIUM_FLAGS = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  // two pages side by side, as two windows would be: no timer throttling of the one behind
+  '--disable-background-timer-throttling', '--disable-renderer-backgrounding',
+  '--disable-backgrounding-occluded-windows',
 ];
 const PAGE_SIZE = 10;
 
@@ -175,6 +178,16 @@ async function main() {
     await inspector.waitForSelector('#presence li.client');
     const presence = await inspector.$$eval('#presence li.client', (items) => items.map((li) => li.textContent));
     emit({ event: 'presence', clients: presence, offset: Number(await text(inspector, '#stream-offset')) });
+    // when the first publication enters the tail, by the page's own clock (a hidden page's
+    // animation frames, which Playwright's waits may ride on, are throttled)
+    await inspector.evaluate(() => {
+      new MutationObserver((changes, observer) => {
+        if (document.querySelector('#tail li.pub')) {
+          window.tailShownAt = Date.now();
+          observer.disconnect();
+        }
+      }).observe(document.getElementById('tail'), { childList: true });
+    });
     await inspector.click('#tail-toggle');
     await inspector.waitForFunction(() => document.getElementById('tail-state').textContent === 'live');
 
@@ -183,6 +196,11 @@ async function main() {
     await first.selectOption('#console-method', 'publish');
     const published = { text: 'hello from the console', at: Date.now() };
     await first.fill('#console-params', JSON.stringify({ channel: scenario.channel, data: published }, null, 2));
+    await first.evaluate(() => {
+      document.getElementById('console-form').addEventListener('submit', () => {
+        window.submittedAt = Date.now();
+      }, { capture: true, once: true });
+    });
     await first.click('#console-run');
     await first.waitForSelector('#console-status[data-status="ok"]');
     const consoleResult = JSON.parse(await first.textContent('#console-result'));
@@ -191,6 +209,9 @@ async function main() {
     // 6. it arrives in the other page's live tail (and at the watcher)
     const item = inspector.locator('#tail li.pub', { hasText: 'hello from the console' });
     await item.waitFor({ state: 'visible' });
+    // Run pressed -> publish -> the next 500 ms poll -> shown in the other page
+    const submittedAt = await first.evaluate(() => window.submittedAt);
+    const tailLatencyMs = (await inspector.evaluate(() => window.tailShownAt)) - submittedAt;
     await inspector.waitForFunction(
       (offset) => document.getElementById('stream-offset').textContent === String(offset),
       consoleResult.result.offset,
@@ -198,7 +219,7 @@ async function main() {
     const tail = await inspector.$$eval('#tail li.pub', (items) => items.map((li) => ({
       offset: Number(li.dataset.offset), text: li.querySelector('.data').textContent,
     })));
-    emit({ event: 'tail', items: tail });
+    emit({ event: 'tail', items: tail, latencyMs: tailLatencyMs });
     const deadline = Date.now() + stepTimeout;
     while (!client.received.some((pub) => pub.data && pub.data.at === published.at)) {
       if (Date.now() > deadline) throw new Error(`the watcher never got the publication: ${JSON.stringify(client.received)}`);
