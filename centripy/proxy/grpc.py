@@ -231,12 +231,13 @@ def _settings(
     )
 
 
-def settings_from_config(endpoint: str, config: Config) -> GrpcSettings:
-    """The settings of the back end at `endpoint`: in granular proxy mode those of the first
-    `proxies` item with that endpoint, else the top-level `proxy_grpc_*` keys."""
+def settings_from_config(endpoint: str, config: Config, name: str = "") -> GrpcSettings:
+    """The settings of the back end at `endpoint`: in granular proxy mode those of the
+    `proxies` item called `name` (or, without a name, the first with that endpoint), else
+    the top-level `proxy_grpc_*` keys."""
     if config.granular_proxy_mode:
         for i, proxy in enumerate(config.proxies):
-            if proxy.endpoint == endpoint:
+            if proxy.endpoint == endpoint and (not name or proxy.name == name):
                 return _settings(
                     endpoint,
                     f"proxies[{i}].endpoint",
@@ -297,10 +298,11 @@ class GrpcProxyBackend:
         self._callables: dict[str, Any] = {}
 
     @classmethod
-    def from_config(cls, endpoint: str, config: Config) -> GrpcProxyBackend:
-        """The back end of `endpoint` (`grpc://host:port`). Raises ConfigError naming the key
-        of a malformed endpoint, an unreadable cert file or a bad credentials key."""
-        return cls(settings_from_config(endpoint, config))
+    def from_config(cls, endpoint: str, config: Config, name: str = "") -> GrpcProxyBackend:
+        """The back end of `endpoint` (`grpc://host:port`); in granular mode `name` picks the
+        `proxies` item when several share the endpoint. Raises ConfigError naming the key of
+        a malformed endpoint, an unreadable cert file or a bad credentials key."""
+        return cls(settings_from_config(endpoint, config, name))
 
     def _open(self) -> grpc.aio.Channel:
         s = self.settings

@@ -328,6 +328,18 @@ def test_settings_in_granular_mode() -> None:
     )  # fmt: skip
 
 
+def test_granular_proxies_sharing_an_endpoint_are_told_apart_by_name() -> None:
+    config = Config(
+        granular_proxy_mode=True,
+        proxies=(
+            ProxyConfig(name="a", endpoint="grpc://h:1", grpc_credentials_key="ka"),
+            ProxyConfig(name="b", endpoint="grpc://h:1", grpc_credentials_key="kb"),
+        ),
+    )
+    assert settings_from_config("grpc://h:1", config, "b").credentials == ("kb", "")
+    assert settings_from_config("grpc://h:1", config).credentials == ("ka", "")
+
+
 @pytest.mark.parametrize(
     ("config", "endpoint", "key"),
     [
