@@ -156,6 +156,7 @@ async def test_two_nodes_ride_out_a_redis_kill(
 
     await asyncio.to_thread(redis.start)
     up_at = time.monotonic()
+    print(f"redis killed at {time.time() - (up_at - killed_at):.3f}, back at {time.time():.3f}")
     acked_at_restart = len(publisher.acked)
 
     def presence_back() -> bool:
