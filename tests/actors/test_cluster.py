@@ -17,6 +17,7 @@ import pytest
 
 from centripy.actors.channel import Deliver, JoinLeave
 from centripy.actors.cluster import ClusterLink, ClusterSessions
+from centripy.actors.connection_core import Frame
 from centripy.actors.hub import Hub, ServerDisconnectMsg, ServerUnsubscribeMsg
 from centripy.engine.node import Node
 from centripy.engine.sessions import DisconnectCommand, UnsubscribeCommand
@@ -138,6 +139,24 @@ async def test_user_commands_act_here_and_on_the_other_node(
     assert there.of(ServerDisconnectMsg) == [ServerDisconnectMsg(4000, "bye")]
     # the whitelisted connection got the unsubscribe (told before), never the disconnect
     assert kept.of(ServerUnsubscribeMsg) and not kept.of(ServerDisconnectMsg)
+
+
+async def test_an_emulation_request_is_forwarded_to_the_sessions_node(
+    cluster: tuple[Member, Member],
+) -> None:
+    a, b = cluster
+    ref, conn = Recorder.start_recorder()
+    b.hub.add_connection("c1", "alice", "sess-b", ref)
+    data = b'{"subscribe":{"channel":"c"},"id":2}'
+    assert await a.link.forward_emulation(b.node.uid, "sess-b", data) == 204
+    assert [f.data for f in conn.of(Frame)] == [data]  # told before the reply was sent
+    assert await a.link.forward_emulation(b.node.uid, "no-such-session", b"{}") == 204
+    assert len(conn.of(Frame)) == 1
+    gone = str(uuid.uuid4())
+    assert await a.link.forward_emulation(gone, "sess-b", b"{}", timeout=0.3) == 404
+    await eventually(lambda: b.node.uid in {n.uid for n in a.sessions.nodes()}, WAIT)
+    b.link.on_control = lambda data: None  # type: ignore[method-assign]  # b stops answering
+    assert await a.link.forward_emulation(b.node.uid, "sess-b", b"{}", timeout=0.3) == 500
 
 
 async def test_undecodable_control_messages_are_ignored(cluster: tuple[Member, Member]) -> None:

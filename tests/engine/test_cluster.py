@@ -16,6 +16,8 @@ from centripy.engine.cluster import (
     NODE_EXPIRE_AFTER,
     ControlError,
     ControlMessage,
+    EmulationForward,
+    EmulationReply,
     NodeRegistry,
     apply_command,
     decode_control,
@@ -52,6 +54,10 @@ MESSAGES: list[ControlMessage] = [
     RefreshCommand("42", expired=True),
     RefreshCommand("42", "c", "s", False, 1735689600, b'{"name":"A"}'),
     RefreshCommand("42", info=b""),
+    EmulationForward("n1:7", "n1", "sess-1", b'{"subscribe":{"channel":"c"},"id":2}'),
+    EmulationForward("n1:8", "n1", "sess-1", b"\x0a\x00\xff"),  # protobuf commands
+    EmulationReply("n1:7", 204),
+    EmulationReply("n1:8", 503),
 ]
 
 
@@ -94,6 +100,12 @@ def _raw(**fields: Any) -> bytes:
         _raw(t="subscribe", channel="c", override={"presence": 1}),
         _raw(t="disconnect", user="u", code=4000, whitelist=[1]),
         _raw(t="refresh", user=None),
+        _raw(t="emulation", origin="o", session="s", data=""),  # id required
+        _raw(t="emulation", id="1", session="s"),  # origin required
+        _raw(t="emulation", id="1", origin="o", session="s", data="***"),
+        _raw(t="emulation_reply", id="1", status=42),
+        _raw(t="emulation_reply", id="1", status="204"),
+        _raw(t="emulation_reply", status=204),
     ],
 )
 def test_malformed_messages_raise_control_error(data: bytes) -> None:
@@ -112,10 +124,21 @@ JSON = st.recursive(
 )
 FIELDS = ["uid", "name", "num_clients", "uptime", "channels", "user", "channel", "info",
           "data", "client", "session", "expire_at", "recover_since", "override", "code",
-          "reason", "whitelist", "expired"]  # fmt: skip
+          "reason", "whitelist", "expired", "id", "origin", "status"]  # fmt: skip
 MESSAGE_LIKE = st.builds(
     lambda t, fields: orjson.dumps({"v": 1, "t": t, **fields}),
-    st.sampled_from(["node", "subscribe", "unsubscribe", "disconnect", "refresh"]) | JSON,
+    st.sampled_from(
+        [
+            "node",
+            "subscribe",
+            "unsubscribe",
+            "disconnect",
+            "refresh",
+            "emulation",
+            "emulation_reply",
+        ]
+    )
+    | JSON,
     st.dictionaries(st.sampled_from(FIELDS), JSON),
 )
 
@@ -128,7 +151,13 @@ def test_decoder_returns_a_message_or_raises_control_error(data: bytes) -> None:
         return
     assert isinstance(
         msg,
-        NodeInfo | ServerSubscribe | UnsubscribeCommand | DisconnectCommand | RefreshCommand,
+        NodeInfo
+        | ServerSubscribe
+        | UnsubscribeCommand
+        | DisconnectCommand
+        | RefreshCommand
+        | EmulationForward
+        | EmulationReply,
     )
 
 
