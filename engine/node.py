@@ -225,12 +225,14 @@ class Node:
 
     def join(self, channel: str, info: ClientInfo) -> None:
         self.metrics.action("join")
+        self.metrics.inc("centrifugo_node_messages_sent_count", type="join")
         for fanout in self._fanouts:
             fanout.join(channel, info)
         self._join_leave_remote(channel, info, True)
 
     def leave(self, channel: str, info: ClientInfo) -> None:
         self.metrics.action("leave")
+        self.metrics.inc("centrifugo_node_messages_sent_count", type="leave")
         for fanout in self._fanouts:
             fanout.leave(channel, info)
         self._join_leave_remote(channel, info, False)
