@@ -18,8 +18,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from centrifuge import Client as SdkClient
 
 from tests.integration.test_cluster import Client
+from tests.integration.test_websocket_sdks import ClientEvents, SubEvents
 from tests.support.private_servers import PrivateRedis
 from tests.support.server import ServerFactory, ServerProcess
 from tests.support.services import postgres_url
@@ -72,6 +74,14 @@ async def clients() -> AsyncIterator[list[Client]]:
         await client.close()
 
 
+@pytest.fixture
+async def sdk_clients() -> AsyncIterator[list[SdkClient]]:
+    made: list[SdkClient] = []
+    yield made
+    for client in made:
+        await client.disconnect()
+
+
 async def _subscribed(made: list[Client], node: ServerProcess, token: str, channel: str) -> Client:
     client = await Client.connect(node, token)
     made.append(client)
@@ -109,6 +119,7 @@ async def test_two_nodes_ride_out_a_redis_kill(
     server_factory: ServerFactory,
     redis: PrivateRedis,
     clients: list[Client],
+    sdk_clients: list[SdkClient],
     make_token: Any,
 ) -> None:
     config = {
@@ -127,6 +138,16 @@ async def test_two_nodes_ride_out_a_redis_kill(
         await _subscribed(clients, node, make_token(f"u{i}"), channel)
         for i, node in enumerate((a, b, a, b))
     ]
+    # centrifuge-python, recovering: reconnected during the outage, its resubscribes fail
+    # (presence is in Redis: temporary 100) until Redis is back, then it recovers.
+    sdk_sub = SubEvents()
+    sdk = SdkClient(b.ws_url, events=ClientEvents(), token=make_token("sdk"), proxy=None)
+    sdk_clients.append(sdk)
+    subscription = sdk.new_subscription(channel, events=sdk_sub, max_resubscribe_delay=1.0)
+    await sdk.connect()
+    await sdk.ready(timeout=WITHIN)
+    await subscription.subscribe()
+    await sdk_sub.wait_for("subscribed", within=WITHIN)
     publisher = Publisher([a, b], channel)
     task = asyncio.create_task(publisher.run())
     await eventually(lambda: len(publisher.acked) >= 20, WITHIN, "20 publications before")
@@ -152,6 +173,8 @@ async def test_two_nodes_ride_out_a_redis_kill(
     feed = f"feed:{uuid.uuid4().hex[:8]}"
     reply = await newcomer.call("subscribe", {"channel": feed})
     assert "subscribe" in reply, reply
+    b.api_result("disconnect", {"user": "sdk", "disconnect": {"code": 4000, "reason": "go"}})
+    await sdk_sub.wait_for("error", within=WITHIN)  # its resubscribe met the outage
     await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - killed_at)))
 
     await asyncio.to_thread(redis.start)
@@ -182,6 +205,10 @@ async def test_two_nodes_ride_out_a_redis_kill(
         assert sub.offsets(channel) == list(range(1, top + 1))
         assert sub.closed is None
     print(f"subscribers complete {time.monotonic() - started:.2f} s after the last publish")
+    await eventually(lambda: len(sdk_sub.offsets()) >= top, WITHIN, "the SDK has everything")
+    assert sdk_sub.offsets() == list(range(1, top + 1))
+    last = sdk_sub.of("subscribed")[-1]
+    assert len(sdk_sub.of("subscribed")) == 2 and last.was_recovering and last.recovered
 
     # Cross-node delivery resumed: a publication on a reaches b's subscribers at once
     # (not by a later gap fill: nothing follows it).
@@ -190,11 +217,11 @@ async def test_two_nodes_ride_out_a_redis_kill(
         await eventually(lambda s=sub: len(s.offsets(channel)) == top + 1, 5, changed=sub.changed)
 
     # Presence and `info` again list everyone, and only them.
-    def present() -> set[str]:
+    def present() -> list[str]:
         presence = b.api_result("presence", {"channel": channel})["presence"]
-        return {v["client"] for v in presence.values()}
+        return sorted(v["user"] for v in presence.values())
 
-    everyone = {c.client_id for c in live}
+    everyone = ["sdk", "u0", "u1", "u2", "u3"]
     await eventually(lambda: present() == everyone, WITHIN, "presence re-added", interval=0.2)
 
     def info_counts() -> list[int]:
@@ -209,5 +236,6 @@ async def test_two_nodes_ride_out_a_redis_kill(
     a.api_result("publish", {"channel": feed, "data": {"i": 0}})
     await eventually(lambda: newcomer.offsets(feed) == [1], 5, changed=newcomer.changed)
 
-    await eventually(lambda: info_counts() == [2, 3], WITHIN, "info lists both", interval=0.3)
+    # a: two live; b: two live, the newcomer and the SDK
+    await eventually(lambda: info_counts() == [2, 4], WITHIN, "info lists both", interval=0.3)
     assert a.running and b.running
