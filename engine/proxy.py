@@ -480,9 +480,8 @@ class Proxies:
         started = time.perf_counter()
         try:
             # the back end times out itself; this bounds one that does not
-            response = await asyncio.wait_for(
-                self._backends[target.name].call(call), target.timeout + 1.0
-            )
+            async with asyncio.timeout(target.timeout + 1.0):  # no task per call
+                response = await self._backends[target.name].call(call)
             result = parse(outcome(response))
         except (ProxyError, TimeoutError) as exc:
             self._observe(target, kind, started, True)
