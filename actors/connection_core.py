@@ -442,6 +442,8 @@ class ConnectionCore(Outbound):
                 if target is not None and self.state is CONNECTED:
                     return connection_proxy.refresh(self, target)
                 self.close(DisconnectCode.EXPIRED)
+            elif self.expire_at:  # fired a moment early (loop clock vs wall clock)
+                self._schedule_expiry()
         elif kind is Timer.TICK:
             return self._periodic()
         return None
