@@ -244,6 +244,8 @@ def outcome(response: object) -> dict[str, Any] | None:
         if not isinstance(disconnect, dict):
             raise ProxyError("disconnect is not an object")
         code = _uint(disconnect, "code")
+        if not 3000 <= code <= 4999:  # what a WebSocket close frame may carry
+            raise ProxyError(f"disconnect code {code} is not in 3000-4999")
         return_reason = disconnect.get("reason") or ""
         if not isinstance(return_reason, str):
             raise ProxyError("disconnect reason is not a string")

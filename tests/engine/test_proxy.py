@@ -160,6 +160,8 @@ def test_outcome_maps_result_error_and_disconnect() -> None:
         {"error": {"code": "1"}},
         {"error": {"code": -1}},
         {"disconnect": {"code": 4000, "reason": 5}},
+        {"disconnect": {}},  # code 0: no close frame can carry it
+        {"disconnect": {"code": 1000}},
     ],
 )
 def test_malformed_responses_are_proxy_errors(response: Any) -> None:
