@@ -34,7 +34,9 @@ def _backend(config: Config, target: ProxyTarget, pool: HttpPool) -> ProxyBacken
             raise ConfigError(
                 _key(config, target), f"GRPC proxies are not available: {exc}"
             ) from None
-        backend: ProxyBackend = factory(endpoint, config)
+        # in granular mode the name picks the proxies item (several may share an endpoint)
+        name = target.name if config.granular_proxy_mode else ""
+        backend: ProxyBackend = factory(endpoint, config, name)
         return backend
     raise ConfigError(
         _key(config, target), f"endpoint must be http://, https:// or grpc://, got {endpoint!r}"
