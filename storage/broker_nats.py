@@ -27,9 +27,10 @@ broker's callback has handled that many.
 Two nats-py internals are used, on purpose: `Client.flush()` writes its PING straight to
 the socket, ahead of commands still queued for the flusher task (measured: 5 PUBs in 2,000
 overtaken), and it cancels its PONG future on timeout, after which the PONG, when it comes,
-kills the client's read loop (InvalidStateError). So `_round_trip` first waits for the
-flusher (`_flush_pending(force_flush=True)`) and then sends its own PING with a future it
-never cancels (`_send_ping`). Pinned by setup.cfg (`nats-py<3`); tests cover both.
+kills the client's read loop (InvalidStateError). So `_ping` first waits for the flusher
+(`_flush_pending(force_flush=True)`) and then sends its own PING with a future it never
+cancels (`_send_ping`). Pinned by setup.cfg (`nats-py<3`); tests cover both. Concurrent
+publishes and barriers share one PING (the next one sent after they asked).
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ class NatsBroker(Broker):
         self._first_attempt = asyncio.Event()  # the first connection is up or failed
         self._failed_before = False  # a connection attempt failed before the first success
         self._lost: asyncio.Future[None] | None = None  # resolved when the session drops
+        self._trip_waiters: list[asyncio.Future[bool]] = []  # for the next PING's PONG
+        self._trips: asyncio.Task[None] | None = None  # sends those PINGs
         self._closing = False
 
     # -- names ----------------------------------------------------------------------------
@@ -176,6 +179,10 @@ class NatsBroker(Broker):
             self._connector.cancel()
             await asyncio.gather(self._connector, return_exceptions=True)
             self._connector = None
+        if self._trips is not None:
+            self._trips.cancel()
+            await asyncio.gather(self._trips, return_exceptions=True)
+            self._trips = None
         nc, self._nc = self._nc or self._connecting, None
         self._connecting = None
         for state in self._channels.values():
@@ -317,21 +324,46 @@ class NatsBroker(Broker):
 
     async def _round_trip(self, nc: Client) -> None:
         """Return once the server has processed everything written on `nc` so far (and
-        every message it routed to `nc` before has been read); StorageError otherwise."""
-        lost: asyncio.Future[Any] | None = self._lost
+        every message it routed to `nc` before has been read); StorageError otherwise.
+        Callers waiting at the same time share one PING: the next one sent."""
+        lost = self._lost
         if not nc.is_connected or lost is None or lost.done():
             raise StorageError("nats broker is not connected")
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._trip_waiters.append(waiter)
+        if self._trips is None or self._trips.done():
+            self._trips = asyncio.create_task(self._run_round_trips(nc))
+        await asyncio.wait({waiter}, timeout=self._write_timeout)
+        if not waiter.done():
+            raise StorageError("nats broker: no PONG within nats_write_timeout")
+        if not waiter.result():
+            raise StorageError("nats broker: the connection was lost")
+
+    async def _run_round_trips(self, nc: Client) -> None:
+        """PING after everything queued, one batch of waiters at a time, until none wait."""
+        while self._trip_waiters:
+            batch, self._trip_waiters = self._trip_waiters, []
+            ok = await self._ping(nc)
+            for waiter in batch:
+                if not waiter.done():
+                    waiter.set_result(ok)
+
+    async def _ping(self, nc: Client) -> bool:
+        lost = self._lost
+        if lost is None or lost.done():
+            return False
         pong: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
             await nc._flush_pending(force_flush=True)  # see the module docstring
             if not nc.is_connected:
-                raise StorageError("nats broker is not connected")
+                return False
             await nc._send_ping(pong)
         except NATS_ERRORS as exc:
-            raise StorageError(f"nats broker: {exc!r}") from exc
+            log.debug("nats broker: ping failed: %r", exc)
+            return False
+        # never cancelled: nats-py resolves it (or forgets it on reconnect)
         await asyncio.wait({pong, lost}, timeout=self._write_timeout, return_when="FIRST_COMPLETED")
-        if not pong.done():  # never cancelled: nats-py resolves it (or drops it on reconnect)
-            raise StorageError("nats broker: no PONG within nats_write_timeout")
+        return pong.done()
 
     async def _publish(self, subject: str, body: bytes) -> None:
         nc = self._nc
