@@ -47,6 +47,11 @@ EXTENSIONS: dict[str, str] = {
     "api_max_publication_size": "larger publication data gets error 107 (0: no limit)",
 }
 
+# Keys of list items that are parsed without effect (named by load_config when set).
+NESTED_WARNED: dict[str, str] = {
+    "RpcNamespace.proxy_rpc": "rpc namespaces route by rpc_proxy_name (granular mode)",
+}
+
 _KIND_NAMES = {"duration": "duration", "list": "list of strings", "map": "map"}
 
 
@@ -90,7 +95,12 @@ def status(key: str) -> tuple[str, str]:
 def rows(cls: type) -> Iterator[tuple[str, str, str, str, str]]:
     """(key, kind, default, status, note) of every scalar field of config class `cls`."""
     for key, kind in field_kinds(cls).items():
-        state, note = status(key) if cls is Config else ("works", "")
+        if cls is Config:
+            state, note = status(key)
+        elif f"{cls.__name__}.{key}" in NESTED_WARNED:
+            state, note = "warned", NESTED_WARNED[f"{cls.__name__}.{key}"]
+        else:
+            state, note = "works", ""
         yield key, _KIND_NAMES.get(kind, kind), _show(_default(cls, key), kind), state, note
 
 

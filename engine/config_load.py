@@ -278,6 +278,12 @@ def _build_rpc_namespaces(value: object, warnings: list[str]) -> tuple[RpcNamesp
         path = f"rpc_namespaces[{i}]"
         kwargs = _object_kwargs(RpcNamespace, raw, path, warnings, nested=True)
         out.append(RpcNamespace(**{"name": "", **kwargs}))
+        if out[-1].proxy_rpc:
+            warnings.append(
+                f'not supported by centripy: "{path}.proxy_rpc" (rpc namespaces route to a '
+                "proxy by rpc_proxy_name in granular mode; without it every rpc goes to "
+                "proxy_rpc_endpoint); ignored"
+            )
     return tuple(out)
 
 

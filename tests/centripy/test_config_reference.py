@@ -45,3 +45,10 @@ def test_a_refused_key_stops_load_config(key: str, tmp_path: Path) -> None:
     path.write_text(f'{{"{key}": true}}')
     with pytest.raises(ConfigError, match=key):
         load_config(str(path), {}, {})
+
+
+def test_proxy_rpc_in_an_rpc_namespace_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"rpc_namespaces": [{"name": "ns", "proxy_rpc": true}]}')
+    _, warnings = load_config(str(path), {}, {})
+    assert any('"rpc_namespaces[0].proxy_rpc"' in w for w in warnings), warnings
