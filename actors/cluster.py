@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -157,9 +158,13 @@ class ClusterLink:
         self, node_uid: str, session: str, data: bytes, timeout: float = EMULATION_TIMEOUT
     ) -> int:
         """Send an `/emulation` request to the node owning `session` and return the HTTP
-        status to answer: the owner's (204, 503); 404 when no reply comes and the node is
-        not a live one (a session of a node that is gone); 500 when a live node does not
-        answer within `timeout` or the broker fails."""
+        status to answer: the owner's (204, 503); 404 for something that is not a node uid,
+        or when no reply comes and the node is not a live one (a session of a node that is
+        gone); 500 when a live node does not answer within `timeout` or the broker fails."""
+        try:
+            uuid.UUID(node_uid)
+        except ValueError:
+            return 404  # not a node uid (every node's is a UUID): nowhere to send it
         request_id = f"{self.node.uid}:{next(self._emulation_ids)}"
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._emulations[request_id] = waiter

@@ -238,6 +238,8 @@ class NatsBroker(Broker):
     async def publish_control(self, data: bytes, node_uid: str = "") -> None:
         """To every other node (""), or to `node_uid` only. A node never receives its own
         control messages, even when addressed to itself."""
+        if node_uid and not plain_subject_part(node_uid):
+            raise StorageError(f"nats broker: node uid {node_uid!r} is not a subject token")
         subject = self._node_subject(node_uid) if node_uid else self._control_subject()
         await self._publish(subject, encode_control_envelope(self._uid, data, node_uid))
 

@@ -152,6 +152,8 @@ async def test_an_emulation_request_is_forwarded_to_the_sessions_node(
     assert [f.data for f in conn.of(Frame)] == [data]  # told before the reply was sent
     assert await a.link.forward_emulation(b.node.uid, "no-such-session", b"{}") == 204
     assert len(conn.of(Frame)) == 1
+    for bogus in ("", ">", "a b", "centripy.node.*"):  # no node uid: 404 at once
+        assert await a.link.forward_emulation(bogus, "sess-b", b"{}", timeout=30) == 404
     gone = str(uuid.uuid4())
     assert await a.link.forward_emulation(gone, "sess-b", b"{}", timeout=0.3) == 404
     await eventually(lambda: b.node.uid in {n.uid for n in a.sessions.nodes()}, WAIT)

@@ -298,6 +298,15 @@ def test_bad_settings_raise_value_error(kwargs: dict[str, Any]) -> None:
         NatsBroker(**kwargs)
 
 
+async def test_control_to_a_node_uid_that_is_no_subject_token_is_refused(
+    cluster: NatsCluster,
+) -> None:
+    a, _, _ = await cluster.node()
+    for uid in (">", "*", "a b", "x.>"):
+        with pytest.raises(StorageError):
+            await a.publish_control(b"x", uid)
+
+
 async def test_close_is_idempotent_and_stops_delivery(cluster: NatsCluster) -> None:
     a, _, _ = await cluster.node()
     b, rb, _ = await cluster.node()
