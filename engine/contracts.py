@@ -163,7 +163,7 @@ class BrokerHandler(Protocol):
 
 
 class Broker(abc.ABC):
-    """Cross-node fan-out (Redis PUB/SUB, PostgreSQL LISTEN/NOTIFY). Delivery is at most
+    """Cross-node fan-out (Redis PUB/SUB, PostgreSQL LISTEN/NOTIFY, NATS). Delivery is at most
     once and a node never receives its own messages back; ordering and gaps are the
     receiving node's job (it sequences by offset and fills gaps from the event log).
     All methods run on the loop; publish_* return once the message was handed to the
