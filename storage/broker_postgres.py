@@ -1,19 +1,27 @@
 """Cross-node fan-out on PostgreSQL alone: LISTEN/NOTIFY (engine `postgresql`).
 
-Two LISTEN channels per cluster: `<channel_prefix>_pub` carries publications, join and leave
-of every channel (each node drops those of channels it has no local subscriber for) and
-`<channel_prefix>_ctl` carries control messages (to all nodes, or addressed to one uid).
+Publications, join and leave travel on `shards` LISTEN channels `<channel_prefix>_pub_<k>`
+(`k` = crc32(channel) mod `shards`; one channel `<channel_prefix>_pub` when `shards` is 1):
+a node LISTENs only to the shards of the channels it has local subscribers for (LISTEN on
+the first channel of a shard, UNLISTEN after the last) and drops what it receives for other
+channels of those shards. `<channel_prefix>_ctl` carries control messages (to all nodes, or
+addressed to one uid) and barrier tokens; every node LISTENs to it.
 
 A NOTIFY payload is text shorter than 8000 bytes, so a message body (the binary envelope of
 `storage.wire`) is sent as `i<base64(body)>` when that fits in `inline_limit`
 characters, otherwise the body is inserted into `<table>(id bigserial, body bytea,
 created_at timestamptz)` and the NOTIFY (same transaction, so it is delivered only once the
 row is visible) carries `r["<id>","<origin>","<kind>","<channel or target>"]`; receivers that
-want it fetch the row. Rows are deleted after `gc_after` seconds by publishing nodes.
+want it fetch the rows of everything queued with one SELECT. Rows are deleted after
+`gc_after` seconds by publishing nodes; a receiver that finds a wanted row gone (it lagged
+longer than that) calls `handler.on_reconnect()`, so its channels fill the gap from the log.
 
 One dedicated connection LISTENs (application_name `centripy-listen-<uid>`); a small pool
-sends NOTIFYs and fetches large bodies. Notifications are handled one at a time, in arrival
-(= commit) order, by one task on the node's loop.
+sends NOTIFYs and fetches large bodies. Notifications wait in a queue of at most
+`max_backlog`; when a lagging node overflows it, the backlog is dropped and the handler's
+`on_reconnect()` is called in its place (the channels re-read the log, which holds every
+publication). Notifications are handled in arrival (= commit) order by one task on the
+node's loop, in batches of up to `fetch_batch`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import base64
 import logging
 import re
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +55,8 @@ log = logging.getLogger("centripy.broker.postgres")
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 NOTIFY_LIMIT = 7999  # PostgreSQL rejects payloads of 8000 bytes or more
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
+MAX_SHARDS = 1024
+_OVERFLOW = None  # queued in place of a dropped backlog
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -55,6 +66,11 @@ def asyncpg_dsn(url: str) -> str:
     if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
         raise ValueError(f"not a PostgreSQL URL: {url!r}")
     return f"postgresql://{rest}"
+
+
+def shard_of(channel: str, shards: int) -> int:
+    """The NOTIFY shard of `channel` (the same on every node and in every process)."""
+    return zlib.crc32(channel.encode()) % shards
 
 
 def check_identifier(name: str, what: str) -> str:
@@ -79,10 +95,18 @@ class PostgresBroker(Broker):
         inline_limit: int = 7900,
         gc_after: float = 60.0,
         reconnect_backoff: tuple[float, float] = (0.05, 3.0),
+        shards: int = 32,
+        max_backlog: int = 10_000,
+        fetch_batch: int = 256,
     ) -> None:
         self._dsn = asyncpg_dsn(dsn)
         prefix = check_identifier(channel_prefix, "channel_prefix")
-        self._pub_channel, self._ctl_channel = f"{prefix}_pub", f"{prefix}_ctl"
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ValueError(f"shards must be in 1..{MAX_SHARDS}")
+        if max_backlog < 1 or fetch_batch < 1:
+            raise ValueError("max_backlog and fetch_batch must be positive")
+        self._shards = shards
+        self._pub_base, self._ctl_channel = f"{prefix}_pub", f"{prefix}_ctl"
         self._table = check_identifier(table, "table")
         if not 16 <= inline_limit <= NOTIFY_LIMIT:
             raise ValueError(f"inline_limit must be in 16..{NOTIFY_LIMIT}")
@@ -96,7 +120,16 @@ class PostgresBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._pool: asyncpg.Pool | None = None
         self._channels: set[str] = set()
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._shard_counts: dict[int, int] = {}  # shard -> local channels in it
+        self._listened: set[int] = set()  # shards LISTENed to on the current session
+        self._conn: asyncpg.Connection | None = None  # the LISTEN session, once set up
+        self._conn_lock = asyncio.Lock()  # one operation at a time on the LISTEN session
+        self._max_backlog = max_backlog
+        self._fetch_batch = fetch_batch
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.received = 0  # notifications received (every shard and kind)
+        self.overflows = 0  # backlogs dropped (each followed by on_reconnect)
+        self.missed_rows = 0  # wanted stored messages found collected (or unreadable)
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt = asyncio.Event()
         self._table_ready = False
@@ -139,19 +172,66 @@ class PostgresBroker(Broker):
             await pool.close()
 
     async def subscribe(self, channel: str) -> None:
-        """Deliver this channel's messages from now on (a local filter: nothing is sent)."""
+        """Deliver this channel's messages from now on: LISTENs to its shard (when no other
+        local channel did) before returning. Without a LISTEN session the channel is
+        remembered and the next session LISTENs (then calls on_reconnect)."""
+        if channel in self._channels:
+            return
         self._channels.add(channel)
+        shard = shard_of(channel, self._shards)
+        self._shard_counts[shard] = self._shard_counts.get(shard, 0) + 1
+        await self._sync_shard(shard)
 
     async def unsubscribe(self, channel: str) -> None:
+        """Stop delivering; UNLISTENs from the shard after its last local channel."""
+        if channel not in self._channels:
+            return
         self._channels.discard(channel)
+        shard = shard_of(channel, self._shards)
+        left = self._shard_counts.get(shard, 0) - 1
+        if left > 0:
+            self._shard_counts[shard] = left
+        else:
+            self._shard_counts.pop(shard, None)
+        await self._sync_shard(shard)
+
+    def shard_channel(self, shard: int) -> str:
+        """The LISTEN channel of `shard`."""
+        return self._pub_base if self._shards == 1 else f"{self._pub_base}_{shard}"
+
+    def listened_shards(self) -> set[int]:
+        """The shards the current LISTEN session listens to (a copy)."""
+        return set(self._listened)
+
+    async def _sync_shard(self, shard: int) -> None:
+        """LISTEN to / UNLISTEN from `shard` so that it matches whether a local channel is in
+        it. A failure ends the session: the next one LISTENs and resyncs every channel."""
+        async with self._conn_lock:
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return
+            wanted = self._shard_counts.get(shard, 0) > 0
+            try:
+                if wanted and shard not in self._listened:
+                    await conn.add_listener(self.shard_channel(shard), self._on_notify)
+                    self._listened.add(shard)
+                elif not wanted and shard in self._listened:
+                    self._listened.discard(shard)
+                    await conn.remove_listener(self.shard_channel(shard), self._on_notify)
+            except PG_ERRORS as exc:
+                log.warning("postgres broker: (UN)LISTEN failed, reconnecting: %r", exc)
+                conn.terminate()
 
     async def publish(self, channel: str, pub: Publication, epoch: str) -> None:
         body = encode_publication(self._uid, channel, pub, epoch)
-        await self._notify(self._pub_channel, body, "p", channel)
+        await self._notify(self._pub_for(channel), body, "p", channel)
 
     async def publish_join_leave(self, channel: str, info: ClientInfo, join: bool) -> None:
         body = encode_join_leave(self._uid, channel, info, join)
-        await self._notify(self._pub_channel, body, "j" if join else "l", channel)
+        await self._notify(self._pub_for(channel), body, "j" if join else "l", channel)
+
+    def _pub_for(self, channel: str) -> str:
+        return self.shard_channel(shard_of(channel, self._shards))
 
     async def publish_control(self, data: bytes, node_uid: str = "") -> None:
         """To every other node (""), or to `node_uid` only. A node never receives its own
@@ -264,6 +344,8 @@ class PostgresBroker(Broker):
                 try:
                     established = await self._listen_session(conn, lost)
                 finally:
+                    self._conn = None
+                    self._listened.clear()
                     self._end_barriers()
                     conn.terminate()
             except PG_ERRORS as exc:
@@ -289,8 +371,12 @@ class PostgresBroker(Broker):
     async def _listen_session(self, conn: asyncpg.Connection, lost: bool) -> bool:
         closed = asyncio.Event()
         conn.add_termination_listener(lambda _conn: closed.set())
-        await conn.add_listener(self._pub_channel, self._on_notify)
-        await conn.add_listener(self._ctl_channel, self._on_notify)
+        async with self._conn_lock:
+            await conn.add_listener(self._ctl_channel, self._on_notify)
+            for shard in sorted(self._shard_counts):
+                await conn.add_listener(self.shard_channel(shard), self._on_notify)
+                self._listened.add(shard)
+            self._conn = conn
         self._listening = True
         self._first_attempt.set()
         if lost:
@@ -301,7 +387,8 @@ class PostgresBroker(Broker):
                 await asyncio.wait_for(closed.wait(), max(0.5, self._io_timeout / 2))
             except TimeoutError:
                 try:
-                    await conn.fetchval("SELECT 1", timeout=self._io_timeout)
+                    async with self._conn_lock:
+                        await conn.fetchval("SELECT 1", timeout=self._io_timeout)
                 except PG_ERRORS as exc:
                     log.warning("postgres broker: listener keep-alive failed: %r", exc)
                     break
@@ -309,39 +396,103 @@ class PostgresBroker(Broker):
         return True
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._queue.put_nowait(payload)
+        self.received += 1
+        if self._queue.qsize() < self._max_backlog:
+            self._queue.put_nowait(payload)
+            return
+        # A lagging node: drop the backlog and resync from the log instead of growing.
+        dropped = self._queue.qsize() + 1
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and item.startswith("b"):
+                self._release_barrier(item)
+        if payload.startswith("b"):
+            self._release_barrier(payload)
+        self.overflows += 1
+        log.warning(
+            "postgres broker: %d notifications behind (max_backlog), dropped them; "
+            "re-reading the log of every local channel",
+            dropped,
+        )
+        self._queue.put_nowait(_OVERFLOW)
+
+    def _release_barrier(self, token: str) -> None:
+        waiter = self._barriers.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _notification_loop(self) -> None:
         while True:
-            payload = await self._queue.get()
+            batch = [await self._queue.get()]
+            while len(batch) < self._fetch_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._handle_batch(batch)
+
+    async def _handle_batch(self, batch: list[str | None]) -> None:
+        """Handle queued notifications in order; the stored bodies that are wanted are
+        fetched first, with one SELECT."""
+        refs: dict[int, str] = {}  # row id -> kind, of wanted stored messages
+        parsed: list[tuple[str, Any]] = []
+        for payload in batch:
             try:
-                await self._handle(payload)
-            except StorageError as exc:
-                log.warning("postgres broker: could not fetch a stored message: %s", exc)
+                parsed.append(self._parse(payload, refs))
             except (ValueError, TypeError) as exc:
                 log.warning("postgres broker: dropped a malformed notification: %s", exc)
+        bodies = await self._fetch(list(refs)) if refs else {}
+        gap = False
+        for what, value in parsed:
+            if what == "body":
+                self._deliver(value)
+            elif what == "row":
+                body = bodies.get(value)
+                if body is not None:
+                    self._deliver(body)
+                elif refs[value] != KIND_CONTROL:
+                    gap = True  # a publication (or join/leave) we wanted is gone
+                else:
+                    log.warning("postgres broker: stored control message %s lost", value)
+            elif what == "barrier":
+                self._release_barrier(value)
+            elif what == "overflow":
+                self._call(lambda h: h.on_reconnect())
+        if gap:
+            self.missed_rows += 1
+            log.warning(
+                "postgres broker: stored messages collected or unreadable before this node "
+                "fetched them; re-reading the log of every local channel"
+            )
+            self._call(lambda h: h.on_reconnect())
 
-    async def _handle(self, payload: str) -> None:
+    def _parse(self, payload: str | None, refs: dict[int, str]) -> tuple[str, Any]:
+        if payload is None:
+            return "overflow", None
         if payload.startswith("b"):
-            waiter = self._barriers.pop(payload, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            return
+            return "barrier", payload
         if payload.startswith("r"):
             row_id, origin, kind, key = orjson.loads(payload[1:])
             if not self._wanted(origin, kind, key):
-                return
-            body = await self._with_conn(
-                lambda c: c.fetchval(f"SELECT body FROM {self._table} WHERE id = $1", int(row_id))
-            )
-            if body is None:
-                log.warning("postgres broker: stored message %s already collected", row_id)
-                return
-        elif payload.startswith("i"):
-            body = base64.b64decode(payload[1:], validate=True)
-        else:
-            raise ValueError(f"unknown notification prefix {payload[:1]!r}")
-        msg = decode_message(body)
+                return "skip", None
+            refs[int(row_id)] = kind
+            return "row", int(row_id)
+        if payload.startswith("i"):
+            return "body", base64.b64decode(payload[1:], validate=True)
+        raise ValueError(f"unknown notification prefix {payload[:1]!r}")
+
+    async def _fetch(self, ids: list[int]) -> dict[int, bytes]:
+        sql = f"SELECT id, body FROM {self._table} WHERE id = ANY($1::bigint[])"
+        try:
+            rows = await self._with_conn(lambda c: c.fetch(sql, ids))
+        except StorageError as exc:
+            log.warning("postgres broker: could not fetch %d stored messages: %s", len(ids), exc)
+            return {}
+        return {int(row["id"]): bytes(row["body"]) for row in rows}
+
+    def _deliver(self, body: bytes) -> None:
+        try:
+            msg = decode_message(body)
+        except ValueError as exc:
+            log.warning("postgres broker: dropped a malformed message: %s", exc)
+            return
         key = msg.target if msg.kind == KIND_CONTROL else msg.channel
         if not self._wanted(msg.origin, msg.kind, key):
             return
