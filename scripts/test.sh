@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every check CI runs: lint, format, types, then the whole test suite (unit and
-# integration tests with the real SDKs). Extra arguments go to pytest, e.g.
+# Run every check CI runs: lint, format, types, the documentation site build (mkdocs --strict),
+# then the whole test suite (unit and integration tests with the real SDKs). Extra arguments go
+# to pytest, e.g.
 # `./scripts/test.sh -k recovery`. Every step runs; the script fails if any step failed.
 set -euo pipefail
 
@@ -29,9 +30,19 @@ run_pytest() {
   return "$rc"
 }
 
+# The documentation site (mkdocs.yml): --strict fails on a broken link or a missing included file.
+build_docs() {
+  local site rc=0
+  site="$(mktemp -d)"
+  NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site" || rc=$?
+  rm -rf "$site"
+  return "$rc"
+}
+
 step "ruff check" .venv/bin/ruff check .
 step "ruff format --check" .venv/bin/ruff format --check .
 step "mypy" .venv/bin/mypy -p centripy
+step "mkdocs build --strict" build_docs
 step "pytest" run_pytest "$@"
 
 if [ "${#failed[@]}" -ne 0 ]; then
