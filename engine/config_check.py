@@ -91,6 +91,21 @@ def _check_names(items: list[str], key: str, pattern: re.Pattern[str]) -> None:
         seen.add(name)
 
 
+def _validate_redis(c: Config) -> None:
+    """Sentinel needs a master name; Sentinel and Cluster exclude each other; a client
+    certificate needs its key."""
+    if c.redis_sentinel_address and not c.redis_sentinel_master_name:
+        raise ConfigError("redis_sentinel_master_name", "required with redis_sentinel_address")
+    if c.redis_sentinel_address and c.redis_cluster_address:
+        raise ConfigError("redis_cluster_address", "cannot be used with redis_sentinel_address")
+    for p in ("redis_", "redis_sentinel_"):
+        cert = getattr(c, f"{p}tls_cert") or getattr(c, f"{p}tls_cert_pem")
+        key = getattr(c, f"{p}tls_key") or getattr(c, f"{p}tls_key_pem")
+        if getattr(c, f"{p}tls") and bool(cert) != bool(key):
+            name = f"{p}tls_key" if cert else f"{p}tls_cert"
+            raise ConfigError(name, "a client certificate needs both a certificate and a key")
+
+
 def _validate_core(c: Config) -> None:
     if c.engine not in _ENGINES:
         raise ConfigError(
@@ -100,6 +115,8 @@ def _validate_core(c: Config) -> None:
         raise ConfigError("broker", f'unknown broker "{c.broker}": only "nats" is allowed')
     if c.broker == "nats":
         _validate_nats(c)
+    if c.engine == "redis":
+        _validate_redis(c)
     if c.log_format not in ("text", "json"):
         raise ConfigError("log_format", f'unknown format "{c.log_format}": use "text" or "json"')
     if c.api_error_mode not in ("", "transport"):

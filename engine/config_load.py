@@ -40,7 +40,9 @@ __all__ = ["load_config", "parse_go_bool", "parse_go_duration"]
 
 _LIST_KEYS = ("namespaces", "rpc_namespaces", "proxies", "consumers")
 # Valid Centrifugo v5.2 keys that centripy accepts without using them (warned when set).
-IGNORED_KEYS: Final = frozenset({"redis_cluster_address", "redis_sentinel_address", "http3"})
+IGNORED_KEYS: Final = frozenset(
+    {"http3", "redis_sentinel_client_name", "redis_tls_client_ca", "redis_tls_client_ca_pem"}
+)
 IGNORED_PREFIXES: Final = (
     "grpc_api",
     "uni_grpc",
@@ -49,15 +51,10 @@ IGNORED_PREFIXES: Final = (
     "usage_stats",
     "tarantool_",
     "tls_autocert",
-    "redis_tls",
-    "redis_sentinel_",
     "webtransport",
 )
 # Keys a config may not set: running without them would be unsafe.
-REFUSED: Final[dict[str, str]] = {
-    "redis_tls": "TLS to Redis is not supported by centripy; refusing to connect in plain "
-    "text (remove redis_tls or terminate TLS in front)",
-}
+REFUSED: Final[dict[str, str]] = {}
 _SECONDS_PRECISION = frozenset({"history_ttl", "history_meta_ttl", "global_history_meta_ttl"})
 _LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal", "none")
 _CONSUMER_ENV_RE = re.compile(r"^CENTRIFUGO_CONSUMERS_(POSTGRESQL|KAFKA)_")
@@ -443,8 +440,7 @@ def _truthy(value: object) -> bool:
 def _unsupported_warnings(merged: Mapping[str, object], config: Config) -> list[str]:
     """One warning per key the configuration sets, to something else than its default, that
     centripy does not act on: the keys of `UNSUPPORTED` and the features it does not have
-    (grpc_api, redis_sentinel_*, ...). Refuses `redis_tls`: running without it would talk to
-    Redis in plain text."""
+    (grpc_api, ...). Refuses the keys of REFUSED (none today)."""
     for key, why in REFUSED.items():
         if _truthy(merged.get(key)):
             raise ConfigError(key, why)

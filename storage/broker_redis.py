@@ -11,6 +11,14 @@ PUB/SUB channels (Centrifugo's layout, our own message bodies):
 With several addresses, channel `<prefix>.client.<channel>` lives on shard
 `jump_hash(fnv1a64(channel), n)` (Centrifugo's `consistentIndex`); control and node channels
 are subscribed on every shard and published round-robin.
+
+Sentinel (`sentinel=`): one shard whose connections go to the master the sentinels name
+(storage/redis_conn.py); the session asks them again on every ping and starts over (then
+`on_reconnect`) when the master changed. Cluster (`cluster=True`): sharded PUB/SUB (Redis 7
+SPUBLISH/SSUBSCRIBE), one shard per master from CLUSTER SLOTS at start, every PUB/SUB name
+on the master of its hash slot (control and node names too), so publisher and subscribers of
+a name meet on one server and the barrier's PING orders as on one Redis. The slot map is
+read once at start (a resharding is not followed).
 """
 
 from __future__ import annotations
@@ -22,19 +30,21 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.connection import (
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-    parse_url,
-)
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.asyncio.connection import AbstractConnection as Connection
 
 from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
+from centripy.storage.redis_conn import (
+    REDIS_ERRORS,
+    ClusterMap,
+    MasterLocator,
+    RedisTarget,
+    RedisTLS,
+    SentinelOptions,
+    close_quietly,
+    cluster_slots,
+    connection_kwargs,
+)
 from centripy.storage.wire import (
     KIND_CONTROL,
     decode_message,
@@ -46,6 +56,8 @@ from centripy.storage.wire import (
 )
 
 log = logging.getLogger("centripy.broker.redis")
+
+__all__ = ["REDIS_ERRORS", "RedisBroker", "connection_kwargs", "shard_index"]
 
 # -- sharding -------------------------------------------------------------------------------
 
@@ -74,75 +86,31 @@ def shard_index(channel: str, shards: int) -> int:
     return 0 if shards <= 1 else jump_hash(fnv1a64(channel.encode()), shards)
 
 
-def connection_kwargs(
-    address: str,
-    *,
-    db: int = 0,
-    user: str = "",
-    password: str = "",
-    connect_timeout: float = 1.0,
-    io_timeout: float = 4.0,
-) -> dict[str, Any]:
-    """redis-py connection kwargs for `address` ("host:port" or a redis:// URL; values in
-    the URL win over the arguments). Raises ValueError for an unusable address."""
-    url = address if "://" in address else f"redis://{address}"
-    try:
-        parsed: dict[str, Any] = dict(parse_url(url))
-    except ValueError as exc:
-        raise ValueError(f"invalid redis address {address!r}: {exc}") from exc
-    if "host" not in parsed and "path" not in parsed:
-        raise ValueError(f"invalid redis address {address!r}: no host")
-    kwargs: dict[str, Any] = {
-        "db": db,
-        "username": user or None,
-        "password": password or None,
-        "socket_connect_timeout": connect_timeout,
-        "socket_timeout": io_timeout,
-        "protocol": 2,
-    }
-    kwargs.update(parsed)
-    return kwargs
-
-
-def make_client(kwargs: dict[str, Any], retries: int = 1) -> Redis:
-    """A pooled client for commands (one retry on a fresh connection: pooled connections
-    are stale after a Redis restart)."""
-    options = {k: v for k, v in kwargs.items() if k != "connection_class"}
-    cls = kwargs.get("connection_class")
-    if cls is not None and issubclass(cls, UnixDomainSocketConnection):
-        options["unix_socket_path"] = options.pop("path")
-    elif cls is not None and issubclass(cls, SSLConnection):
-        options["ssl"] = True
-    return Redis(**options, retry=Retry(NoBackoff(), retries))
-
-
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-
-
 # -- broker ---------------------------------------------------------------------------------
 
 
 class _Shard:
-    """One Redis instance: a command client (publish) and one PUB/SUB connection owned by
-    the shard's session task."""
+    """One Redis server (or Sentinel-named master): the target's command client (publish)
+    and one PUB/SUB connection owned by the shard's session task. `sharded`: Redis Cluster's
+    SSUBSCRIBE/SPUBLISH instead of SUBSCRIBE/PUBLISH."""
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.kwargs = kwargs
-        self.label = f"{kwargs.get('host', kwargs.get('path'))}:{kwargs.get('port', '')}"
-        self.client = make_client(kwargs)
+    def __init__(self, target: RedisTarget, *, sharded: bool = False) -> None:
+        self.target = target
+        self.label = target.label
+        self.client = target.client
+        self.sharded = sharded
+        self.sub, self.unsub = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (
+            b"SUBSCRIBE", b"UNSUBSCRIBE")  # fmt: skip
+        self.kinds = (b"smessage", b"ssubscribe", b"sunsubscribe") if sharded else (
+            b"message", b"subscribe", b"unsubscribe")  # fmt: skip
         self.conn: Connection | None = None
         self.names: set[bytes] = set()  # subscribed client channels (redis names)
+        self.fixed: list[bytes] = []  # control/node names of this shard, always subscribed
         self.acks: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self.pongs: dict[bytes, asyncio.Future[None]] = {}  # barrier token -> waiter
         self.task: asyncio.Task[None] | None = None
         self.established = False  # the current session subscribed everything
         self.first_attempt = asyncio.Event()  # the first session is up or failed
-
-    def new_connection(self, client_name: str) -> Connection:
-        options = {k: v for k, v in self.kwargs.items() if k != "connection_class"}
-        cls = self.kwargs.get("connection_class") or Connection
-        conn: Connection = cls(**options, retry=Retry(NoBackoff(), 0), client_name=client_name)
-        return conn
 
     def fail_acks(self) -> None:
         for waiters in self.acks.values():
@@ -155,10 +123,17 @@ class _Shard:
                 pong.set_result(None)  # the session is gone: on_reconnect resyncs
         self.pongs.clear()
 
+    async def publish(self, name: bytes, body: bytes) -> None:
+        command = "SPUBLISH" if self.sharded else "PUBLISH"
+        await self.client.execute_command(command, name, body)  # type: ignore[no-untyped-call]
+
 
 class RedisBroker(Broker):
     """Redis PUB/SUB broker. All methods run on the node's event loop; the shard session
-    tasks call the handler on the same loop."""
+    tasks call the handler on the same loop.
+
+    `addresses`: the Redis servers (shards); with `sentinel`, the sentinels instead; with
+    `cluster`, seed nodes of a Redis Cluster."""
 
     def __init__(
         self,
@@ -171,24 +146,38 @@ class RedisBroker(Broker):
         io_timeout: float = 4.0,
         *,
         reconnect_backoff: tuple[float, float] = (0.05, 3.0),
+        tls: RedisTLS | None = None,
+        sentinel: SentinelOptions | None = None,
+        cluster: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("RedisBroker needs at least one address")
         if not prefix:
             raise ValueError("RedisBroker needs a non-empty prefix")
-        self._shards = [
-            _Shard(
-                connection_kwargs(
-                    address,
-                    db=db,
-                    user=user,
-                    password=password,
-                    connect_timeout=connect_timeout,
-                    io_timeout=io_timeout,
-                ),
+        if sentinel is not None and cluster:
+            raise ValueError("redis: Sentinel and Cluster exclude each other")
+        kw: dict[str, Any] = {
+            "db": db,
+            "user": user,
+            "password": password,
+            "connect_timeout": connect_timeout,
+            "io_timeout": io_timeout,
+        }
+        self._kw, self._tls = kw, tls
+        self._locator: MasterLocator | None = None
+        self._seeds: list[RedisTarget] = []
+        if sentinel is not None:
+            self._locator = MasterLocator(
+                addresses, sentinel, connect_timeout=connect_timeout, io_timeout=io_timeout
             )
-            for address in addresses
-        ]
+            master = RedisTarget(connection_kwargs(addresses[0], **kw), tls, locate=self._locator)
+            self._shards = [_Shard(master)]
+        elif cluster:
+            self._seeds = [RedisTarget(connection_kwargs(a, **kw), tls) for a in addresses]
+            self._shards = []  # from CLUSTER SLOTS in start()
+        else:
+            self._shards = [_Shard(RedisTarget(connection_kwargs(a, **kw), tls)) for a in addresses]
+        self._cluster: ClusterMap | None = None
         self._prefix = prefix
         self._io_timeout = io_timeout
         self._ping_interval = max(0.5, io_timeout / 2)
@@ -210,21 +199,50 @@ class RedisBroker(Broker):
         return f"{self._prefix}.node.{uid}".encode()
 
     def _shard_for(self, channel: str) -> _Shard:
+        if self._cluster is not None:
+            return self._shards[self._cluster.index(self._client_name(channel))]
         return self._shards[shard_index(channel, len(self._shards))]
+
+    def _control_shard(self, name: bytes) -> _Shard:
+        if self._cluster is not None:
+            return self._shards[self._cluster.index(name)]
+        return self._shards[next(self._round) % len(self._shards)]
 
     # -- Broker ---------------------------------------------------------------------------
 
     async def start(self, node_uid: str, handler: BrokerHandler) -> None:
         """Start one session task per shard and wait until each has subscribed or failed
         its first attempt. Never raises for an unreachable Redis: it is retried with
-        backoff (publish raises StorageError meanwhile, `subscribe` only remembers)."""
+        backoff (publish raises StorageError meanwhile, `subscribe` only remembers). With a
+        cluster, raises StorageError when no seed node tells the slot map."""
         if not node_uid:
             raise ValueError("node_uid must not be empty")
         self._uid, self._handler, self._closing = node_uid, handler, False
+        if self._seeds and self._cluster is None:
+            await self._map_cluster()
+        control, mine = self._control_name(), self._node_name(node_uid)
+        for shard in self._shards:
+            shard.fixed = [control, mine]
+        if self._cluster is not None:
+            for shard in self._shards:
+                shard.fixed = []
+            self._control_shard(control).fixed.append(control)
+            self._control_shard(mine).fixed.append(mine)
         for shard in self._shards:
             shard.first_attempt.clear()
             shard.task = asyncio.create_task(self._session_loop(shard))
         await asyncio.gather(*(s.first_attempt.wait() for s in self._shards))
+
+    async def _map_cluster(self) -> None:
+        try:
+            self._cluster = await cluster_slots(self._seeds)
+        except REDIS_ERRORS as exc:
+            raise StorageError(f"redis cluster: {exc}") from exc
+        self._shards = [
+            _Shard(RedisTarget(connection_kwargs(m, **self._kw), self._tls), sharded=True)
+            for m in self._cluster.masters
+        ]
+        log.info("redis broker: cluster of %d masters", len(self._shards))
 
     async def close(self) -> None:
         self._closing = True
@@ -234,7 +252,7 @@ class RedisBroker(Broker):
         await asyncio.gather(*tasks, return_exceptions=True)
         for shard in self._shards:
             shard.task = None
-            await shard.client.aclose()
+        await close_quietly([s.target for s in self._shards] + self._seeds)
 
     async def subscribe(self, channel: str) -> None:
         """SUBSCRIBE `<prefix>.client.<channel>` and wait (up to io_timeout) for Redis to
@@ -257,7 +275,7 @@ class RedisBroker(Broker):
         conn = shard.conn
         if conn is not None:
             try:
-                await _send(conn, "UNSUBSCRIBE", name)
+                await _send(conn, shard.unsub, name)
             except REDIS_ERRORS as exc:
                 log.debug("redis broker: unsubscribe %s failed: %s", channel, exc)
 
@@ -273,7 +291,9 @@ class RedisBroker(Broker):
         """To every other node (""), or to `node_uid` only. A node never receives its own
         control messages, even when addressed to itself."""
         name = self._node_name(node_uid) if node_uid else self._control_name()
-        shard = self._shards[next(self._round) % len(self._shards)]
+        if not self._shards:
+            raise StorageError("redis broker is not running")
+        shard = self._control_shard(name)
         await self._publish(shard, name, encode_control_envelope(self._uid, data, node_uid))
 
     async def barrier(self, channel: str) -> None:
@@ -300,13 +320,14 @@ class RedisBroker(Broker):
         if self._handler is None or self._closing:
             raise StorageError("redis broker is not running")
         try:
-            await shard.client.publish(name, body)
+            await shard.publish(name, body)
         except REDIS_ERRORS as exc:
             raise StorageError(f"redis publish to {shard.label} failed: {exc}") from exc
 
     async def _send_subscribe(self, shard: _Shard, names: Sequence[bytes]) -> None:
         """SUBSCRIBE `names` on the live session (if any) and wait up to io_timeout for the
-        confirmations; a lost connection ends the wait (the next session re-subscribes)."""
+        confirmations; a lost connection ends the wait (the next session re-subscribes).
+        SSUBSCRIBE takes one name per command (names of one command share a slot)."""
         conn = shard.conn
         if conn is None or not names:
             return
@@ -317,7 +338,11 @@ class RedisBroker(Broker):
             shard.acks.setdefault(name, collections.deque()).append(waiter)
             waiters.append(waiter)
         try:
-            await _send(conn, "SUBSCRIBE", *names)
+            if shard.sharded:
+                for name in names:
+                    await _send(conn, shard.sub, name)
+            else:
+                await _send(conn, shard.sub, *names)
         except REDIS_ERRORS as exc:
             log.debug("redis broker: subscribe on %s failed: %s", shard.label, exc)
             return
@@ -331,7 +356,7 @@ class RedisBroker(Broker):
         before it, read until the connection is lost, back off, repeat."""
         attempt, lost = 0, False
         while not self._closing:
-            conn = shard.new_connection(f"centripy-pubsub-{self._uid[:24]}")
+            conn = shard.target.new_connection(f"centripy-pubsub-{self._uid[:24]}")
             shard.established = False
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]
@@ -355,9 +380,9 @@ class RedisBroker(Broker):
     async def _run_session(self, shard: _Shard, conn: Connection, lost: bool) -> None:
         shard.conn = conn
         reader = asyncio.create_task(self._read_loop(shard, conn))
-        pinger = asyncio.create_task(self._ping_loop(conn))
+        pinger = asyncio.create_task(self._ping_loop(shard, conn))
         try:
-            names = [self._control_name(), self._node_name(self._uid), *sorted(shard.names)]
+            names = [*shard.fixed, *sorted(shard.names)]
             for start in range(0, len(names), 512):
                 await self._send_subscribe(shard, names[start : start + 512])
             if not reader.done():
@@ -366,19 +391,35 @@ class RedisBroker(Broker):
                 if lost:
                     log.warning("redis broker: reconnected to %s, re-subscribed", shard.label)
                     self._call(lambda h: h.on_reconnect())
-            await reader  # ends only by raising: the connection is gone
+            await asyncio.wait((reader, pinger), return_when=asyncio.FIRST_COMPLETED)
+            for task in (reader, pinger):
+                if task.done():
+                    task.result()  # raises: the connection is gone or the master moved
         finally:
             pinger.cancel()
             reader.cancel()
             await asyncio.gather(pinger, reader, return_exceptions=True)
 
-    async def _ping_loop(self, conn: Connection) -> None:
+    async def _ping_loop(self, shard: _Shard, conn: Connection) -> None:
+        """PING every ping interval; with Sentinel, also ask the sentinels where the master
+        is and end the session (with the command pool) when it is no longer this one."""
         while True:
             await asyncio.sleep(self._ping_interval)
             await _send(conn, "PING")
+            if self._locator is not None:
+                here = (getattr(conn, "host", ""), getattr(conn, "port", 0))
+                try:
+                    master = await self._locator()
+                except REDIS_ERRORS as exc:
+                    log.debug("redis broker: sentinels unreachable: %s", exc)
+                    continue
+                if master != here:
+                    await shard.client.connection_pool.disconnect()
+                    raise ConnectionError(f"the sentinels moved the master to {master}")
 
     async def _read_loop(self, shard: _Shard, conn: Connection) -> None:
         timeout = self._ping_interval + self._io_timeout
+        message, subscribed, unsubscribed = shard.kinds
         while True:
             reply = await conn.read_response(timeout=timeout)
             if isinstance(reply, bytes):  # RESP3: PING <token> answers the token
@@ -390,14 +431,21 @@ class RedisBroker(Broker):
             if kind == b"pong":
                 self._pong(shard, reply[1] if len(reply) > 1 else b"")
                 continue
-            if kind == b"message":
+            if kind == message:
                 self._dispatch(shard, reply[1], reply[2])
-            elif kind == b"subscribe":
+            elif kind == subscribed:
                 waiters = shard.acks.get(reply[1])
                 if waiters:
                     waiter = waiters.popleft()
                     if not waiter.done():
                         waiter.set_result(None)
+            elif (
+                kind == unsubscribed
+                and shard.sharded
+                and (reply[1] in shard.names or reply[1] in shard.fixed)
+            ):
+                # The server dropped a sharded subscription (its slot moved).
+                raise ConnectionError(f"redis cluster unsubscribed {reply[1]!r}")
 
     @staticmethod
     def _pong(shard: _Shard, token: bytes) -> None:

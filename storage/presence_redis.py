@@ -9,20 +9,36 @@ Per channel, on the shard `shard_index(channel, len(addresses))`:
 (hash fields included) before returning the rest. Both keys get `EXPIRE ceil(ttl)` on each
 add, so an abandoned channel disappears by itself. Scores use the `now` clock of the
 calling node (as Centrifugo does), so the nodes' clocks must roughly agree.
+
+With `sentinel`, one shard: the master the sentinels name. With `cluster`, the keys carry the
+channel as hash tag (`<prefix>.presence.data.{<channel>}`, both keys in one slot, as a
+script needs) and go to the master of that slot (CLUSTER SLOTS, read again after an error).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from centripy.engine.contracts import PresenceManager, PresenceStats, StorageError
 from centripy.engine.types import ClientInfo
-from centripy.storage.broker_redis import REDIS_ERRORS, connection_kwargs, make_client, shard_index
+from centripy.storage.broker_redis import shard_index
+from centripy.storage.redis_conn import (
+    REDIS_ERRORS,
+    ClusterMap,
+    MasterLocator,
+    RedisTarget,
+    RedisTLS,
+    SentinelOptions,
+    close_quietly,
+    cluster_slots,
+    connection_kwargs,
+)
 from centripy.storage.wire import decode_client_info, encode_client_info
 
 # KEYS[1] expire zset, KEYS[2] data hash; ARGV[1] key ttl (s), ARGV[2] expiry score,
@@ -56,7 +72,8 @@ return redis.call("hgetall", KEYS[2])
 
 
 class RedisPresence(PresenceManager):
-    """Runs on the loop. Every method raises StorageError when Redis fails."""
+    """Runs on the loop. Every method raises StorageError when Redis fails. `addresses`:
+    the Redis servers (shards); with `sentinel`, the sentinels; with `cluster`, seeds."""
 
     def __init__(
         self,
@@ -69,42 +86,86 @@ class RedisPresence(PresenceManager):
         io_timeout: float = 4.0,
         *,
         now: Callable[[], float] = time.time,
+        tls: RedisTLS | None = None,
+        sentinel: SentinelOptions | None = None,
+        cluster: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("RedisPresence needs at least one address")
+        if sentinel is not None and cluster:
+            raise ValueError("redis: Sentinel and Cluster exclude each other")
         self._prefix = prefix
         self._now = now
-        self._clients: list[Redis] = [
-            make_client(
-                connection_kwargs(
-                    address,
-                    db=db,
-                    user=user,
-                    password=password,
-                    connect_timeout=connect_timeout,
-                    io_timeout=io_timeout,
-                )
+        self._kw: dict[str, Any] = {
+            "db": db,
+            "user": user,
+            "password": password,
+            "connect_timeout": connect_timeout,
+            "io_timeout": io_timeout,
+        }
+        self._tls = tls
+        self._cluster = cluster
+        self._map: ClusterMap | None = None
+        self._map_lock = asyncio.Lock()
+        self._seeds: list[RedisTarget] = []
+        self._targets: list[RedisTarget] = []
+        if sentinel is not None:
+            locate = MasterLocator(
+                addresses, sentinel, connect_timeout=connect_timeout, io_timeout=io_timeout
             )
-            for address in addresses
-        ]
-        self._add = [c.register_script(_ADD) for c in self._clients]
-        self._remove = [c.register_script(_REMOVE) for c in self._clients]
-        self._read = [c.register_script(_PRESENCE) for c in self._clients]
+            kwargs = connection_kwargs(addresses[0], **self._kw)
+            self._set_targets([RedisTarget(kwargs, tls, locate=locate)])
+        elif cluster:
+            self._seeds = [RedisTarget(connection_kwargs(a, **self._kw), tls) for a in addresses]
+        else:
+            self._set_targets(
+                [RedisTarget(connection_kwargs(a, **self._kw), tls) for a in addresses]
+            )
+
+    def _set_targets(self, targets: list[RedisTarget]) -> None:
+        self._targets = targets
+        self._add = [t.client.register_script(_ADD) for t in targets]
+        self._remove = [t.client.register_script(_REMOVE) for t in targets]
+        self._read = [t.client.register_script(_PRESENCE) for t in targets]
 
     def keys(self, channel: str) -> tuple[str, str]:
         """(expire zset, data hash) key names of `channel`."""
+        tag = f"{{{channel}}}" if self._cluster else channel
         return (
-            f"{self._prefix}.presence.expire.{channel}",
-            f"{self._prefix}.presence.data.{channel}",
+            f"{self._prefix}.presence.expire.{tag}",
+            f"{self._prefix}.presence.data.{tag}",
         )
 
+    async def _index(self, key: str) -> int:
+        """The shard of `key` (cluster: the master of its slot, mapping the cluster first)."""
+        if not self._cluster:
+            return -1
+        async with self._map_lock:
+            if self._map is None:
+                cluster = await cluster_slots(self._seeds)
+                old = self._targets
+                self._set_targets(
+                    [
+                        RedisTarget(connection_kwargs(m, **self._kw), self._tls)
+                        for m in cluster.masters
+                    ]
+                )
+                self._map = cluster
+                await close_quietly(old)
+            return self._map.index(key)
+
     async def _run(
-        self, scripts: list[AsyncScript], channel: str, *args: bytes | str | int
+        self, scripts: Callable[[], list[AsyncScript]], channel: str, *args: bytes | str | int
     ) -> object:
-        index = shard_index(channel, len(self._clients))
+        keys = self.keys(channel)
         try:
-            return await scripts[index](keys=self.keys(channel), args=list(args))
+            index = await self._index(keys[0])
+            if index < 0:
+                index = shard_index(channel, len(self._targets))
+            return await scripts()[index](keys=keys, args=list(args))
         except REDIS_ERRORS as exc:
+            if self._cluster:
+                self._map = None  # MOVED, a failover, a dead master: map again next time
             raise StorageError(f"redis presence failed for {channel!r}: {exc}") from exc
 
     async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
@@ -112,13 +173,14 @@ class RedisPresence(PresenceManager):
             raise ValueError("presence ttl must be positive")
         expires = repr(self._now() + ttl)
         key_ttl = max(1, math.ceil(ttl))
-        await self._run(self._add, channel, key_ttl, expires, info.client, encode_client_info(info))
+        args = (key_ttl, expires, info.client, encode_client_info(info))
+        await self._run(lambda: self._add, channel, *args)
 
     async def remove(self, channel: str, client_id: str) -> None:
-        await self._run(self._remove, channel, client_id)
+        await self._run(lambda: self._remove, channel, client_id)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
-        reply = await self._run(self._read, channel, repr(self._now()))
+        reply = await self._run(lambda: self._read, channel, repr(self._now()))
         if not isinstance(reply, list):
             raise StorageError(f"unexpected presence reply for {channel!r}")
         out: dict[str, ClientInfo] = {}
@@ -136,5 +198,4 @@ class RedisPresence(PresenceManager):
         return PresenceStats(num_clients=len(entries), num_users=len(users))
 
     async def close(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        await close_quietly(self._targets + self._seeds)

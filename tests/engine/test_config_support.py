@@ -59,14 +59,14 @@ def test_serve_and_checkconfig_name_each_unsupported_key(tmp_path: Path) -> None
     path = tmp_path / "config.json"
     path.write_text(
         '{"proxy_subscribe_stream_endpoint": "http://127.0.0.1:9/s", "redis_use_lists": true,'
-        ' "grpc_api": true, "redis_sentinel_address": ["127.0.0.1:26379"],'
+        ' "grpc_api": true, "redis_sentinel_client_name": "x",'
         ' "usage_stats_disable": true, "api_key": "k"}'
     )
     env = {"CENTRIFUGO_WEBSOCKET_READ_BUFFER_SIZE": "8192"}
     _, warnings = load_config(str(path), env, {})
     named = [w for w in warnings if w.startswith("not supported by centripy")]
     for key in ("proxy_subscribe_stream_endpoint", "redis_use_lists", "grpc_api",
-                "redis_sentinel_address", "websocket_read_buffer_size"):  # fmt: skip
+                "redis_sentinel_client_name", "websocket_read_buffer_size"):  # fmt: skip
         assert any(f'"{key}"' in w for w in named), (key, warnings)
     assert not any("usage_stats" in w for w in warnings)
     assert not any('"api_key"' in w for w in warnings)
@@ -74,7 +74,13 @@ def test_serve_and_checkconfig_name_each_unsupported_key(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("config", "key"),
-    [('{"redis_tls": true}', "redis_tls"), ('{"broker": "nats"}', "database_url")],
+    [
+        ('{"broker": "nats"}', "database_url"),
+        (
+            '{"engine": "redis", "redis_sentinel_address": "127.0.0.1:26379"}',
+            "redis_sentinel_master_name",
+        ),
+    ],
 )
 def test_unsafe_to_ignore_keys_refuse_the_config(tmp_path: Path, config: str, key: str) -> None:
     path = tmp_path / "config.json"

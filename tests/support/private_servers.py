@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.server import free_port, port_accepts
@@ -161,4 +162,248 @@ class PrivateRedis:
         self.kill()
 
 
-__all__ = ["PrivatePostgres", "PrivateRedis"]
+# -- Redis TLS, Sentinel and Cluster (task K) -------------------------------------------------
+
+
+def _redis_cli(*args: str, timeout: float = 10.0) -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        unavailable("redis-cli binary not found")
+    done = subprocess.run(
+        [binary, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli {args} failed ({done.returncode}): {done.stderr}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class ThrowawayPKI:
+    """A throwaway CA and, signed by it, a server certificate for 127.0.0.1 / localhost
+    and a client certificate (files in `root`, PEM)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, root: Path) -> ThrowawayPKI:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        root.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.UTC)
+
+        def name(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(name("centripy test CA"))
+            .issuer_name(name("centripy test CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        (root / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+        def leaf(cn: str, usage: x509.ObjectIdentifier, stem: str) -> None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(name(cn))
+                .issuer_name(ca.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=2))
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            )
+            if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+                builder = builder.add_extension(
+                    x509.SubjectAlternativeName(
+                        [x509.DNSName("localhost"),
+                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    ),
+                    critical=False,
+                )  # fmt: skip
+            cert = builder.sign(ca_key, hashes.SHA256())
+            (root / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            write_key(key, root / f"{stem}-key.pem")
+
+        leaf("redis.test", ExtendedKeyUsageOID.SERVER_AUTH, "server")
+        leaf("centripy", ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+        return cls(
+            root / "ca.pem", root / "server.pem", root / "server-key.pem",
+            root / "client.pem", root / "client-key.pem",
+        )  # fmt: skip
+
+
+class PrivateTLSRedis(PrivateRedis):
+    """A PrivateRedis that listens on TLS only (`port` is the TLS port), with the server
+    certificate of `pki`; `auth_clients`: "yes" demands a client certificate."""
+
+    def __init__(self, root: Path, pki: ThrowawayPKI, auth_clients: str = "yes") -> None:
+        super().__init__(root)
+        self._args[self._args.index("--port") + 1] = "0"
+        self._args += [
+            "--tls-port", str(self.port), "--tls-cert-file", str(pki.server_cert),
+            "--tls-key-file", str(pki.server_key), "--tls-ca-cert-file", str(pki.ca),
+            "--tls-auth-clients", auth_clients,
+        ]  # fmt: skip
+
+
+class PrivateSentinelSet:
+    """One master, one replica and three sentinels (quorum 2, `down-after` 1 s) of our own,
+    monitoring master `name`. `kill_master()` SIGKILLs whichever server is master now and
+    waits until the sentinels name the other one; `start_all()` restarts what was killed
+    (the sentinels make it a replica)."""
+
+    def __init__(self, root: Path, name: str = "centripy") -> None:
+        self.name = name
+        self.servers = [PrivateRedis(root / "a"), PrivateRedis(root / "b")]
+        replica = self.servers[1]
+        replica._args += ["--replicaof", "127.0.0.1", str(self.servers[0].port)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+        self._root = root
+
+    @property
+    def sentinel_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        master = self.servers[0].port
+        for i, port in enumerate(self.sentinel_ports):
+            conf = self._root / f"sentinel-{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self._root}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {master} 2\n"
+                f"sentinel down-after-milliseconds {self.name} 1000\n"
+                f"sentinel failover-timeout {self.name} 4000\n"
+                f"sentinel parallel-syncs {self.name} 1\n"
+            )
+            log = (self._root / f"sentinel-{i}.log").open("ab")
+            self._sentinels.append(
+                subprocess.Popen([binary, str(conf), "--sentinel"], stdout=log, stderr=log)
+            )
+            log.close()
+        for port in self.sentinel_ports:
+            _wait_port(port, True, START_TIMEOUT, "private sentinel")
+        eventually_sync(lambda: self._replica_synced(), START_TIMEOUT, "replica in sync")
+        eventually_sync(
+            lambda: all(self._sentinel_sees_replica(p) for p in self.sentinel_ports),
+            START_TIMEOUT, "sentinels know the replica and each other",
+        )  # fmt: skip
+
+    def _replica_synced(self) -> bool:
+        info = _redis_cli("-p", str(self.servers[1].port), "info", "replication")
+        return "master_link_status:up" in info
+
+    def _sentinel_sees_replica(self, port: int) -> bool:
+        out = _redis_cli("-p", str(port), "sentinel", "master", self.name)
+        fields = out.split()
+        stats = dict(zip(fields[::2], fields[1::2], strict=False))
+        return stats.get("num-slaves") == "1" and stats.get("num-other-sentinels") == "2"
+
+    def master_port(self) -> int:
+        out = _redis_cli("-p", str(self.sentinel_ports[0]), "sentinel",
+                         "get-master-addr-by-name", self.name).split()  # fmt: skip
+        return int(out[1])
+
+    def kill_master(self, failover_timeout: float = 30.0) -> int:
+        """SIGKILL the master; returns the new master's port once the sentinels agree."""
+        old = self.master_port()
+        next(s for s in self.servers if s.port == old).kill()
+        eventually_sync(
+            lambda: all(self._master_of(p) not in (old, None) for p in self.sentinel_ports),
+            failover_timeout, "sentinel failover",
+        )  # fmt: skip
+        return self.master_port()
+
+    def _master_of(self, port: int) -> int | None:
+        try:
+            out = _redis_cli("-p", str(port), "sentinel", "get-master-addr-by-name", self.name)
+        except RuntimeError:
+            return None
+        parts = out.split()
+        return int(parts[1]) if len(parts) == 2 else None
+
+    def start_all(self) -> None:
+        for server in self.servers:
+            server.start()
+
+    def close(self) -> None:
+        for proc in self._sentinels:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for server in self.servers:
+            server.close()
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of `masters` masters (no replicas) of our own on free ports."""
+
+    def __init__(self, root: Path, masters: int = 3) -> None:
+        self.servers = [PrivateRedis(root / f"n{i}") for i in range(masters)]
+        for server in self.servers:
+            server._args += [
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()),
+            ]  # fmt: skip
+
+    @property
+    def addresses(self) -> list[str]:
+        return [server.address for server in self.servers]
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        _redis_cli("--cluster", "create", *self.addresses, "--cluster-replicas", "0",
+                   "--cluster-yes", timeout=60)  # fmt: skip
+        eventually_sync(
+            lambda: all(
+                "cluster_state:ok" in _redis_cli("-p", str(s.port), "cluster", "info")
+                for s in self.servers
+            ),
+            START_TIMEOUT, "redis cluster state ok",
+        )  # fmt: skip
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+__all__ = [
+    "PrivatePostgres",
+    "PrivateRedis",
+    "PrivateRedisCluster",
+    "PrivateSentinelSet",
+    "PrivateTLSRedis",
+    "ThrowawayPKI",
+]
