@@ -386,12 +386,12 @@ async def serve(config: Config, source: ConfigSource | None = None) -> int:
     loop = asyncio.get_running_loop()
     reloader = Reloader(source, _fetch)  # before listening: SIGHUP must never end the process
     loop.add_signal_handler(signal.SIGHUP, reloader)
+    stopping = asyncio.Event()  # set before listening: an early SIGTERM is graceful too
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     services = await start(config)
     reloader.attach(services)
     tune_gc()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("shutting down")
     try:  # as Centrifugo: exit code 1 when the shutdown outlives shutdown_timeout
