@@ -133,6 +133,7 @@ class PostgresBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt = asyncio.Event()
         self._table_ready = False
+        self._table_lock = asyncio.Lock()
         self._last_gc = 0.0
         self._barriers: dict[str, asyncio.Future[None]] = {}
         self._barrier_seq = 0
@@ -273,14 +274,17 @@ class PostgresBroker(Broker):
     async def _notify_stored(
         self, conn: asyncpg.Connection, listen: str, body: bytes, kind: str, key: str
     ) -> None:
-        async with conn.transaction():
-            row_id = await conn.fetchval(
-                f"INSERT INTO {self._table} (body) VALUES ($1) RETURNING id", body
-            )
-            ref = "r" + orjson.dumps([str(row_id), self._uid, kind, key]).decode()
-            if len(ref) > NOTIFY_LIMIT:
-                raise StorageError("channel name too long for a NOTIFY reference")
-            await conn.execute("SELECT pg_notify($1, $2)", listen, ref)
+        """Insert the body and NOTIFY its reference in one statement (one round trip; the
+        NOTIFY is delivered at commit, once the row is visible)."""
+        longest = "r" + orjson.dumps(["9" * 19, self._uid, kind, key]).decode()
+        if len(longest) + 6 > NOTIFY_LIMIT:  # + the blanks json_build_array puts after commas
+            raise StorageError("channel name too long for a NOTIFY reference")
+        sql = (
+            f"WITH stored AS (INSERT INTO {self._table} (body) VALUES ($1) RETURNING id) "
+            "SELECT pg_notify($2, 'r' || json_build_array(id::text, $3::text, $4::text, "
+            "$5::text)::text) FROM stored"
+        )
+        await conn.execute(sql, body, listen, self._uid, kind, key)
 
     async def _with_conn(self, action: Callable[[asyncpg.Connection], Any]) -> Any:
         """Run `action` on a pooled connection; one retry on a connection that turns out to
@@ -306,14 +310,22 @@ class PostgresBroker(Broker):
             f"CREATE TABLE IF NOT EXISTS {self._table} (id bigserial PRIMARY KEY, "
             "body bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
         )
-        try:
-            await self._with_conn(lambda c: c.execute(ddl))
-        except StorageError as exc:
-            # two nodes racing on CREATE TABLE IF NOT EXISTS: the loser sees a duplicate
-            cause = exc.__cause__
-            if not isinstance(cause, asyncpg.UniqueViolationError | asyncpg.DuplicateTableError):
-                raise
-        self._table_ready = True
+        duplicate = (
+            asyncpg.UniqueViolationError,
+            asyncpg.DuplicateTableError,
+            asyncpg.DuplicateObjectError,
+        )
+        async with self._table_lock:  # one CREATE per node, however many publish at once
+            if self._table_ready:
+                return
+            try:
+                await self._with_conn(lambda c: c.execute(ddl))
+            except StorageError as exc:
+                # nodes racing on CREATE TABLE IF NOT EXISTS: the losers see a duplicate
+                # (the table's, or its row type's: "type ... already exists")
+                if not isinstance(exc.__cause__, duplicate):
+                    raise
+            self._table_ready = True
 
     async def _maybe_gc(self) -> None:
         now = time.monotonic()
