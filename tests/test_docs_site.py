@@ -1,9 +1,9 @@
 """The documentation site (mkdocs.yml, docs/) builds with `mkdocs build --strict`, and the
 facts its pages list by name are those of the code.
 
-- The strict build fails on a broken link or anchor, a page missing from the nav, or a file
-  included with `--8<--` (the tutorial includes examples/) that does not exist; a copy of the
-  site with one broken link must fail, so the strictness is proven, not assumed.
+- The strict build fails on a broken link or anchor, or on a file included with `--8<--` (the
+  tutorial includes examples/) that does not exist; a copy of the site with one broken link
+  must fail, so the strictness is proven, not assumed.
 - Keys that a page names between `<!-- warned-keys -->` markers (unsupported Centrifugo
   features) are warned or refused by centripy.config_reference.status, so the page cannot claim
   something is missing after it was implemented.
