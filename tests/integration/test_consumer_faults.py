@@ -264,6 +264,43 @@ async def test_kafka_duplicate_records_with_idempotency_key_are_stored_once(
     assert await history_data(server, channel) == [0, 1, 2, 3]
 
 
+async def stream_top(server: ServerProcess, channel: str) -> int:
+    reply = await server.api_async("history", {"channel": channel, "limit": 0})
+    return int(reply["result"].get("offset", 0))
+
+
+async def test_kafka_crash_mid_stream_with_idempotency_keys_applies_each_record_once(
+    server_factory: ServerFactory, topic: Topic
+) -> None:
+    server = server_factory(topic.config(), env=KAFKA_ENV)
+    channel = channel_name()
+    total = 900  # below the namespace's history_size (1000)
+    await topic.send([keyed(channel, d) for d in range(total)])
+
+    async def midway() -> bool:
+        return await stream_top(server, channel) >= 200
+
+    await eventually(midway, WAIT, "consumption under way", interval=0.02)
+    server.kill()  # no graceful stop: the batch in flight is applied but not committed
+    committed_at_kill = (await topic.committed()).get(0, 0)
+    stored_at_kill = await stream_top(server.start(), channel)
+
+    async def all_stored() -> bool:
+        return await stream_top(server, channel) >= total
+
+    await eventually(all_stored, 60, f"{total} records stored", interval=0.2)
+
+    async def committed() -> bool:
+        return await topic.committed() == {0: total}
+
+    await eventually(committed, WAIT, "offsets committed", interval=0.1)
+    assert await history_data(server, channel) == list(range(total))  # once each, in order
+    print(
+        f"SIGKILL with {committed_at_kill} records committed and at least {stored_at_kill} "
+        f"applied: {max(0, stored_at_kill - committed_at_kill)} consumed again, none stored twice"
+    )
+
+
 # --- Kafka: publishers across a broker outage ----------------------------------------------
 
 
