@@ -96,7 +96,6 @@ class _Shard:
 
     def __init__(self, target: RedisTarget, *, sharded: bool = False) -> None:
         self.target = target
-        self.label = target.label
         self.client = target.client
         self.sharded = sharded
         self.sub, self.unsub = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (
@@ -111,6 +110,10 @@ class _Shard:
         self.task: asyncio.Task[None] | None = None
         self.established = False  # the current session subscribed everything
         self.first_attempt = asyncio.Event()  # the first session is up or failed
+
+    @property
+    def label(self) -> str:
+        return self.target.label
 
     def fail_acks(self) -> None:
         for waiters in self.acks.values():

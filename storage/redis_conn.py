@@ -275,9 +275,19 @@ class RedisTarget:
             options["server_name"] = tls.server_name if tls is not None else ""
             options["locate"] = locate
         self._options = options
-        where = options.get("path") or f"{options.get('host')}:{options.get('port', 6379)}"
-        self.label = f"sentinel master (via {where})" if locate else str(where)
+        self._where = str(
+            options.get("path") or f"{options.get('host')}:{options.get('port', 6379)}"
+        )
+        self._locate = locate
         self.client = self._make_client()
+
+    @property
+    def label(self) -> str:
+        """For messages: "host:port", or the master the sentinels named last."""
+        if self._locate is None:
+            return self._where
+        current = getattr(self._locate, "current", None)
+        return f"sentinel master {current[0]}:{current[1]}" if current else "sentinel master"
 
     def _connection_class(self) -> type[AbstractConnection]:
         return UnixDomainSocketConnection if self._unix else _Connection

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
+from centripy.engine.config import Config, ConfigError
 from centripy.engine.contracts import StorageError
 from centripy.engine.types import ClientInfo, Publication
 from centripy.storage.broker_redis import RedisBroker
 from centripy.storage.presence_redis import RedisPresence
-from centripy.storage.redis_conn import RedisTLS, SentinelOptions
+from centripy.storage.redis_conn import RedisTLS, SentinelOptions, redis_options
 from tests.storage.test_broker_contract import Recorder
 from tests.support.private_servers import (
     PrivateRedisCluster,
@@ -220,6 +221,33 @@ async def test_sentinel_broker_and_presence_follow_a_failover(
         await presence.close()
 
 
+async def test_sentinels_over_tls(tmp_path: Path, pki: ThrowawayPKI) -> None:
+    """redis_sentinel_tls*: the sentinels are asked over TLS (the master stays plain)."""
+    group = PrivateSentinelSet(tmp_path / "tls-sentinel", sentinels=1, tls=pki)
+    await asyncio.to_thread(group.start)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    good = SentinelOptions(master_name=group.name, tls=RedisTLS(root_ca=str(pki.ca)))
+    plain = SentinelOptions(master_name=group.name)
+    brokers: list[RedisBroker] = []
+    presences = [
+        RedisPresence(group.sentinel_addresses, prefix=prefix, sentinel=good),
+        RedisPresence(group.sentinel_addresses, prefix=prefix, sentinel=plain, io_timeout=1.0),
+    ]
+    try:
+        brokers, recorders = await _pair(
+            addresses=group.sentinel_addresses, prefix=prefix, sentinel=good
+        )
+        await _exchange(brokers, recorders, "room")
+        await presences[0].add("room", INFO, 60)
+        with pytest.raises(StorageError, match="no sentinel named the master"):
+            await presences[1].presence("room")
+    finally:
+        await _close(brokers)
+        for presence in presences:
+            await presence.close()
+        await asyncio.to_thread(group.close)
+
+
 def test_sentinel_needs_a_master_name() -> None:
     with pytest.raises(ValueError, match="master_name"):
         RedisBroker(["127.0.0.1:26379"], sentinel=SentinelOptions(master_name=""))
@@ -288,3 +316,37 @@ async def test_cluster_presence_keeps_both_keys_in_one_slot(cluster: PrivateRedi
         assert presence.keys("a")[0].endswith("{a}")
     finally:
         await presence.close()
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_redis_options_from_the_config_keys(pki: ThrowawayPKI, tmp_path: Path) -> None:
+    base = Config(engine="redis", redis_prefix="p", redis_password="pw")
+    addresses, kw = redis_options(base)
+    assert addresses == base.redis_address and kw["tls"] is None and "sentinel" not in kw
+    tls_on = dataclasses.replace(
+        base,
+        redis_tls=True,
+        redis_tls_root_ca=str(pki.ca),
+        redis_tls_server_name="localhost",
+        redis_sentinel_address=("127.0.0.1:1", "127.0.0.1:2"),
+        redis_sentinel_master_name="m",
+        redis_sentinel_password="spw",
+        redis_sentinel_tls=True,
+        redis_sentinel_tls_insecure_skip_verify=True,
+        redis_cluster_address=("127.0.0.1:3",),
+    )
+    addresses, kw = redis_options(tls_on)
+    assert addresses == ("127.0.0.1:1", "127.0.0.1:2")  # sentinel wins
+    assert kw["tls"] == RedisTLS(root_ca=str(pki.ca), server_name="localhost")
+    assert kw["sentinel"] == SentinelOptions(
+        master_name="m", password="spw", tls=RedisTLS(insecure_skip_verify=True)
+    )
+    cluster = dataclasses.replace(base, redis_cluster_address=("127.0.0.1:3",))
+    assert redis_options(cluster) == (("127.0.0.1:3",), {**redis_options(base)[1], "cluster": True})
+    missing = dataclasses.replace(base, redis_tls=True, redis_tls_cert=str(tmp_path / "no.pem"),
+                                  redis_tls_key=str(tmp_path / "no.pem"))  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        redis_options(missing)
+    assert info.value.key == "redis_tls"

@@ -277,14 +277,24 @@ class PrivateSentinelSet:
     """One master, one replica and three sentinels (quorum 2, `down-after` 1 s) of our own,
     monitoring master `name`. `kill_master()` SIGKILLs whichever server is master now and
     waits until the sentinels name the other one; `start_all()` restarts what was killed
-    (the sentinels make it a replica)."""
+    (the sentinels make it a replica). With `tls`, the sentinels listen on TLS only (server
+    certificate of the PKI, no client certificate asked); `sentinels=1` gives quorum 1."""
 
-    def __init__(self, root: Path, name: str = "centripy") -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str = "centripy",
+        *,
+        sentinels: int = 3,
+        tls: ThrowawayPKI | None = None,
+    ) -> None:
         self.name = name
+        self._tls = tls
+        self._quorum = 2 if sentinels >= 3 else 1
         self.servers = [PrivateRedis(root / "a"), PrivateRedis(root / "b")]
         replica = self.servers[1]
         replica._args += ["--replicaof", "127.0.0.1", str(self.servers[0].port)]
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
         self._root = root
 
@@ -300,9 +310,17 @@ class PrivateSentinelSet:
         master = self.servers[0].port
         for i, port in enumerate(self.sentinel_ports):
             conf = self._root / f"sentinel-{i}.conf"
+            listen = f"port {port}\n"
+            if self._tls is not None:
+                pki = self._tls
+                listen = (
+                    f"port 0\ntls-port {port}\ntls-cert-file {pki.server_cert}\n"
+                    f"tls-key-file {pki.server_key}\ntls-ca-cert-file {pki.ca}\n"
+                    "tls-auth-clients no\ntls-replication no\n"
+                )
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self._root}\n"
-                f"sentinel monitor {self.name} 127.0.0.1 {master} 2\n"
+                f"{listen}bind 127.0.0.1\ndir {self._root}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {master} {self._quorum}\n"
                 f"sentinel down-after-milliseconds {self.name} 1000\n"
                 f"sentinel failover-timeout {self.name} 4000\n"
                 f"sentinel parallel-syncs {self.name} 1\n"
@@ -325,14 +343,20 @@ class PrivateSentinelSet:
         return "master_link_status:up" in info
 
     def _sentinel_sees_replica(self, port: int) -> bool:
-        out = _redis_cli("-p", str(port), "sentinel", "master", self.name)
+        out = self._sentinel_cli(port, "sentinel", "master", self.name)
         fields = out.split()
         stats = dict(zip(fields[::2], fields[1::2], strict=False))
-        return stats.get("num-slaves") == "1" and stats.get("num-other-sentinels") == "2"
+        others = str(len(self.sentinel_ports) - 1)
+        return stats.get("num-slaves") == "1" and stats.get("num-other-sentinels") == others
+
+    def _sentinel_cli(self, port: int, *args: str) -> str:
+        tls = ["--tls", "--cacert", str(self._tls.ca)] if self._tls is not None else []
+        return _redis_cli(*tls, "-p", str(port), *args)
 
     def master_port(self) -> int:
-        out = _redis_cli("-p", str(self.sentinel_ports[0]), "sentinel",
-                         "get-master-addr-by-name", self.name).split()  # fmt: skip
+        out = self._sentinel_cli(
+            self.sentinel_ports[0], "sentinel", "get-master-addr-by-name", self.name
+        ).split()
         return int(out[1])
 
     def kill_master(self, failover_timeout: float = 30.0) -> int:
@@ -347,7 +371,7 @@ class PrivateSentinelSet:
 
     def _master_of(self, port: int) -> int | None:
         try:
-            out = _redis_cli("-p", str(port), "sentinel", "get-master-addr-by-name", self.name)
+            out = self._sentinel_cli(port, "sentinel", "get-master-addr-by-name", self.name)
         except RuntimeError:
             return None
         parts = out.split()
