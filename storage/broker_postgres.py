@@ -53,6 +53,9 @@ from centripy.storage.wire import (
 log = logging.getLogger("centripy.broker.postgres")
 
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# and on the LISTEN session, asyncpg's "another operation is in progress" once the server
+# cut it (a FATAL error arrived while idle)
+LISTEN_ERRORS = (*PG_ERRORS, asyncpg.InternalClientError)
 NOTIFY_LIMIT = 7999  # PostgreSQL rejects payloads of 8000 bytes or more
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 MAX_SHARDS = 1024
@@ -219,7 +222,7 @@ class PostgresBroker(Broker):
                 elif not wanted and shard in self._listened:
                     self._listened.discard(shard)
                     await conn.remove_listener(self.shard_channel(shard), self._on_notify)
-            except PG_ERRORS as exc:
+            except LISTEN_ERRORS as exc:
                 log.warning("postgres broker: (UN)LISTEN failed, reconnecting: %r", exc)
                 conn.terminate()
 
@@ -360,7 +363,7 @@ class PostgresBroker(Broker):
                     self._listened.clear()
                     self._end_barriers()
                     conn.terminate()
-            except PG_ERRORS as exc:
+            except LISTEN_ERRORS as exc:
                 if attempt == 0:
                     log.warning("postgres broker: listener connection failed: %r", exc)
             finally:
@@ -401,7 +404,7 @@ class PostgresBroker(Broker):
                 try:
                     async with self._conn_lock:
                         await conn.fetchval("SELECT 1", timeout=self._io_timeout)
-                except PG_ERRORS as exc:
+                except LISTEN_ERRORS as exc:
                     log.warning("postgres broker: listener keep-alive failed: %r", exc)
                     break
         log.warning("postgres broker: listener connection lost, reconnecting")
