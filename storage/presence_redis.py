@@ -105,6 +105,7 @@ class RedisPresence(PresenceManager):
         }
         self._tls = tls
         self._cluster = cluster
+        self._sentinel = sentinel is not None
         self._map: ClusterMap | None = None
         self._map_lock = asyncio.Lock()
         self._seeds: list[RedisTarget] = []
@@ -166,6 +167,10 @@ class RedisPresence(PresenceManager):
         except REDIS_ERRORS as exc:
             if self._cluster:
                 self._map = None  # MOVED, a failover, a dead master: map again next time
+            elif self._sentinel:
+                # READONLY from a demoted master: pooled connections go, new ones ask the
+                # sentinels again
+                await self._targets[0].client.connection_pool.disconnect()
             raise StorageError(f"redis presence failed for {channel!r}: {exc}") from exc
 
     async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:

@@ -221,6 +221,42 @@ async def test_sentinel_broker_and_presence_follow_a_failover(
         await presence.close()
 
 
+async def test_sentinel_manual_failover_demotes_the_master_without_killing_it(
+    sentinels: PrivateSentinelSet,
+) -> None:
+    """The old master stays up as a replica: connections to it must not be kept (PUBLISH
+    there would reach only its own subscribers, presence writes would fail READONLY)."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    options = SentinelOptions(master_name=sentinels.name)
+    kw: dict[str, Any] = {"addresses": sentinels.sentinel_addresses, "prefix": prefix}
+    brokers, recorders = await _pair(**kw, sentinel=options, reconnect_backoff=(0.05, 0.5))
+    presence = RedisPresence(sentinels.sentinel_addresses, prefix=prefix, sentinel=options)
+    try:
+        await _exchange(brokers, recorders, "room")
+        await presence.add("room", INFO, 60)
+        new = await asyncio.to_thread(sentinels.failover)
+        for recorder in recorders:
+            await asyncio.wait_for(recorder.reconnected.wait(), 30)
+
+        async def on_new_master() -> bool:
+            try:
+                await presence.add("room", INFO, 60)
+            except StorageError:
+                return False
+            return True
+
+        await eventually(on_new_master, 30, "presence writes on the new master")
+        for broker in brokers:  # both sessions and publishers are on the new master
+            assert broker._shards[0].conn is not None
+            assert broker._shards[0].label == f"sentinel master 127.0.0.1:{new}"
+        await brokers[0].publish("room", pub(4), "E")
+        event = await recorders[1].next()
+        assert event[0] == "pub" and event[2].offset == 4
+    finally:
+        await _close(brokers)
+        await presence.close()
+
+
 async def test_sentinels_over_tls(tmp_path: Path, pki: ThrowawayPKI) -> None:
     """redis_sentinel_tls*: the sentinels are asked over TLS (the master stays plain)."""
     group = PrivateSentinelSet(tmp_path / "tls-sentinel", sentinels=1, tls=pki)

@@ -369,6 +369,17 @@ class PrivateSentinelSet:
         )  # fmt: skip
         return self.master_port()
 
+    def failover(self, timeout: float = 30.0) -> int:
+        """SENTINEL FAILOVER (the master is demoted, not killed); returns the new master's
+        port once every sentinel names it and it is ready."""
+        old = self.master_port()
+        self._sentinel_cli(self.sentinel_ports[0], "sentinel", "failover", self.name)
+        eventually_sync(
+            lambda: all(self._master_of(p) not in (old, None) for p in self.sentinel_ports),
+            timeout, "sentinel failover",
+        )  # fmt: skip
+        return self.master_port()
+
     def _master_of(self, port: int) -> int | None:
         try:
             out = self._sentinel_cli(port, "sentinel", "get-master-addr-by-name", self.name)
