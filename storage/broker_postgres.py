@@ -32,6 +32,7 @@ import logging
 import re
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -101,13 +102,14 @@ class PostgresBroker(Broker):
         shards: int = 32,
         max_backlog: int = 10_000,
         fetch_batch: int = 256,
+        notify_batch: int = 256,
     ) -> None:
         self._dsn = asyncpg_dsn(dsn)
         prefix = check_identifier(channel_prefix, "channel_prefix")
         if not 1 <= shards <= MAX_SHARDS:
             raise ValueError(f"shards must be in 1..{MAX_SHARDS}")
-        if max_backlog < 1 or fetch_batch < 1:
-            raise ValueError("max_backlog and fetch_batch must be positive")
+        if min(max_backlog, fetch_batch, notify_batch) < 1:
+            raise ValueError("max_backlog, fetch_batch and notify_batch must be positive")
         self._shards = shards
         self._pub_base, self._ctl_channel = f"{prefix}_pub", f"{prefix}_ctl"
         self._table = check_identifier(table, "table")
@@ -136,6 +138,9 @@ class PostgresBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt = asyncio.Event()
         self._table_ready = False
+        self._outbox: deque[tuple[str, str, asyncio.Future[None]]] = deque()
+        self._sender: asyncio.Task[None] | None = None
+        self._notify_batch = notify_batch
         self._table_lock = asyncio.Lock()
         self._last_gc = 0.0
         self._barriers: dict[str, asyncio.Future[None]] = {}
@@ -167,6 +172,9 @@ class PostgresBroker(Broker):
         await self._first_attempt.wait()
 
     async def close(self) -> None:
+        if self._sender is not None:
+            self._tasks.append(self._sender)
+            self._sender = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -266,13 +274,68 @@ class PostgresBroker(Broker):
     # -- sending --------------------------------------------------------------------------
 
     async def _notify(self, listen: str, body: bytes, kind: str, key: str) -> None:
-        payload = "i" + base64.b64encode(body).decode("ascii")
-        if len(payload) <= self._inline_limit:
-            await self._with_conn(lambda c: c.execute("SELECT pg_notify($1, $2)", listen, payload))
+        if 1 + 4 * ((len(body) + 2) // 3) <= self._inline_limit:  # the length of "i" + base64
+            await self._notify_inline(listen, "i" + base64.b64encode(body).decode("ascii"))
             return
         await self._ensure_table()
         await self._with_conn(lambda c: self._notify_stored(c, listen, body, kind, key))
         await self._maybe_gc()
+
+    async def _notify_inline(self, listen: str, payload: str) -> None:
+        """Group commit: NOTIFYs queued while a transaction is in flight go together in
+        the next one (PostgreSQL serialises every NOTIFYing commit of the whole database, so
+        one NOTIFY per transaction caps all nodes together at one commit's latency)."""
+        if self._pool is None or self._handler is None:
+            raise StorageError("postgres broker is not running")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((listen, payload, done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_outbox())
+        await done
+
+    async def _send_outbox(self) -> None:
+        batch: list[tuple[str, str, asyncio.Future[None]]] = []
+        try:
+            while self._outbox:
+                seen: set[tuple[str, str]] = set()
+                while self._outbox and len(batch) < self._notify_batch:
+                    listen, payload, _ = self._outbox[0]
+                    if (listen, payload) in seen:
+                        break  # PostgreSQL would fold identical NOTIFYs of one transaction
+                    seen.add((listen, payload))
+                    batch.append(self._outbox.popleft())
+                error: StorageError | None = None
+                try:
+                    await self._send_batch([b[0] for b in batch], [b[1] for b in batch])
+                except StorageError as exc:
+                    error = exc
+                for _, _, done in batch:
+                    if done.done():
+                        continue  # its caller gave up waiting
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(error)
+                batch = []
+        finally:
+            batch.extend(self._outbox)  # cancelled (close): nothing will send these
+            self._outbox.clear()
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(StorageError("postgres broker closed"))
+
+    async def _send_batch(self, channels: list[str], payloads: list[str]) -> None:
+        """One transaction NOTIFYing payloads[i] on channels[i], in this order."""
+        args: tuple[Any, ...]
+        if len(channels) == 1:
+            sql, args = "SELECT pg_notify($1, $2)", (channels[0], payloads[0])
+        else:
+            sql = (
+                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
+                "AS t(c, p, n) ORDER BY n"
+            )
+            args = (channels, payloads)
+        await self._with_conn(lambda c: c.execute(sql, *args))
 
     async def _notify_stored(
         self, conn: asyncpg.Connection, listen: str, body: bytes, kind: str, key: str

@@ -222,6 +222,31 @@ async def test_a_new_listen_session_listens_to_every_wanted_shard(cluster: Clust
     assert got == set(channels)
 
 
+async def test_concurrent_publications_share_transactions_in_call_order(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: NOTIFYs queued meanwhile go in one transaction, in the order of the
+    calls; identical ones (which PostgreSQL folds within a transaction) go in separate ones."""
+    a, _, _ = await cluster.node()
+    b, rb, _ = await cluster.node()
+    await b.subscribe("ch")
+    sizes: list[int] = []
+    send = a._send_batch
+
+    async def counting(channels: list[str], payloads: list[str]) -> None:
+        sizes.append(len(payloads))
+        assert len(set(payloads)) == len(payloads)
+        await send(channels, payloads)
+
+    monkeypatch.setattr(a, "_send_batch", counting)
+    same = Publication(b"same", 0)  # no offset: every copy must still arrive
+    pubs = [same if i % 4 == 0 else Publication(str(i).encode(), i) for i in range(1, 201)]
+    await asyncio.gather(*(a.publish("ch", p, "E") for p in pubs))
+    got = [(await rb.next())[2] for _ in pubs]
+    assert got == pubs
+    assert sum(sizes) == len(pubs) and max(sizes) > 1 and len(sizes) < len(pubs)
+
+
 def test_shards_and_limits() -> None:
     assert shard_of("anything", 1) == 0
     spread = [shard_of(f"user:{i}", 32) for i in range(3200)]
@@ -230,6 +255,7 @@ def test_shards_and_limits() -> None:
     broker = PostgresBroker("postgresql://x/y", channel_prefix="p", shards=1)
     assert broker.shard_channel(0) == "p_pub"
     assert PostgresBroker("postgresql://x/y", channel_prefix="p").shard_channel(31) == "p_pub_31"
-    for bad in ({"shards": 0}, {"shards": 1025}, {"max_backlog": 0}, {"fetch_batch": 0}):
+    bad_settings = [{"shards": 0}, {"shards": 1025}, {"max_backlog": 0}, {"fetch_batch": 0}]
+    for bad in [*bad_settings, {"notify_batch": 0}]:
         with pytest.raises(ValueError):
             PostgresBroker("postgresql://x/y", **bad)  # type: ignore[arg-type]
