@@ -129,8 +129,10 @@ async def run_case(
 
         async def caller(c: int) -> None:
             for i in range(per_caller):
-                channel = channels[(c * per_caller + i) % len(channels)]
-                await publisher.publish(channel, Publication(data, i + 1), "E")
+                seq = c * per_caller + i  # distinct publications (identical ones are legal too)
+                await publisher.publish(
+                    channels[seq % len(channels)], Publication(data, seq + 1), "E"
+                )
 
         t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(caller(c) for c in range(args.concurrency)))
