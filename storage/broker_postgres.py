@@ -34,7 +34,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -60,6 +60,7 @@ LISTEN_ERRORS = (*PG_ERRORS, asyncpg.InternalClientError)
 NOTIFY_LIMIT = 7999  # PostgreSQL rejects payloads of 8000 bytes or more
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 MAX_SHARDS = 1024
+BATCH_BYTES = 4 << 20  # a group-committed transaction stops growing past this
 _OVERFLOW = None  # queued in place of a dropped backlog
 
 
@@ -81,6 +82,17 @@ def check_identifier(name: str, what: str) -> str:
     if not _IDENT.match(name):
         raise ValueError(f"{what} {name!r} must match {_IDENT.pattern}")
     return name
+
+
+class _Out(NamedTuple):
+    """A message waiting for the next transaction: inline (`payload`) or stored (`body`)."""
+
+    listen: str
+    payload: str
+    body: bytes | None
+    kind: str
+    key: str
+    done: asyncio.Future[None]
 
 
 class PostgresBroker(Broker):
@@ -138,7 +150,7 @@ class PostgresBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt = asyncio.Event()
         self._table_ready = False
-        self._outbox: deque[tuple[str, str, asyncio.Future[None]]] = deque()
+        self._outbox: deque[_Out] = deque()
         self._sender: asyncio.Task[None] | None = None
         self._notify_batch = notify_batch
         self._table_lock = asyncio.Lock()
@@ -274,83 +286,95 @@ class PostgresBroker(Broker):
     # -- sending --------------------------------------------------------------------------
 
     async def _notify(self, listen: str, body: bytes, kind: str, key: str) -> None:
-        if 1 + 4 * ((len(body) + 2) // 3) <= self._inline_limit:  # the length of "i" + base64
-            await self._notify_inline(listen, "i" + base64.b64encode(body).decode("ascii"))
-            return
-        await self._ensure_table()
-        await self._with_conn(lambda c: self._notify_stored(c, listen, body, kind, key))
-        await self._maybe_gc()
-
-    async def _notify_inline(self, listen: str, payload: str) -> None:
-        """Group commit: NOTIFYs queued while a transaction is in flight go together in
-        the next one (PostgreSQL serialises every NOTIFYing commit of the whole database, so
-        one NOTIFY per transaction caps all nodes together at one commit's latency)."""
+        """Group commit: what is queued while a transaction is in flight goes in the next
+        one, in call order (PostgreSQL serialises the commits of every NOTIFYing transaction
+        of the database, so one NOTIFY per transaction caps all nodes at one commit each)."""
         if self._pool is None or self._handler is None:
             raise StorageError("postgres broker is not running")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.append((listen, payload, done))
+        stored = 1 + 4 * ((len(body) + 2) // 3) > self._inline_limit  # len("i" + base64)
+        if not stored:
+            payload = "i" + base64.b64encode(body).decode("ascii")
+            self._outbox.append(_Out(listen, payload, None, "", "", done))
+        else:
+            longest = "r" + orjson.dumps(["9" * 19, self._uid, kind, key]).decode()
+            if len(longest) + 6 > NOTIFY_LIMIT:  # + json_build_array's blanks after commas
+                raise StorageError("channel name too long for a NOTIFY reference")
+            await self._ensure_table()
+            self._outbox.append(_Out(listen, "", body, kind, key, done))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_outbox())
         await done
+        if stored:
+            await self._maybe_gc()
 
     async def _send_outbox(self) -> None:
-        batch: list[tuple[str, str, asyncio.Future[None]]] = []
+        batch: list[_Out] = []
         try:
             while self._outbox:
                 seen: set[tuple[str, str]] = set()
-                while self._outbox and len(batch) < self._notify_batch:
-                    listen, payload, _ = self._outbox[0]
-                    if (listen, payload) in seen:
-                        break  # PostgreSQL would fold identical NOTIFYs of one transaction
-                    seen.add((listen, payload))
+                size = 0
+                while self._outbox and len(batch) < self._notify_batch and size < BATCH_BYTES:
+                    out = self._outbox[0]
+                    if out.body is None:
+                        if (out.listen, out.payload) in seen:
+                            break  # PostgreSQL would fold identical NOTIFYs of a transaction
+                        seen.add((out.listen, out.payload))
+                    size += len(out.payload) + len(out.body or b"")
                     batch.append(self._outbox.popleft())
                 error: StorageError | None = None
                 try:
-                    await self._send_batch([b[0] for b in batch], [b[1] for b in batch])
+                    await self._send_batch(batch)
                 except StorageError as exc:
                     error = exc
-                for _, _, done in batch:
-                    if done.done():
+                for out in batch:
+                    if out.done.done():
                         continue  # its caller gave up waiting
                     if error is None:
-                        done.set_result(None)
+                        out.done.set_result(None)
                     else:
-                        done.set_exception(error)
+                        out.done.set_exception(error)
                 batch = []
         finally:
             batch.extend(self._outbox)  # cancelled (close): nothing will send these
             self._outbox.clear()
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_exception(StorageError("postgres broker closed"))
+            for out in batch:
+                if not out.done.done():
+                    out.done.set_exception(StorageError("postgres broker closed"))
 
-    async def _send_batch(self, channels: list[str], payloads: list[str]) -> None:
-        """One transaction NOTIFYing payloads[i] on channels[i], in this order."""
+    async def _send_batch(self, batch: list[_Out]) -> None:
+        """One statement (one transaction) NOTIFYing the batch in order; large bodies are
+        inserted into the table by the same statement and their NOTIFY carries the row id
+        (delivered at commit, once the row is visible)."""
         args: tuple[Any, ...]
-        if len(channels) == 1:
-            sql, args = "SELECT pg_notify($1, $2)", (channels[0], payloads[0])
-        else:
+        if len(batch) == 1 and batch[0].body is None:
+            sql, args = "SELECT pg_notify($1, $2)", (batch[0].listen, batch[0].payload)
+        elif all(out.body is None for out in batch):
             sql = (
                 "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
                 "AS t(c, p, n) ORDER BY n"
             )
-            args = (channels, payloads)
+            args = ([out.listen for out in batch], [out.payload for out in batch])
+        else:
+            sql = (
+                "WITH input AS MATERIALIZED (SELECT c, p, b, k, key, n, CASE WHEN b IS NULL "
+                f"THEN NULL ELSE nextval(pg_get_serial_sequence('{self._table}', 'id')) END AS id "
+                "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[]) "
+                "WITH ORDINALITY AS t(c, p, b, k, key, n)), "
+                f"stored AS (INSERT INTO {self._table} (id, body) "
+                "SELECT id, b FROM input WHERE id IS NOT NULL) "
+                "SELECT pg_notify(c, CASE WHEN id IS NULL THEN p ELSE 'r' || "
+                "json_build_array(id::text, $6::text, k, key)::text END) FROM input ORDER BY n"
+            )
+            args = (
+                [out.listen for out in batch],
+                [out.payload for out in batch],
+                [out.body for out in batch],
+                [out.kind for out in batch],
+                [out.key for out in batch],
+                self._uid,
+            )
         await self._with_conn(lambda c: c.execute(sql, *args))
-
-    async def _notify_stored(
-        self, conn: asyncpg.Connection, listen: str, body: bytes, kind: str, key: str
-    ) -> None:
-        """Insert the body and NOTIFY its reference in one statement (one round trip; the
-        NOTIFY is delivered at commit, once the row is visible)."""
-        longest = "r" + orjson.dumps(["9" * 19, self._uid, kind, key]).decode()
-        if len(longest) + 6 > NOTIFY_LIMIT:  # + the blanks json_build_array puts after commas
-            raise StorageError("channel name too long for a NOTIFY reference")
-        sql = (
-            f"WITH stored AS (INSERT INTO {self._table} (body) VALUES ($1) RETURNING id) "
-            "SELECT pg_notify($2, 'r' || json_build_array(id::text, $3::text, $4::text, "
-            "$5::text)::text) FROM stored"
-        )
-        await conn.execute(sql, body, listen, self._uid, kind, key)
 
     async def _with_conn(self, action: Callable[[asyncpg.Connection], Any]) -> Any:
         """Run `action` on a pooled connection; one retry on a connection that turns out to

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import orjson
@@ -225,26 +226,42 @@ async def test_a_new_listen_session_listens_to_every_wanted_shard(cluster: Clust
 async def test_concurrent_publications_share_transactions_in_call_order(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Group commit: NOTIFYs queued meanwhile go in one transaction, in the order of the
-    calls; identical ones (which PostgreSQL folds within a transaction) go in separate ones."""
+    """Group commit: messages queued meanwhile go in one transaction, in the order of the
+    calls, large (stored) ones among them; identical ones (which PostgreSQL folds within a
+    transaction) go in separate ones."""
     a, _, _ = await cluster.node()
     b, rb, _ = await cluster.node()
     await b.subscribe("ch")
-    sizes: list[int] = []
+    await a.publish("ch", Publication(b"L" * 9000, 1), "E")  # creates the table
+    assert (await rb.next())[2].offset == 1
+    batches: list[list[Any]] = []
     send = a._send_batch
 
-    async def counting(channels: list[str], payloads: list[str]) -> None:
-        sizes.append(len(payloads))
-        assert len(set(payloads)) == len(payloads)
-        await send(channels, payloads)
+    async def counting(batch: list[Any]) -> None:
+        batches.append(list(batch))
+        inline = [out.payload for out in batch if out.body is None]
+        assert len(set(inline)) == len(inline)
+        await send(batch)
 
     monkeypatch.setattr(a, "_send_batch", counting)
     same = Publication(b"same", 0)  # no offset: every copy must still arrive
-    pubs = [same if i % 4 == 0 else Publication(str(i).encode(), i) for i in range(1, 201)]
+
+    def pub(i: int) -> Publication:
+        if i % 4 == 0:
+            return same
+        if i % 5 == 0:
+            return Publication(bytes([i]) * 9000, i)  # stored in the table
+        return Publication(str(i).encode(), i)
+
+    pubs = [pub(i) for i in range(2, 202)]
     await asyncio.gather(*(a.publish("ch", p, "E") for p in pubs))
     got = [(await rb.next())[2] for _ in pubs]
     assert got == pubs
+    sizes = [len(batch) for batch in batches]
     assert sum(sizes) == len(pubs) and max(sizes) > 1 and len(sizes) < len(pubs)
+    mixed = [bt for bt in batches if {out.body is None for out in bt} == {True, False}]
+    assert mixed, "no transaction carried inline and stored messages together"
+    assert rb.reconnects == 0 and b.missed_rows == 0
 
 
 def test_shards_and_limits() -> None:
