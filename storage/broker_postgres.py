@@ -10,11 +10,13 @@ addressed to one uid) and barrier tokens; every node LISTENs to it.
 A NOTIFY payload is text shorter than 8000 bytes, so a message body (the binary envelope of
 `storage.wire`) is sent as `i<base64(body)>` when that fits in `inline_limit`
 characters, otherwise the body is inserted into `<table>(id bigserial, body bytea,
-created_at timestamptz)` and the NOTIFY (same transaction, so it is delivered only once the
-row is visible) carries `r["<id>","<origin>","<kind>","<channel or target>"]`; receivers that
-want it fetch the rows of everything queued with one SELECT. Rows are deleted after
-`gc_after` seconds by publishing nodes; a receiver that finds a wanted row gone (it lagged
-longer than that) calls `handler.on_reconnect()`, so its channels fill the gap from the log.
+created_at timestamptz)` and the NOTIFY (same statement, so it is delivered only once the
+row is visible) carries `r["<id>", "<origin>", "<kind>", "<channel or target>"]`; receivers
+that want it fetch the rows of everything queued with one SELECT. Sending is group-committed:
+what is queued while a transaction is in flight goes in the next one (one statement), in call
+order. Rows are deleted after `gc_after` seconds by publishing nodes; a receiver that finds
+a wanted row gone (it lagged longer than that) calls `handler.on_reconnect()`, so its
+channels fill the gap from the log.
 
 One dedicated connection LISTENs (application_name `centripy-listen-<uid>`); a small pool
 sends NOTIFYs and fetches large bodies. Notifications wait in a queue of at most
