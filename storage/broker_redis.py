@@ -18,7 +18,9 @@ Sentinel (`sentinel=`): one shard whose connections go to the master the sentine
 SPUBLISH/SSUBSCRIBE), one shard per master from CLUSTER SLOTS at start, every PUB/SUB name
 on the master of its hash slot (control and node names too), so publisher and subscribers of
 a name meet on one server and the barrier's PING orders as on one Redis. The slot map is
-read once at start (a resharding is not followed).
+read at start; when a session is lost, the shard asks the cluster again who serves its
+slots and follows a failover to the promoted replica (a resharding, i.e. slots moving
+between masters, is not followed).
 """
 
 from __future__ import annotations
@@ -96,7 +98,6 @@ class _Shard:
 
     def __init__(self, target: RedisTarget, *, sharded: bool = False) -> None:
         self.target = target
-        self.client = target.client
         self.sharded = sharded
         self.sub, self.unsub = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (
             b"SUBSCRIBE", b"UNSUBSCRIBE")  # fmt: skip
@@ -128,7 +129,7 @@ class _Shard:
 
     async def publish(self, name: bytes, body: bytes) -> None:
         command = "SPUBLISH" if self.sharded else "PUBLISH"
-        await self.client.execute_command(command, name, body)  # type: ignore[no-untyped-call]
+        await self.target.client.execute_command(command, name, body)  # type: ignore[no-untyped-call]
 
 
 class RedisBroker(Broker):
@@ -359,6 +360,8 @@ class RedisBroker(Broker):
         before it, read until the connection is lost, back off, repeat."""
         attempt, lost = 0, False
         while not self._closing:
+            if lost and self._cluster is not None:
+                await self._follow_failover(shard)
             conn = shard.target.new_connection(f"centripy-pubsub-{self._uid[:24]}")
             shard.established = False
             try:
@@ -379,6 +382,27 @@ class RedisBroker(Broker):
                 attempt = 0
             await asyncio.sleep(reconnect_delay(attempt, *self._backoff))
             attempt += 1
+
+    async def _follow_failover(self, shard: _Shard) -> None:
+        """Cluster, after a lost session: ask the cluster which master serves this shard's
+        slots now (a replica promoted by a failover) and point the shard there."""
+        assert self._cluster is not None
+        slot = self._cluster.slots.index(self._shards.index(shard))
+        seeds = [s.target for s in self._shards if s is not shard] + self._seeds
+        try:
+            fresh = await cluster_slots(seeds)
+        except REDIS_ERRORS as exc:
+            log.debug("redis broker: cluster map unavailable: %s", exc)
+            return
+        address = fresh.masters[fresh.slots[slot]]
+        if address == shard.target.label:
+            return
+        log.warning("redis broker: slot %d moved from %s to %s", slot, shard.label, address)
+        old, shard.target = (
+            shard.target,
+            RedisTarget(connection_kwargs(address, **self._kw), self._tls),
+        )
+        await close_quietly([old])
 
     async def _run_session(self, shard: _Shard, conn: Connection, lost: bool) -> None:
         shard.conn = conn
@@ -417,7 +441,7 @@ class RedisBroker(Broker):
                     log.debug("redis broker: sentinels unreachable: %s", exc)
                     continue
                 if master != here:
-                    await shard.client.connection_pool.disconnect()
+                    await shard.target.client.connection_pool.disconnect()
                     raise ConnectionError(f"the sentinels moved the master to {master}")
 
     async def _read_loop(self, shard: _Shard, conn: Connection) -> None:

@@ -143,7 +143,7 @@ class RedisPresence(PresenceManager):
             return -1
         async with self._map_lock:
             if self._map is None:
-                cluster = await cluster_slots(self._seeds)
+                cluster = await cluster_slots(self._seeds + self._targets)
                 old = self._targets
                 self._set_targets(
                     [

@@ -386,3 +386,39 @@ def test_redis_options_from_the_config_keys(pki: ThrowawayPKI, tmp_path: Path) -
     with pytest.raises(ConfigError) as info:
         redis_options(missing)
     assert info.value.key == "redis_tls"
+
+
+async def test_cluster_broker_and_presence_follow_a_master_failover(tmp_path: Path) -> None:
+    group = PrivateRedisCluster(tmp_path / "cluster-ha", masters=3, replicas=1)
+    await asyncio.to_thread(group.start)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    brokers: list[RedisBroker] = []
+    presence = RedisPresence(group.addresses, prefix=prefix, cluster=True)
+    try:
+        brokers, recorders = await _pair(
+            addresses=group.addresses, prefix=prefix, cluster=True, reconnect_backoff=(0.05, 0.5)
+        )
+        await _exchange(brokers, recorders, "room")
+        await presence.add("room", INFO, 60)
+        victim = brokers[0]._shard_for("room").label
+        await asyncio.to_thread(group.kill, victim)
+        for recorder in recorders:
+            await asyncio.wait_for(recorder.reconnected.wait(), 30)
+        for broker in brokers:
+            assert broker._shard_for("room").label != victim
+        await brokers[0].publish("room", pub(4), "E")
+        event = await recorders[1].next()
+        assert event[0] == "pub" and event[2].offset == 4
+
+        async def presence_back() -> bool:
+            try:
+                await presence.add("room", INFO, 60)
+            except StorageError:
+                return False
+            return list(await presence.presence("room")) == ["client-1"]
+
+        await eventually(presence_back, 30, "presence on the promoted replica")
+    finally:
+        await _close(brokers)
+        await presence.close()
+        await asyncio.to_thread(group.close)

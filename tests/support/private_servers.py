@@ -294,7 +294,17 @@ class PrivateSentinelSet:
         self.servers = [PrivateRedis(root / "a"), PrivateRedis(root / "b")]
         replica = self.servers[1]
         replica._args += ["--replicaof", "127.0.0.1", str(self.servers[0].port)]
-        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        used = {server.port for server in self.servers}
+        while len(used) < 2:  # a port free a moment ago may be handed out twice
+            replica.port = free_port()
+            replica._args[replica._args.index("--port") + 1] = str(replica.port)
+            used = {server.port for server in self.servers}
+        self.sentinel_ports = []
+        while len(self.sentinel_ports) < sentinels:
+            port = free_port()
+            if port not in used:
+                used.add(port)
+                self.sentinel_ports.append(port)
         self._sentinels: list[subprocess.Popen[bytes]] = []
         self._root = root
 
@@ -402,14 +412,27 @@ class PrivateSentinelSet:
 
 
 class PrivateRedisCluster:
-    """A Redis Cluster of `masters` masters (no replicas) of our own on free ports."""
+    """A Redis Cluster of `masters` masters with `replicas` replicas each, of our own on
+    free ports (node timeout 2 s: a dead master's replica takes over a few seconds later)."""
 
-    def __init__(self, root: Path, masters: int = 3) -> None:
-        self.servers = [PrivateRedis(root / f"n{i}") for i in range(masters)]
+    def __init__(self, root: Path, masters: int = 3, replicas: int = 0) -> None:
+        self._replicas = replicas
+        self.servers = [PrivateRedis(root / f"n{i}") for i in range(masters * (1 + replicas))]
+        used: set[int] = set()
         for server in self.servers:
+            while server.port in used:  # a port free a moment ago may be handed out twice
+                server.port = free_port()
+                server._args[server._args.index("--port") + 1] = str(server.port)
+            used.add(server.port)
+        for server in self.servers:
+            bus = free_port()
+            while bus in used:  # a port free a moment ago may be handed out twice
+                bus = free_port()
+            used.add(bus)
             server._args += [
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", "2000", "--cluster-port", str(bus),
+                "--cluster-replica-validity-factor", "0",
             ]  # fmt: skip
 
     @property
@@ -419,15 +442,41 @@ class PrivateRedisCluster:
     def start(self) -> None:
         for server in self.servers:
             server.start()
-        _redis_cli("--cluster", "create", *self.addresses, "--cluster-replicas", "0",
-                   "--cluster-yes", timeout=60)  # fmt: skip
+        _redis_cli("--cluster", "create", *self.addresses, "--cluster-replicas",
+                   str(self._replicas), "--cluster-yes", timeout=60)  # fmt: skip
+        self.wait_ok(self.servers)
+        eventually_sync(self._replicas_in_sync, START_TIMEOUT, "cluster replicas in sync")
+
+    def _replicas_in_sync(self) -> bool:
+        for server in self.servers:
+            info = _redis_cli("-p", str(server.port), "info", "replication")
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
+
+    def wait_ok(self, servers: list[PrivateRedis], timeout: float = START_TIMEOUT) -> None:
+        """Until every one of `servers` says cluster_state:ok (all slots served)."""
         eventually_sync(
             lambda: all(
                 "cluster_state:ok" in _redis_cli("-p", str(s.port), "cluster", "info")
-                for s in self.servers
+                for s in servers
             ),
-            START_TIMEOUT, "redis cluster state ok",
+            timeout, "redis cluster state ok",
         )  # fmt: skip
+
+    def kill(self, address: str) -> None:
+        """SIGKILL the server at `address` and wait until the others serve every slot again
+        (its replica promoted)."""
+        victim = next(s for s in self.servers if s.address == address)
+        victim.kill()
+        others = [s for s in self.servers if s is not victim]
+
+        def promoted() -> bool:
+            slots = _redis_cli("-p", str(others[0].port), "cluster", "slots")
+            return f"\n{victim.port}\n" not in f"\n{slots}"
+
+        eventually_sync(promoted, 60, f"a replica of {address} promoted")
+        self.wait_ok(others, timeout=60)
 
     def close(self) -> None:
         for server in self.servers:
