@@ -530,7 +530,11 @@ class PostgresBroker(Broker):
             batch = [await self._queue.get()]
             while len(batch) < self._fetch_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._handle_batch(batch)
+            try:
+                await self._handle_batch(batch)
+            except Exception:  # a bug must not end the only receiving task
+                log.exception("postgres broker: a batch of notifications failed; resyncing")
+                self._call(lambda h: h.on_reconnect())
 
     async def _handle_batch(self, batch: list[str | None]) -> None:
         """Handle queued notifications in order; the stored bodies that are wanted are
