@@ -47,6 +47,7 @@ from centripy.storage.factory import open_event_log
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.presence_postgres import PostgresPresence
 from centripy.storage.presence_redis import RedisPresence
+from centripy.storage.redis_conn import redis_options
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports.admin import admin_routes
 from centripy.transports.api_http import InFlight, api_routes
@@ -178,17 +179,10 @@ def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
 
 def _build_engine(config: Config, with_broker: bool) -> tuple[Broker | None, PresenceManager]:
     if config.engine == "redis":
-        redis_kw: dict[str, Any] = {
-            "prefix": config.redis_prefix,
-            "db": config.redis_db,
-            "user": config.redis_user,
-            "password": config.redis_password,
-            "connect_timeout": config.redis_connect_timeout,
-            "io_timeout": config.redis_io_timeout,
-        }
+        addresses, redis_kw = redis_options(config)  # plain, Sentinel or Cluster; TLS
         return (
-            RedisBroker(config.redis_address, **redis_kw) if with_broker else None,
-            RedisPresence(config.redis_address, **redis_kw),
+            RedisBroker(addresses, **redis_kw) if with_broker else None,
+            RedisPresence(addresses, **redis_kw),
         )
     if config.engine == "postgresql":
         prefix = config.postgresql_prefix
@@ -305,6 +299,9 @@ async def start(config: Config) -> Services:
     writer.metrics = node.metrics
     node.metrics.set("centrifugo_node_build", 1, "Node build info.", version=VERSION)
     ctx = ConnContext(config, node, hub, build_verifier(config), proxies=proxies)
+    if link is not None:
+        ctx.forward_emulation = link.forward_emulation
+        ctx.forward_command = link.forward
     node.metrics.collector(hub_gauges(hub, link, ctx))
     executor = Executor(node, sessions)
     services = Services(config, node, hub, writer, executor, InFlight(), link=link, ctx=ctx)
