@@ -88,8 +88,9 @@ def hub_gauges(
             ("centrifugo_node_num_subscriptions", "gauge", (), stats.num_subs),
             ("centrifugo_node_num_nodes", "gauge", (), len(link.registry) if link else 1),
         ]
-        if ctx is not None:
+        if ctx is not None:  # the name Centrifugo v5 exports, and the one its docs give
             refused = ctx.admission.refused
+            out.append(("centrifugo_node_client_connection_limit", "counter", (), refused))
             out.append(("centrifugo_client_connection_limit_reached_total", "counter", (), refused))
         return out
 
@@ -297,6 +298,8 @@ async def start(config: Config) -> Services:
         await link.start()
         sessions = ClusterSessions(link)
     writer.metrics = node.metrics
+    if proxies is not None:
+        proxies.metrics = node.metrics
     node.metrics.set("centrifugo_node_build", 1, "Node build info.", version=VERSION)
     ctx = ConnContext(config, node, hub, build_verifier(config), proxies=proxies)
     if link is not None:
@@ -305,7 +308,8 @@ async def start(config: Config) -> Services:
     node.metrics.collector(hub_gauges(hub, link, ctx))
     executor = Executor(node, sessions)
     services = Services(config, node, hub, writer, executor, InFlight(), link=link, ctx=ctx)
-    services.consumers = await start_consumers(config, executor)
+    # the consumers' commands are timed under protocol "consuming", as in Centrifugo
+    services.consumers = await start_consumers(config, Executor(node, sessions, "consuming"))
     node.metrics.collector(consumer_counters(services.consumers))
     settings: dict[str, Any] = {
         "websocket_max_message_size": config.websocket_message_size_limit,

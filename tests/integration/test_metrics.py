@@ -16,7 +16,8 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import make_jwt
-from tests.support.server import ServerFactory, ServerProcess
+from tests.integration.http_proxy_backend import proxy_backend
+from tests.support.server import ServerFactory, ServerProcess, free_port
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
@@ -199,3 +200,33 @@ async def test_server_disconnect_by_code_and_dashboard_names(
         q for q in queried if q not in exported and not conditional.search(q)
     }  # fmt: skip
     assert not missing, f"dashboard queries metrics /metrics does not export: {sorted(missing)}"
+
+
+async def test_proxy_duration_and_errors_by_protocol_and_type(
+    server_factory: ServerFactory,
+) -> None:
+    async with proxy_backend() as backend:
+        backend.answers["connect"] = {"result": {"user": "p1"}}
+        down = f"http://127.0.0.1:{free_port()}/rpc"
+        config = {
+            "prometheus": True,
+            "proxy_connect_endpoint": backend.url("connect"),
+            "proxy_rpc_endpoint": down,
+        }
+        server = server_factory(config)
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"id": 1, "connect": {}}))
+            assert (await reply(ws, 1))["connect"]["client"]
+            await ws.send(json.dumps({"id": 2, "rpc": {"method": "m", "data": {}}}))
+            assert (await reply(ws, 2))["error"]["code"] == 100
+        text, types, samples = await asyncio.to_thread(scrape, server)
+    assert types["centrifugo_proxy_duration_seconds"] == "summary"
+    duration = "centrifugo_proxy_duration_seconds_count"
+    assert value(samples, duration, protocol="http", type="connect") == 1
+    assert value(samples, duration, protocol="http", type="rpc") == 1
+    hist = "centrifugo_proxy_duration_seconds_histogram_bucket"
+    assert value(samples, hist, protocol="http", type="connect", le="+Inf") == 1
+    errors = "centrifugo_proxy_errors_total"
+    assert value(samples, errors, protocol="http", type="rpc") == 1
+    assert value(samples, errors, protocol="http", type="connect") == 0
+    assert "# TYPE centrifugo_proxy_errors counter\n" in text
