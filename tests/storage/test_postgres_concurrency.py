@@ -130,12 +130,15 @@ async def test_lost_connection_is_a_storage_error_then_recovers(
     finally:
         await killer.dispose()
     outcomes: list[AppendResult | None] = []
-    for n in range(2, 5):  # the dead connection fails once, is invalidated, then replaced
+    for n in range(2, 5):
         try:
             outcomes.append(await writer.submit(pub("lost", 0, n)))
         except StorageError as exc:
             assert exc.__cause__ is not None
             outcomes.append(None)
-    assert outcomes[0] is None and None not in outcomes[1:]
+    # A connection the pool already knows is closed is never handed out (storage/postgres.py);
+    # one whose death the driver has not read yet fails its batch once (a StorageError, never
+    # a false success), and the pool is rebuilt: later appends succeed.
+    assert None not in outcomes[1:], outcomes
     stored = [r.publication.offset for r in outcomes if r is not None]
     assert stored == list(range(2, 2 + len(stored)))
