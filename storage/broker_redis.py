@@ -107,6 +107,7 @@ class _Shard:
         self.names: set[bytes] = set()  # subscribed client channels (redis names)
         self.fixed: list[bytes] = []  # control/node names of this shard, always subscribed
         self.acks: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self.unsubscribing: collections.Counter[bytes] = collections.Counter()  # sent, unanswered
         self.pongs: dict[bytes, asyncio.Future[None]] = {}  # barrier token -> waiter
         self.task: asyncio.Task[None] | None = None
         self.established = False  # the current session subscribed everything
@@ -122,6 +123,7 @@ class _Shard:
                 if not waiter.done():
                     waiter.cancel()
         self.acks.clear()
+        self.unsubscribing.clear()
         for pong in self.pongs.values():
             if not pong.done():
                 pong.set_result(None)  # the session is gone: on_reconnect resyncs
@@ -280,6 +282,7 @@ class RedisBroker(Broker):
         if conn is not None:
             try:
                 await _send(conn, shard.unsub, name)
+                shard.unsubscribing[name] += 1
             except REDIS_ERRORS as exc:
                 log.debug("redis broker: unsubscribe %s failed: %s", channel, exc)
 
@@ -466,13 +469,12 @@ class RedisBroker(Broker):
                     waiter = waiters.popleft()
                     if not waiter.done():
                         waiter.set_result(None)
-            elif (
-                kind == unsubscribed
-                and shard.sharded
-                and (reply[1] in shard.names or reply[1] in shard.fixed)
-            ):
-                # The server dropped a sharded subscription (its slot moved).
-                raise ConnectionError(f"redis cluster unsubscribed {reply[1]!r}")
+            elif kind == unsubscribed and shard.sharded:
+                if shard.unsubscribing[reply[1]] > 0:
+                    shard.unsubscribing[reply[1]] -= 1  # the answer to our SUNSUBSCRIBE
+                elif reply[1] in shard.names or reply[1] in shard.fixed:
+                    # The server dropped a sharded subscription (its slot moved).
+                    raise ConnectionError(f"redis cluster unsubscribed {reply[1]!r}")
 
     @staticmethod
     def _pong(shard: _Shard, token: bytes) -> None:

@@ -339,6 +339,24 @@ async def test_cluster_barrier_orders_after_earlier_publications(
     assert recorders[0].events.qsize() == 50
 
 
+async def test_cluster_unsubscribe_and_resubscribe_keeps_the_session(
+    cluster_pair: tuple[list[RedisBroker], list[Recorder]],
+) -> None:
+    """Our own SUNSUBSCRIBE's answer, arriving after the channel was subscribed again, is
+    not taken for the server dropping the subscription (which restarts the session)."""
+    brokers, recorders = cluster_pair
+    a, b = brokers
+    for _ in range(20):
+        await b.subscribe("flip")
+        await b.unsubscribe("flip")
+    await b.subscribe("flip")
+    await b.barrier("flip")  # every SUNSUBSCRIBE answer has been read by now
+    await a.publish("flip", pub(1), "E")
+    event = await recorders[1].next()
+    assert event[:2] == ("pub", "flip")
+    assert recorders[1].reconnects == 0
+
+
 async def test_cluster_presence_keeps_both_keys_in_one_slot(cluster: PrivateRedisCluster) -> None:
     presence = RedisPresence(cluster.addresses, prefix=f"t{uuid.uuid4().hex[:8]}", cluster=True)
     try:
