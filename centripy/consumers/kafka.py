@@ -125,6 +125,9 @@ def client_options(config: KafkaConsumerConfig, tuning: KafkaTuning) -> dict[str
         "heartbeat_interval_ms": tuning.heartbeat_interval_ms,
         "fetch_max_wait_ms": tuning.fetch_max_wait_ms,
         "bootstrap_timeout_ms": tuning.bootstrap_timeout_ms,
+        # A consumer never creates the topics it reads (as Centrifugo's franz-go consumer):
+        # metadata requests for a missing topic would create it with the broker's defaults.
+        "allow_auto_create_topics": False,
     }
     sasl = config.sasl_mechanism == "plain"
     if sasl:
