@@ -14,6 +14,7 @@ import websockets
 
 from tests.support.server import ServerFactory, ServerProcess
 from tests.support.services import postgres_url
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -63,7 +64,13 @@ async def test_every_acknowledged_publication_survives_sigkill(
     server = server_factory(_config(backend()))
     channel = f"log:kill-{uuid.uuid4().hex[:8]}"
     tasks = [asyncio.create_task(_publish(server, channel, i)) for i in range(400)]
-    await asyncio.sleep(0.15)  # some acknowledged, some in flight
+    # Kill once some are acknowledged while the rest are in flight (a wait on acknowledgements,
+    # not a fixed sleep: on a loaded machine 0.15 s could pass before the first reply).
+    await eventually(
+        lambda: sum(t.done() and t.result() is not None for t in tasks) >= 5,
+        30.0,
+        "5 acknowledged publications",
+    )
     server.kill()
     acked = {i: r for i, r in enumerate(await asyncio.gather(*tasks)) if r is not None}
     assert acked, "nothing was acknowledged before the kill"
