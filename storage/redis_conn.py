@@ -196,7 +196,8 @@ class SentinelOptions:
 
 class MasterLocator:
     """Asks the sentinels (in turn, starting with the last one that answered) for the
-    address of master `master_name`; remembers the last answer in `current`."""
+    address of master `master_name`; remembers the last answer in `current` and falls back
+    to it while no sentinel can be reached."""
 
     def __init__(
         self,
@@ -246,6 +247,8 @@ class MasterLocator:
                 self.current = (reply[0].decode(), int(reply[1]))
                 return self.current
             errors.append(f"{target.label}: does not know master {self._name!r}")
+        if self.current is not None and not any("does not know" in e for e in errors):
+            return self.current  # no sentinel reachable: the last master (ROLE still checked)
         raise RedisConnectionError(f"no sentinel named the master: {'; '.join(errors)}")
 
 

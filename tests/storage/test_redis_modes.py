@@ -284,6 +284,27 @@ async def test_sentinels_over_tls(tmp_path: Path, pki: ThrowawayPKI) -> None:
         await asyncio.to_thread(group.close)
 
 
+async def test_without_sentinels_the_last_master_is_used(sentinels: PrivateSentinelSet) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    options = SentinelOptions(master_name=sentinels.name)
+    kw: dict[str, Any] = {"addresses": sentinels.sentinel_addresses, "prefix": prefix}
+    brokers, recorders = await _pair(**kw, sentinel=options, reconnect_backoff=(0.05, 0.5))
+    presence = RedisPresence(sentinels.sentinel_addresses, prefix=prefix, sentinel=options)
+    try:
+        await presence.add("room", INFO, 60)
+        await asyncio.to_thread(sentinels.kill_sentinels)
+        await asyncio.sleep(2.5)  # a few session pings that cannot reach a sentinel
+        # new connections must be made without any sentinel to ask
+        await presence._targets[0].client.connection_pool.disconnect()
+        await brokers[0]._shards[0].target.client.connection_pool.disconnect()
+        await _exchange(brokers, recorders, "room")
+        assert list(await presence.presence("room")) == ["client-1"]
+        assert all(r.reconnects == 0 for r in recorders)
+    finally:
+        await _close(brokers)
+        await presence.close()
+
+
 def test_sentinel_needs_a_master_name() -> None:
     with pytest.raises(ValueError, match="master_name"):
         RedisBroker(["127.0.0.1:26379"], sentinel=SentinelOptions(master_name=""))

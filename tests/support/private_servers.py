@@ -402,6 +402,15 @@ class PrivateSentinelSet:
         for server in self.servers:
             server.start()
 
+    def kill_sentinels(self) -> None:
+        """SIGKILL every sentinel (the Redis servers stay up)."""
+        for proc in self._sentinels:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for port in self.sentinel_ports:
+            _wait_port(port, False, 10, "private sentinel")
+
     def close(self) -> None:
         for proc in self._sentinels:
             if proc.poll() is None:
