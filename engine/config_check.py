@@ -98,6 +98,12 @@ def _validate_redis(c: Config) -> None:
         raise ConfigError("redis_sentinel_master_name", "required with redis_sentinel_address")
     if c.redis_sentinel_address and c.redis_cluster_address:
         raise ConfigError("redis_cluster_address", "cannot be used with redis_sentinel_address")
+    if len(c.redis_cluster_address) > 1:
+        raise ConfigError(
+            "redis_cluster_address",
+            "sharding over several Redis Clusters is not supported: give one item "
+            '(its seed nodes comma-separated, e.g. "host1:7000,host2:7000")',
+        )
     for p in ("redis_", "redis_sentinel_"):
         cert = getattr(c, f"{p}tls_cert") or getattr(c, f"{p}tls_cert_pem")
         key = getattr(c, f"{p}tls_key") or getattr(c, f"{p}tls_key_pem")

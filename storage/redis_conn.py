@@ -399,8 +399,9 @@ def _sentinel_tls_of(c: Config) -> RedisTLS | None:
 def redis_options(config: Config) -> tuple[tuple[str, ...], dict[str, Any]]:
     """(addresses, keyword arguments) for RedisBroker and RedisPresence from the
     `redis_*` keys: `redis_sentinel_address` wins over `redis_cluster_address`, which wins
-    over `redis_address` (as in Centrifugo). Raises ConfigError for TLS material that
-    cannot be loaded."""
+    over `redis_address`. A cluster item is its seeds comma-separated, as in Centrifugo
+    (several items, i.e. several clusters sharded, are refused). Raises ConfigError for
+    that and for TLS material that cannot be loaded."""
     kwargs: dict[str, Any] = {
         "prefix": config.redis_prefix,
         "db": config.redis_db,
@@ -420,14 +421,26 @@ def redis_options(config: Config) -> tuple[tuple[str, ...], dict[str, Any]]:
             except ValueError as exc:
                 raise ConfigError(key, str(exc)) from exc
     if config.redis_sentinel_address:
+        sentinels = tuple(a for item in config.redis_sentinel_address for a in _seeds(item))
         kwargs["sentinel"] = SentinelOptions(
             master_name=config.redis_sentinel_master_name,
             user=config.redis_sentinel_user,
             password=config.redis_sentinel_password,
             tls=_sentinel_tls_of(config),
         )
-        return config.redis_sentinel_address, kwargs
+        return sentinels, kwargs
     if config.redis_cluster_address:
+        if len(config.redis_cluster_address) > 1:
+            raise ConfigError(
+                "redis_cluster_address",
+                "sharding over several Redis Clusters is not supported: give one item "
+                '(its seed nodes comma-separated, e.g. "host1:7000,host2:7000")',
+            )
         kwargs["cluster"] = True
-        return config.redis_cluster_address, kwargs
+        return _seeds(config.redis_cluster_address[0]), kwargs
     return config.redis_address, kwargs
+
+
+def _seeds(item: str) -> tuple[str, ...]:
+    """Centrifugo's comma-separated seed addresses within one item."""
+    return tuple(a.strip() for a in item.split(",") if a.strip())

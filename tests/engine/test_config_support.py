@@ -80,6 +80,10 @@ def test_serve_and_checkconfig_name_each_unsupported_key(tmp_path: Path) -> None
             '{"engine": "redis", "redis_sentinel_address": "127.0.0.1:26379"}',
             "redis_sentinel_master_name",
         ),
+        (
+            '{"engine": "redis", "redis_cluster_address": ["h:7000,k:7000", "j:7000"]}',
+            "redis_cluster_address",
+        ),
     ],
 )
 def test_unsafe_to_ignore_keys_refuse_the_config(tmp_path: Path, config: str, key: str) -> None:

@@ -418,8 +418,14 @@ def test_redis_options_from_the_config_keys(pki: ThrowawayPKI, tmp_path: Path) -
     assert kw["sentinel"] == SentinelOptions(
         master_name="m", password="spw", tls=RedisTLS(insecure_skip_verify=True)
     )
-    cluster = dataclasses.replace(base, redis_cluster_address=("127.0.0.1:3",))
-    assert redis_options(cluster) == (("127.0.0.1:3",), {**redis_options(base)[1], "cluster": True})
+    cluster = dataclasses.replace(base, redis_cluster_address=("127.0.0.1:3, 127.0.0.1:4",))
+    assert redis_options(cluster) == (
+        ("127.0.0.1:3", "127.0.0.1:4"),
+        {**redis_options(base)[1], "cluster": True},
+    )
+    two_clusters = dataclasses.replace(base, redis_cluster_address=("h:1,h:2", "k:1"))
+    with pytest.raises(ConfigError, match="several Redis Clusters"):
+        redis_options(two_clusters)
     missing = dataclasses.replace(base, redis_tls=True, redis_tls_cert=str(tmp_path / "no.pem"),
                                   redis_tls_key=str(tmp_path / "no.pem"))  # fmt: skip
     with pytest.raises(ConfigError) as info:
