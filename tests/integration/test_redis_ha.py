@@ -176,7 +176,7 @@ async def test_three_nodes_on_a_three_master_cluster(
     clients: list[Client],
     make_token: Any,
 ) -> None:
-    config = _config(redis_cluster_address=redis_cluster.addresses[:2])
+    config = _config(redis_cluster_address=[",".join(redis_cluster.addresses[:2])])  # seeds
     nodes = [server_factory(config) for _ in range(3)]
     channels = [f"room:{uuid.uuid4().hex[:8]}" for _ in range(6)]  # spread over the masters
     subs = await _subscribers(clients, nodes, channels, make_token)
