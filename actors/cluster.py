@@ -78,6 +78,8 @@ class ClusterLink:
         self._background: set[asyncio.Task[None]] = set()
         self._emulations: dict[str, asyncio.Future[int]] = {}  # request id -> reply
         self._emulation_ids = itertools.count(1)
+        received = node.metrics.received_from_broker
+        self._received = {k: received(k) for k in ("publication", "join", "leave", "control")}
 
     async def start(self) -> None:
         await self.broker.start(self.node.uid, self)
@@ -115,15 +117,21 @@ class ClusterLink:
     # -- BrokerHandler --------------------------------------------------------------------
 
     def on_publication(self, channel: str, pub: Publication, epoch: str) -> None:
+        self._received["publication"].value += 1
+        if pub.time:  # set by the log when committed (channels with history)
+            self.node.metrics.pub_sub_lag(time.time() - pub.time / 1000)
         self.hub.deliver(channel, pub, epoch)
 
     def on_join(self, channel: str, info: ClientInfo) -> None:
+        self._received["join"].value += 1
         self.hub.join(channel, info)
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
+        self._received["leave"].value += 1
         self.hub.leave(channel, info)
 
     def on_control(self, data: bytes) -> None:
+        self._received["control"].value += 1
         try:
             message = decode_control(data)
         except ControlError as exc:

@@ -59,6 +59,7 @@ PING_PONG_BUCKETS = (
 LOG_APPEND_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
+PUB_SUB_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 PUSH = "push_publication"  # frame_type of channel pushes (publications, joins, leaves)
@@ -229,6 +230,10 @@ class Metrics:
             "centripy_log_batch_size", "Event-log group commit: requests per batch.", (),
             BATCH_SIZE_BUCKETS,
         ).labels()  # fmt: skip
+        self._pub_sub_lag = timing(
+            "centrifugo_node_pub_sub_lag_seconds", "Pub sub lag in seconds", (),
+            PUB_SUB_LAG_BUCKETS,
+        ).labels()  # fmt: skip
         self._api_children: dict[tuple[str, str], tuple[Observer, Observer]] = {}
 
     # -- generic counters, gauges and timings (exact names) ---------------------------------
@@ -362,6 +367,19 @@ class Metrics:
             self.inc(
                 "centrifugo_proxy_errors", "Proxy call error count.", protocol=protocol, type=kind
             )
+
+    def received_from_broker(self, kind: str) -> Cell:
+        """The counter of messages of `kind` (publication, join, leave, control) received
+        from the other nodes through the broker, for the receiver to add to."""
+        return self.cell(
+            "centrifugo_node_messages_received_count", "Number of messages received from broker.",
+            type=kind,
+        )  # fmt: skip
+
+    def pub_sub_lag(self, seconds: float) -> None:
+        """A publication from another node, `seconds` after its commit (absolute value, as
+        Centrifugo: the clocks of two machines may disagree)."""
+        self._pub_sub_lag.observe(abs(seconds))
 
     def action(self, action: str, times: int = 1) -> None:
         self.inc(

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import make_jwt
 from tests.integration.http_proxy_backend import proxy_backend
 from tests.support.server import ServerFactory, ServerProcess, free_port
+from tests.support.services import postgres_url, redis_url
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
@@ -230,3 +232,44 @@ async def test_proxy_duration_and_errors_by_protocol_and_type(
     assert value(samples, errors, protocol="http", type="rpc") == 1
     assert value(samples, errors, protocol="http", type="connect") == 0
     assert "# TYPE centrifugo_proxy_errors counter\n" in text
+
+
+async def test_two_nodes_count_messages_received_from_the_broker(
+    server_factory: ServerFactory,
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    config = {
+        **CONFIG,
+        "engine": "redis",
+        "redis_address": redis_url().removeprefix("redis://"),
+        "redis_prefix": f"m{tag}",
+        "database_url": postgres_url(),
+    }
+    a, b = server_factory(config), server_factory(config)
+
+    async def nodes_seen() -> bool:
+        samples = (await asyncio.to_thread(scrape, a))[2]
+        return value(samples, "centrifugo_node_num_nodes") == 2
+
+    await eventually(nodes_seen, timeout=20, what="both nodes in node A's registry")
+    async with websockets.connect(a.ws_url) as ws:
+        await ws.send(CONNECT)
+        await reply(ws, 1)
+        await ws.send(json.dumps({"id": 2, "subscribe": {"channel": f"hist:{tag}"}}))
+        await reply(ws, 2)
+        for n in range(3):
+            b.api_result("publish", {"channel": f"hist:{tag}", "data": {"n": n}})
+        pushes = 0
+        while pushes < 3:
+            pushes += sum("pub" in m.get("push", {}) for m in await recv_json(ws))
+    _, types, samples = await asyncio.to_thread(scrape, a)
+    received = "centrifugo_node_messages_received_count_total"
+    assert value(samples, received, type="publication") == 3
+    assert value(samples, received, type="control") >= 1  # node B's heartbeats
+    assert types["centrifugo_node_pub_sub_lag_seconds"] == "histogram"
+    assert value(samples, "centrifugo_node_pub_sub_lag_seconds_count") == 3
+    # on node B: sent, not received
+    samples_b = (await asyncio.to_thread(scrape, b))[2]
+    sent = "centrifugo_node_messages_sent_count_total"
+    assert value(samples_b, sent, type="publication") == 3
+    assert value(samples_b, received, type="publication") == 0
