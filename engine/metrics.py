@@ -5,8 +5,9 @@ subsystems `node`, `client`, `transport`, `api`, `proxy`), so existing dashboard
 centripy's own metrics are under `centripy_`.
 
 Every instrument is a plain in-process value (an attribute add on the loop, no lock):
-prometheus_client's own Histogram/Summary cost 2-3 us per observation (a lock and a
-bucket scan), 5 us for the API's summary + histogram pair, about 5% of a publish. So:
+prometheus_client's own Summary and Histogram measured 2.3 us and 5.3 us (the API's
+summary + histogram pair) per observation here (a lock, a label lookup, a bucket scan),
+against 0.4 us and 0.8 us for these. So:
 
 - counters are rendered by this module in the text format exactly as Go's client writes
   them (`# TYPE x counter`, samples named `x`): prometheus_client's `generate_latest`
@@ -15,8 +16,8 @@ bucket scan), 5 us for the API's summary + histogram pair, about 5% of a publish
 - gauges, histograms (`x_bucket`/`x_sum`/`x_count`) and summaries (`x_sum`/`x_count`, no
   quantiles) are yielded as prometheus_client `Metric` families with exact sample names
   by a collector on this node's `CollectorRegistry`, beside the standard process, Python
-  GC and platform collectors, and rendered by `generate_latest` (`_created` series off:
-  Go exports none).
+  GC and platform collectors, and rendered by `generate_latest` (`_created` series are
+  switched off, process-wide, at import: Go exports none).
 
 All methods run on the event loop. On the per-delivery path callers count per frame
 batch (`TransportCounts.sent`), never through a labelled lookup.
