@@ -5,6 +5,7 @@ await each result before the next, as API handlers do. Prints one JSON line per 
 
     .venv/bin/python bench/bench_log.py --rows 50000 --callers 200 --channels 10
     .venv/bin/python bench/bench_log.py --backends sqlite --key   # with idempotency keys
+    .venv/bin/python bench/bench_log.py --callers 8 --batch 100   # submit_many, 100 per call
 
 SQLite uses a temporary file; PostgreSQL a unique table prefix, dropped afterwards.
 """
@@ -47,20 +48,26 @@ async def run_callers(log: EventLog, args: argparse.Namespace) -> dict[str, obje
 
     log.append_many = counting  # type: ignore[method-assign]
 
+    def request(c: int, i: int) -> AppendRequest:
+        return AppendRequest(
+            f"bench:{(c + i) % args.channels}",
+            b'{"caller":%d,"i":%d,"text":"hello world, this is a message"}' % (c, i),
+            INFO,
+            (("kind", "bench"),),
+            history_size=args.history_size,
+            history_ttl=300.0,
+            meta_ttl=3600.0,
+            idempotency_key=f"{c}-{i}" if args.key else "",
+        )
+
     async def caller(c: int) -> None:
-        for i in range(per_caller):
-            await writer.submit(
-                AppendRequest(
-                    f"bench:{(c + i) % args.channels}",
-                    b'{"caller":%d,"i":%d,"text":"hello world, this is a message"}' % (c, i),
-                    INFO,
-                    (("kind", "bench"),),
-                    history_size=args.history_size,
-                    history_ttl=300.0,
-                    meta_ttl=3600.0,
-                    idempotency_key=f"{c}-{i}" if args.key else "",
-                )
-            )
+        step = max(1, getattr(args, "batch", 1))  # >1: submit_many, as an API batch does
+        for i in range(0, per_caller, step):
+            group = [request(c, j) for j in range(i, min(i + step, per_caller))]
+            if step == 1:
+                await writer.submit(group[0])
+            else:
+                await writer.submit_many(group)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller(c) for c in range(args.callers)))
@@ -72,6 +79,7 @@ async def run_callers(log: EventLog, args: argparse.Namespace) -> dict[str, obje
         "callers": args.callers,
         "channels": args.channels,
         "keys": args.key,
+        "batch": max(1, getattr(args, "batch", 1)),
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds),
         "batches": len(batches),
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--history-size", type=int, default=100)
     parser.add_argument("--max-batch", type=int, default=100)
     parser.add_argument("--max-delay", type=float, default=0.002)
+    parser.add_argument("--batch", type=int, default=1, help="requests per submit_many call")
     parser.add_argument("--key", action="store_true", help="give every publish an idempotency key")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg-url", default=PG_URL)
