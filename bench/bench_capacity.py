@@ -8,7 +8,8 @@ Ceilings (one JSON line each, then a Markdown table):
 
 - `log`: event-log appends/s through the GroupCommitWriter (bench_log.py's `bench`), SQLite
   (temporary file) and PostgreSQL (unique table prefix, dropped): `single` = one request per
-  submit, `--log-callers` in flight; `batch` = `submit_many` of 100 from 8 callers.
+  submit, `--log-callers` in flight; `batch` = `submit_many` of 100 from 8 callers; the
+  writer with the server's defaults (at most 500 rows or 2 ms per commit).
 - `broker-redis`, `broker-nats`, `broker-pg`: publications/s through the `Broker` contract
   between a publishing node (this process) and `--receivers` (1) receiving nodes (child
   processes: this script with `--role receiver`, each subscribed to all 8 channels) over one
@@ -38,6 +39,7 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -110,6 +112,31 @@ def cpu_between(before: dict[int, int], after: dict[int, int]) -> float:
     are missed, so snapshots are taken while both nodes are connected)."""
     ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """The back end's CPU over a block whose connections come and go (a PostgreSQL backend
+    per connection exits when the log closes): polls the processes every 0.1 s, so a backend
+    that exits loses at most its last 0.1 s."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.base = cpu_snapshot(kind)
+        self.latest = dict(self.base)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.1):
+            self.latest.update(cpu_snapshot(self.kind))
+
+    def stop(self) -> tuple[float, int]:
+        """(CPU seconds, processes seen)."""
+        self.done.set()
+        self.thread.join()
+        self.latest.update(cpu_snapshot(self.kind))
+        return cpu_between(self.base, self.latest), len(self.latest)
 
 
 def with_server_cpu(record: dict[str, Any], cpu_s: float, pids: int, pubs: int) -> None:
@@ -303,14 +330,17 @@ async def log_case(backend: str, mode: str, args: argparse.Namespace) -> dict[st
         callers=8 if batch else args.log_callers,
         channels=100,
         history_size=100,
-        max_batch=100,
+        max_batch=500,  # the server's GroupCommitWriter defaults
         max_delay=0.002,
         key=False,
         batch=100 if batch else 1,
         pg_url=args.pg_url,
     )
+    sampler = CpuSampler("pg") if backend == "postgres" else None
+    cpu0 = time.process_time()
     r = await bench_log.bench(backend, ns)
-    return {
+    node_cpu = time.process_time() - cpu0  # SQLite: aiosqlite's thread included
+    record = {
         "ceiling": f"log-{backend}",
         "case": f"batch of 100 x {ns.callers} callers"
         if batch
@@ -319,7 +349,13 @@ async def log_case(backend: str, mode: str, args: argparse.Namespace) -> dict[st
         "per_s": r["rows_per_s"],
         "mean_commit_rows": r["mean_batch"],
         "seconds": r["seconds"],
+        "node_cpu_us_per_append": round(node_cpu / r["rows"] * 1e6, 1),
     }
+    if sampler is not None:  # includes the bench table's create and drop
+        cpu, pids = sampler.stop()
+        record["server_pids"] = pids
+        record["server_cpu_us_per_append"] = round(cpu / r["rows"] * 1e6, 1)
+    return record
 
 
 # --- one node: deliveries and connections ---------------------------------------------------
@@ -410,7 +446,11 @@ def detail(r: dict[str, Any]) -> str:
             f"lost {r['lost']}"
         )
     if r["ceiling"].startswith("log"):
-        return f"{r['rows']} rows, {r['mean_commit_rows']} rows per commit"
+        server = r.get("server_cpu_us_per_append")
+        return (
+            f"{r['mean_commit_rows']} rows per commit, node {r['node_cpu_us_per_append']} µs/append"
+            + ("" if server is None else f", PostgreSQL {server} µs/append")
+        )
     if r["ceiling"] == "deliveries-node":
         return (
             f"server {r['server_cpu_us_per_delivery']} µs/delivery, busy {r['server_busy']}, "
