@@ -11,7 +11,7 @@ Ceilings (one JSON line each, then a Markdown table):
   submit, `--log-callers` in flight; `batch` = `submit_many` of 100 from 8 callers; the
   writer with the server's defaults (at most 500 rows or 2 ms per commit).
 - `broker-redis`, `broker-nats`, `broker-pg`: publications/s through the `Broker` contract
-  between a publishing node (this process) and `--receivers` (1) receiving nodes (child
+  between a publishing node (this process) and `--receivers` (1, then 2) receiving nodes (child
   processes: this script with `--role receiver`, each subscribed to all 8 channels) over one
   Redis shard (127.0.0.1:6379), one NATS server (127.0.0.1:4222) or ONE PostgreSQL NOTIFY
   channel (`PostgresBroker`, shards=1, database `test`), unique prefix (and table, dropped),
@@ -236,7 +236,9 @@ async def receiver_role(args: argparse.Namespace) -> None:
 # --- broker: the publishing node ------------------------------------------------------------
 
 
-async def broker_case(kind: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+async def broker_case(
+    kind: str, size: int, receivers: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """Publications/s through one Redis shard, one NATS server or one NOTIFY channel: the
     publishing node here, `--receivers` receiving nodes as child processes, each subscribed to
     every channel; the back end's CPU is read from /proc."""
@@ -255,7 +257,7 @@ async def broker_case(kind: str, size: int, args: argparse.Namespace) -> dict[st
     ]
     children = [
         await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-        for _ in range(args.receivers)
+        for _ in range(receivers)
     ]
     publisher = make_broker(kind, prefix, args.pg_url)
     await publisher.start(f"pub-{uuid.uuid4().hex[:8]}", Receiver(0))
@@ -303,13 +305,13 @@ async def broker_case(kind: str, size: int, args: argparse.Namespace) -> dict[st
     span = max(max(g["last"] for g in got) - t0, 1e-9)
     record = {
         "ceiling": f"broker-{kind}",
-        "case": f"{size} B, {args.receivers} receiving node(s)",
+        "case": f"{size} B, {receivers} receiving node(s)",
         "size": size,
-        "receivers": args.receivers,
+        "receivers": receivers,
         "messages": n,
         "in_flight": args.broker_callers,
         "received": received,
-        "lost": n * args.receivers - received,
+        "lost": n * receivers - received,
         "per_s": round(n / span),  # publications/s, each delivered to every receiving node
         "publish_per_s": round(n / published),
         "publisher_cpu_us_per_msg": round(publisher_cpu / n * 1e6, 1),
@@ -484,8 +486,11 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             for mode in ("single", "batch"):
                 jobs.append(lambda b=backend, m=mode: asyncio.run(log_case(b, m, args)))
     elif name.startswith("broker-"):
-        for size in (100, 4096):
-            jobs.append(lambda k=name[7:], s=size: asyncio.run(broker_case(k, s, args)))
+        for receivers in (int(r) for r in args.receivers.split(",")):
+            for size in (100, 4096):
+                jobs.append(
+                    lambda k=name[7:], s=size, r=receivers: asyncio.run(broker_case(k, s, r, args))
+                )
     elif name == "deliveries":
         for inflight in (1, args.inflight):
             jobs.append(lambda i=inflight: deliveries_case(args, i))
@@ -522,7 +527,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--log-rows", type=int, help="default 50,000 (quick 20,000)")
     p.add_argument("--log-callers", type=int, default=200, help="single appends in flight")
     p.add_argument("--broker-messages", type=int, help="default 50,000 (quick 10,000)")
-    p.add_argument("--receivers", type=int, default=1, help="receiving nodes per broker case")
+    p.add_argument("--receivers", help="receiving nodes per broker case (1,2; quick 1)")
     p.add_argument("--broker-callers", type=int, default=64, help="Redis/NATS publishes in flight")
     p.add_argument(
         "--quiet", type=float, default=0.5, help="node runs wait for <= this many busy cores"
@@ -540,6 +545,7 @@ def parse() -> argparse.Namespace:
     args = p.parse_args()
     args.log_rows = args.log_rows or (20_000 if args.quick else 50_000)
     args.broker_messages = args.broker_messages or (10_000 if args.quick else 50_000)
+    args.receivers = args.receivers or ("1" if args.quick else "1,2")
     if args.quiet_timeout is None:
         args.quiet_timeout = 20.0 if args.quick else 60.0
     unknown = set(args.only.split(",")) - set(ALL)
