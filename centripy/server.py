@@ -101,7 +101,7 @@ def consumer_counters(
     consumers: Consumers,
 ) -> Callable[[], list[tuple[str, str, tuple[tuple[str, str], ...], float]]]:
     """Per-consumer counters (applied, skipped, retries, errors, gave up) and Kafka lag
-    (summed over the consumer's assigned partitions: what the consumers expose)."""
+    (summed over the consumer's assigned partitions, and per topic and partition)."""
 
     def collect() -> list[tuple[str, str, tuple[tuple[str, str], ...], float]]:
         out: list[tuple[str, str, tuple[tuple[str, str], ...], float]] = []
@@ -114,6 +114,11 @@ def consumer_counters(
             lag = stats.get("lag")
             if isinstance(lag, int | float):
                 out.append(("centripy_consumer_lag", "gauge", labels, lag))
+            per = stats.get("partition_lag")
+            for where, value in per.items() if isinstance(per, dict) else ():
+                topic, _, partition = str(where).rpartition("/")
+                part = (*labels, ("topic", topic), ("partition", partition))
+                out.append(("centripy_consumer_partition_lag", "gauge", part, value))
         return out
 
     return collect

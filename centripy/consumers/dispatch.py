@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Final, Protocol
 
 import orjson
@@ -84,7 +84,8 @@ class ConsumerStats:
     ran out (those are counted in gave_up too); retries: retryable failures (each one delays
     its partition by a backoff); errors: lost connections and
     other infrastructure failures; lag: records known to be waiting (Kafka: high watermark
-    minus fetch position, summed over the assigned partitions), None where unknown (outbox).
+    minus fetch position, summed over the assigned partitions; per partition in
+    partition_lag), None where unknown (outbox).
     Each consumer has one writer thread; readers take a `snapshot()`.
     """
 
@@ -95,6 +96,7 @@ class ConsumerStats:
     errors: int = 0
     gave_up: int = 0
     lag: int | None = None
+    partition_lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> lag
 
     def add(self, outcome: BatchOutcome) -> None:
         self.applied += outcome.applied

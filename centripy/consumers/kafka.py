@@ -426,7 +426,10 @@ class KafkaConsumerActor(pykka.ThreadingActor):
             log.warning("consumer %s: lost %s", self.name, sorted(map(tuple, lost)))
 
     def _lag(self) -> int | None:
+        """Records waiting on the assigned partitions (high watermark minus position): the
+        sum, and each partition's in `partition_lag`."""
         total: int | None = None
+        per: dict[str, int] = {}
         for tp in self._client.assignment():
             high = self._client.highwater(tp)
             if high is None:
@@ -436,7 +439,9 @@ class KafkaConsumerActor(pykka.ThreadingActor):
             except Exception:
                 continue
             if position is not None:
-                total = (total or 0) + max(0, high - position)
+                per[f"{tp.topic}/{tp.partition}"] = max(0, high - position)
+                total = (total or 0) + per[f"{tp.topic}/{tp.partition}"]
+        self._stats.partition_lag = per
         return total
 
 

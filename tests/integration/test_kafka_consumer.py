@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.structs import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.consumers_support import (
     SERVER_CONFIG,
@@ -132,7 +134,7 @@ async def test_each_partition_keeps_its_order(
 ) -> None:
     topic = Topic(tansu_broker, partitions=3)
     topic.create()
-    server = start(server_factory, topic.config())
+    server = start(server_factory, {**topic.config(), "prometheus": True})
     channels = [channel_name() for _ in range(3)]
     async with (
         subscriber(server, channels[0]) as s0,
@@ -143,6 +145,20 @@ async def test_each_partition_keeps_its_order(
             await topic.publish(channel, list(range(15)), partition=partition)
         for sub in (s0, s1, s2):
             assert await sub.wait_count(15, within=WAIT) == list(range(15))
+
+    def partition_lags() -> dict[str, float] | None:
+        """centripy_consumer_partition_lag by partition, once all three report 0."""
+        with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        lags = {
+            s.labels["partition"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "centripy_consumer_partition_lag" and s.labels["topic"] == topic.name
+        }
+        return lags if lags == {"0": 0.0, "1": 0.0, "2": 0.0} else None
+
+    assert await eventually(lambda: asyncio.to_thread(partition_lags), WAIT, "lag 0 each")
 
 
 async def test_garbage_records_are_skipped_and_committed(
