@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -260,8 +261,8 @@ async def broker_case(
         for _ in range(receivers)
     ]
     publisher = make_broker(kind, prefix, args.pg_url)
-    await publisher.start(f"pub-{uuid.uuid4().hex[:8]}", Receiver(0))
     try:
+        await publisher.start(f"pub-{uuid.uuid4().hex[:8]}", Receiver(0))
         for child in children:
             assert child.stdout is not None
             line = await asyncio.wait_for(child.stdout.readline(), 30)
@@ -294,7 +295,8 @@ async def broker_case(
             if child.returncode is None:
                 child.kill()
                 await child.wait()
-        await publisher.close()
+        with contextlib.suppress(Exception):  # also when it never started
+            await publisher.close()
         if kind == "pg":
             conn = await asyncpg.connect(asyncpg_dsn(args.pg_url))
             try:
@@ -480,31 +482,34 @@ def table(records: list[dict[str, Any]]) -> str:
 
 def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run one ceiling's cases; each record gets the load around it."""
-    jobs: list[Any] = []
+    jobs: list[tuple[str, str, Any]] = []  # (ceiling, case, run) of each case
     if name == "log":
         for backend in ("sqlite", "postgres"):
             for mode in ("single", "batch"):
-                jobs.append(lambda b=backend, m=mode: asyncio.run(log_case(b, m, args)))
+                run = lambda b=backend, m=mode: asyncio.run(log_case(b, m, args))  # noqa: E731
+                jobs.append((f"log-{backend}", mode, run))
     elif name.startswith("broker-"):
         for receivers in (int(r) for r in args.receivers.split(",")):
             for size in (100, 4096):
-                jobs.append(
-                    lambda k=name[7:], s=size, r=receivers: asyncio.run(broker_case(k, s, r, args))
+                run = lambda k=name[7:], s=size, r=receivers: asyncio.run(  # noqa: E731
+                    broker_case(k, s, r, args)
                 )
+                jobs.append((name, f"{size} B, {receivers} receiving node(s)", run))
     elif name == "deliveries":
         for inflight in (1, args.inflight):
-            jobs.append(lambda i=inflight: deliveries_case(args, i))
+            run = lambda i=inflight: deliveries_case(args, i)  # noqa: E731
+            jobs.append(("deliveries-node", f"{inflight} in flight", run))
     else:
-        jobs.append(lambda: connections_case(args))
+        jobs.append(("connections-node", "", lambda: connections_case(args)))
     records = []
-    for job in jobs:
+    for ceiling, case, job in jobs:
         busy = round(procs.machine_busy(1.0), 2)
         before = round(os.getloadavg()[0], 2)
         started = time.monotonic()
         try:
             record = job()
         except Exception as exc:  # a missing service or a failed run: report, go on
-            record = {"ceiling": name, "error": f"{type(exc).__name__}: {exc}"}
+            record = {"ceiling": ceiling, "case": case, "error": f"{type(exc).__name__}: {exc}"}
         record.update(
             {
                 "busy_cores_before": busy,
