@@ -40,14 +40,10 @@ from centripy.engine.sessions import Sessions
 from centripy.logs import LogBudget, setup_logging
 from centripy.proxy import build_proxies
 from centripy.reload import ConfigSource, Reloader
-from centripy.storage.broker_nats import NatsBroker
 from centripy.storage.broker_postgres import PostgresBroker
-from centripy.storage.broker_redis import RedisBroker
 from centripy.storage.factory import open_event_log
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.presence_postgres import PostgresPresence
-from centripy.storage.presence_redis import RedisPresence
-from centripy.storage.redis_conn import redis_options
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports.admin import admin_routes
 from centripy.transports.api_http import InFlight, api_routes
@@ -174,6 +170,8 @@ def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
         return broker, presence
     if config.engine == "memory":
         log.warning("broker nats with engine memory: presence is per node")
+    from centripy.storage.broker_nats import NatsBroker  # (back-end clients: imported when used)
+
     nats = NatsBroker(
         config.nats_url,
         prefix=config.nats_prefix,
@@ -185,6 +183,10 @@ def build_engine(config: Config) -> tuple[Broker | None, PresenceManager]:
 
 def _build_engine(config: Config, with_broker: bool) -> tuple[Broker | None, PresenceManager]:
     if config.engine == "redis":
+        from centripy.storage.broker_redis import RedisBroker
+        from centripy.storage.presence_redis import RedisPresence
+        from centripy.storage.redis_conn import redis_options
+
         addresses, redis_kw = redis_options(config)  # plain, Sentinel or Cluster; TLS
         return (
             RedisBroker(addresses, **redis_kw) if with_broker else None,

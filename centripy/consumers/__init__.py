@@ -28,7 +28,6 @@ from centripy.consumers.dispatch import (
     Dispatcher,
     max_retries_from_env,
 )
-from centripy.consumers.kafka import KafkaConsumerHandle, KafkaTuning
 from centripy.consumers.outbox import OutboxConsumer, OutboxSettings, OutboxStore
 from centripy.consumers.postgres_outbox import NotifyListener, PostgresOutboxStore
 from centripy.consumers.sqlite_outbox import SqliteOutboxStore, is_sqlite_dsn
@@ -120,6 +119,9 @@ def build_consumer(
     if consumer.type == "postgresql":
         return build_outbox(consumer, dispatcher, max_retries)
     if consumer.type == "kafka" and consumer.kafka is not None:
+        # kafka-python is imported only when a Kafka consumer is configured (start-up time)
+        from centripy.consumers.kafka import KafkaConsumerHandle, KafkaTuning
+
         return KafkaConsumerHandle(
             consumer.name, consumer.kafka, dispatcher, KafkaTuning.from_env(env),
             max_retries=max_retries,

@@ -5,10 +5,13 @@ a `grpc://` one a `GrpcProxyBackend` (`centripy.proxy.grpc`, imported only then)
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from centripy.engine.config import Config, ConfigError
 from centripy.engine.proxy import Proxies, ProxyBackend, ProxyRoutes, ProxyTarget
-from centripy.proxy.http import HttpPool, HttpProxyBackend
+
+if TYPE_CHECKING:  # aiohttp is imported only when a proxy is configured (server start-up time)
+    from centripy.proxy.http import HttpPool
 
 __all__ = ["build_proxies"]
 
@@ -25,6 +28,8 @@ def _backend(config: Config, target: ProxyTarget, pool: HttpPool) -> ProxyBacken
     endpoint = target.endpoint
     scheme = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
     if scheme in ("http", "https"):
+        from centripy.proxy.http import HttpProxyBackend
+
         return HttpProxyBackend(endpoint, pool)
     if scheme == "grpc":
         try:
@@ -49,6 +54,8 @@ def build_proxies(config: Config) -> Proxies | None:
     routes = ProxyRoutes(config)
     if not routes.targets:
         return None
+    from centripy.proxy.http import HttpPool
+
     pool = HttpPool()
     backends = {name: _backend(config, t, pool) for name, t in routes.targets.items()}
     return Proxies(routes, backends)
