@@ -293,6 +293,17 @@ async def test_a_client_that_never_answers_the_close_is_cut_off(
         (client_frame(0x1, b"x" * 70_000), 1009),  # over websocket_message_size_limit
         (client_frame(0x1, b"x" * 40_000, fin=False) + client_frame(0x0, b"x" * 40_000), 1009),
     ],
+    ids=[
+        "rsv1",
+        "unmasked",
+        "lone-continuation",
+        "unfinished-message",
+        "reserved-opcode",
+        "long-control",
+        "fragmented-control",
+        "too-big",
+        "too-big-fragmented",
+    ],  # explicit: the frames carry random masks (pytest-xdist workers must agree on ids)
 )
 async def test_protocol_errors_close_with_a_code(
     serve: Callable[..., object], raw: bytes, code: int
