@@ -22,7 +22,10 @@ step() {
 
 run_pytest() {
   local rc=0
-  .venv/bin/python -m pytest -q --timeout 120 "$@" || rc=$?
+  # Files run in parallel on CENTRIPY_TEST_WORKERS processes (default 3: the integration tests
+  # mostly wait on servers they started); one file's tests stay on one worker (--dist loadfile).
+  .venv/bin/python -m pytest -q --timeout 120 -n "${CENTRIPY_TEST_WORKERS:-3}" --dist loadfile "$@" \
+    || rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests" >&2
     return 1
