@@ -361,7 +361,8 @@ class Publisher:
         self.acked: list[int] = []
         self.sent_at: list[float] = []
         self.failures = 0
-        self.paused = False
+        self.sending = threading.Event()  # cleared: paused (nothing is sent)
+        self.sending.set()
         self.stopping = False
         self.ready = threading.Event()  # set once connected to the broker
 
@@ -372,8 +373,7 @@ class Publisher:
         first_sent: float | None = None
         try:
             while not self.stopping:
-                if self.paused:
-                    time.sleep(0.01)
+                if not self.sending.wait(0.1):  # paused: re-check `stopping` now and then
                     continue
                 if first_sent is None:
                     first_sent = time.monotonic()
@@ -507,12 +507,12 @@ async def test_kafka_broker_restart_with_publishers_across_it(
 
     await eventually(drained, WAIT, "records before the restart consumed", interval=0.1)
     second = Publisher(private_broker.bootstrap_servers, topic.name, after, partition=0)
-    second.paused = True
+    second.sending.clear()
     producing = asyncio.create_task(asyncio.to_thread(second.run))
     try:
         await eventually(second.ready.is_set, WAIT, "publisher connected")
         await asyncio.to_thread(private_broker.stop)
-        second.paused = False  # sends wait or fail now and are retried until acknowledged
+        second.sending.set()  # sends wait or fail now and are retried until acknowledged
         await wait_for_log(server, "ECONNREFUSED", within=WAIT)
         await asyncio.to_thread(private_broker.start)
         with contextlib.suppress(TopicAlreadyExistsError):  # the producer's metadata
