@@ -26,10 +26,11 @@ from centrifuge import Client as SdkClient
 
 from centripy.engine.contracts import AppendRequest, HistoryQuery, StorageError
 from centripy.storage.postgres import PostgresEventLog
+from tests.integration.outage_support import Publisher, subscribed
 from tests.integration.test_cluster import Client
 from tests.integration.test_websocket_sdks import ClientEvents, SubEvents
 from tests.support.private_servers import PrivatePostgres
-from tests.support.server import ServerFactory, ServerProcess, port_accepts
+from tests.support.server import ServerFactory, port_accepts
 from tests.support.services import redis_url
 from tests.support.wait import eventually
 
@@ -118,41 +119,6 @@ async def sdk_clients() -> AsyncIterator[list[SdkClient]]:
         await client.disconnect()
 
 
-async def _subscribed(made: list[Client], node: ServerProcess, token: str, channel: str) -> Client:
-    client = await Client.connect(node, token)
-    made.append(client)
-    reply = await client.call("subscribe", {"channel": channel})
-    assert "subscribe" in reply, reply
-    return client
-
-
-class Publisher:
-    """Publishes {"i": k} through the API of the nodes in turn, one at a time, recording
-    each outcome: the offset of an acknowledged publication, or the error code."""
-
-    def __init__(self, nodes: list[ServerProcess], channel: str) -> None:
-        self.nodes = nodes
-        self.channel = channel
-        self.acked: dict[int, int] = {}  # i -> offset
-        self.failed: dict[int, int] = {}  # i -> error code
-        self.acked_at: dict[int, float] = {}
-        self.stop = False
-        self.sent = 0
-
-    async def run(self) -> None:
-        while not self.stop:
-            i = self.sent
-            self.sent += 1
-            node = self.nodes[i % len(self.nodes)]
-            reply = await node.api_async("publish", {"channel": self.channel, "data": {"i": i}})
-            if "error" in reply:
-                self.failed[i] = reply["error"]["code"]
-            else:
-                self.acked[i] = reply["result"]["offset"]
-                self.acked_at[i] = time.monotonic()
-            await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("engine", ["postgresql", "redis"])
 async def test_two_nodes_ride_out_a_postgresql_restart(
     server_factory: ServerFactory,
@@ -179,10 +145,10 @@ async def test_two_nodes_ride_out_a_postgresql_restart(
     a, b = server_factory(config), server_factory(config)
     channel = f"room:{uuid.uuid4().hex[:8]}"
     live = [
-        await _subscribed(clients, node, make_token(f"u{i}"), channel)
+        await subscribed(clients, node, make_token(f"u{i}"), channel)
         for i, node in enumerate((a, b, a, b))
     ]
-    leaver = await _subscribed(clients, b, make_token("leaver"), channel)
+    leaver = await subscribed(clients, b, make_token("leaver"), channel)
     # centrifuge-python, recovering: reconnected during the outage, it resubscribes (the
     # temporary 100 makes it retry) and recovers what it missed once the database is back.
     sdk_events, sdk_sub = ClientEvents(), SubEvents()

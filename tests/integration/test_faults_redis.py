@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 from centrifuge import Client as SdkClient
 
+from tests.integration.outage_support import Publisher, subscribed
 from tests.integration.test_cluster import Client
 from tests.integration.test_websocket_sdks import ClientEvents, SubEvents
 from tests.support.private_servers import PrivateRedis
-from tests.support.server import ServerFactory, ServerProcess
+from tests.support.server import ServerFactory
 from tests.support.services import postgres_url
 from tests.support.wait import eventually
 
@@ -82,39 +83,6 @@ async def sdk_clients() -> AsyncIterator[list[SdkClient]]:
         await client.disconnect()
 
 
-async def _subscribed(made: list[Client], node: ServerProcess, token: str, channel: str) -> Client:
-    client = await Client.connect(node, token)
-    made.append(client)
-    reply = await client.call("subscribe", {"channel": channel})
-    assert "subscribe" in reply, reply
-    return client
-
-
-class Publisher:
-    """Publishes {"i": k} through the API of the nodes in turn, one at a time, recording the
-    offset of each acknowledged publication or the error code."""
-
-    def __init__(self, nodes: list[ServerProcess], channel: str) -> None:
-        self.nodes = nodes
-        self.channel = channel
-        self.acked: dict[int, int] = {}  # i -> offset
-        self.failed: dict[int, Any] = {}  # i -> error
-        self.stop = False
-        self.sent = 0
-
-    async def run(self) -> None:
-        while not self.stop:
-            i = self.sent
-            self.sent += 1
-            node = self.nodes[i % len(self.nodes)]
-            reply = await node.api_async("publish", {"channel": self.channel, "data": {"i": i}})
-            if "error" in reply:
-                self.failed[i] = reply["error"]
-            else:
-                self.acked[i] = reply["result"]["offset"]
-            await asyncio.sleep(0.02)
-
-
 async def test_two_nodes_ride_out_a_redis_kill(
     server_factory: ServerFactory,
     redis: PrivateRedis,
@@ -135,7 +103,7 @@ async def test_two_nodes_ride_out_a_redis_kill(
     a, b = server_factory(config), server_factory(config)
     channel = f"room:{uuid.uuid4().hex[:8]}"
     live = [
-        await _subscribed(clients, node, make_token(f"u{i}"), channel)
+        await subscribed(clients, node, make_token(f"u{i}"), channel)
         for i, node in enumerate((a, b, a, b))
     ]
     # centrifuge-python, recovering: reconnected during the outage, its resubscribes fail
