@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +99,37 @@ async def run(url: str, total: int, concurrency: int, token: str) -> dict[str, A
     }
 
 
-async def backend_stats(port: int) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{port}/stats"
+async def backend_stats(endpoint: str) -> dict[str, Any]:
+    url = endpoint.removesuffix("/connect") + "/stats"
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         stats: dict[str, Any] = await response.json()
         return stats
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connects", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=200)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    backend_port = free_port()
-    backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(backend_port)])
+
+def compare(
+    args: argparse.Namespace,
+    backend_script: str,
+    endpoint_of: Callable[[int], str],
+    mode: str,
+    stats_of: Callable[[str], Awaitable[dict[str, Any]]],
+) -> None:
+    """Start the back end (`backend_script` run with its port) and a server whose connect
+    proxy is `endpoint_of(port)`; print one JSON line for JWT connects and one for connects
+    through the proxy (`mode`), with the back end's `stats_of(endpoint)`."""
+    port = free_port()
+    endpoint = endpoint_of(port)
+    backend = subprocess.Popen([sys.executable, "-c", backend_script, str(port)])
     try:
         deadline = time.monotonic() + 10
-        while not port_accepts("127.0.0.1", backend_port):
+        while not port_accepts("127.0.0.1", port):
             if time.monotonic() > deadline or backend.poll() is not None:
                 raise SystemExit("backend did not start")
             time.sleep(0.05)
@@ -124,33 +137,43 @@ def main() -> None:
             "api_key": "bench",
             "token_hmac_secret_key": SECRET,
             "log_level": "warn",
-            "proxy_connect_endpoint": f"http://127.0.0.1:{backend_port}/connect",
+            "proxy_connect_endpoint": endpoint,
             "client_connection_rate_limit": 0,
         }
         with tempfile.TemporaryDirectory() as workdir:
             server = ServerProcess(config, Path(workdir)).start()
             try:
                 token = make_jwt("jwt-user", secret=SECRET)
-                for mode, tok in (("jwt", token), ("connect_proxy", "")):
+                for name, tok in (("jwt", token), (mode, "")):
                     asyncio.run(run(server.ws_url, args.warmup, args.concurrency, tok))
                     assert server.pid is not None
                     with CpuWindow(server.pid) as cpu:
                         result = asyncio.run(
                             run(server.ws_url, args.connects, args.concurrency, tok)
                         )
-                    result["mode"] = mode
+                    result["mode"] = name
                     result["server_cpu_ms_per_connect"] = round(
                         1000 * cpu.server_cpu / args.connects, 3
                     )
                     result["loadavg"] = load_average()
-                    if mode == "connect_proxy":
-                        result["backend"] = asyncio.run(backend_stats(backend_port))
+                    if name == mode:
+                        result["backend"] = asyncio.run(stats_of(endpoint))
                     print(json.dumps(result), flush=True)
             finally:
                 server.stop()
     finally:
         backend.terminate()
         backend.wait(10)
+
+
+def main() -> None:
+    compare(
+        parse_args(),
+        BACKEND,
+        lambda port: f"http://127.0.0.1:{port}/connect",
+        "connect_proxy",
+        backend_stats,
+    )
 
 
 if __name__ == "__main__":

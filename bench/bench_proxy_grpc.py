@@ -14,29 +14,19 @@ compare on a busy machine (every record carries the loadavg):
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from bench_proxy import run
-from common import CpuWindow, load_average
+from bench_proxy import compare, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from centripy.engine.config import Config
 from centripy.engine.proxy import ProxyCall
 from centripy.proxy.grpc import GrpcProxyBackend
-from tests.integration.conftest import make_jwt
-from tests.support.server import ServerProcess, free_port, port_accepts
-
-SECRET = "bench-secret-bench-secret-bench-secret"
 
 # Connect answers with a user; RPC answers with the counters (requests, distinct peers).
 BACKEND = """
@@ -85,52 +75,10 @@ async def backend_stats(endpoint: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connects", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=200)
-    args = parser.parse_args()
-
-    port = free_port()
-    endpoint = f"grpc://127.0.0.1:{port}"
-    backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(port)])
-    try:
-        deadline = time.monotonic() + 10
-        while not port_accepts("127.0.0.1", port):
-            if time.monotonic() > deadline or backend.poll() is not None:
-                raise SystemExit("backend did not start")
-            time.sleep(0.05)
-        config = {
-            "api_key": "bench",
-            "token_hmac_secret_key": SECRET,
-            "log_level": "warn",
-            "proxy_connect_endpoint": endpoint,
-            "client_connection_rate_limit": 0,
-        }
-        with tempfile.TemporaryDirectory() as workdir:
-            server = ServerProcess(config, Path(workdir)).start()
-            try:
-                token = make_jwt("jwt-user", secret=SECRET)
-                for mode, tok in (("jwt", token), ("connect_proxy_grpc", "")):
-                    asyncio.run(run(server.ws_url, args.warmup, args.concurrency, tok))
-                    assert server.pid is not None
-                    with CpuWindow(server.pid) as cpu:
-                        result = asyncio.run(
-                            run(server.ws_url, args.connects, args.concurrency, tok)
-                        )
-                    result["mode"] = mode
-                    result["server_cpu_ms_per_connect"] = round(
-                        1000 * cpu.server_cpu / args.connects, 3
-                    )
-                    result["loadavg"] = load_average()
-                    if mode == "connect_proxy_grpc":
-                        result["backend"] = asyncio.run(backend_stats(endpoint))
-                    print(json.dumps(result), flush=True)
-            finally:
-                server.stop()
-    finally:
-        backend.terminate()
-        backend.wait(10)
+    compare(
+        parse_args(), BACKEND, lambda port: f"grpc://127.0.0.1:{port}", "connect_proxy_grpc",
+        backend_stats,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
