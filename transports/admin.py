@@ -45,6 +45,7 @@ from centripy.transports.api_http import (
     NOT_FOUND,
     TEXT_TYPE,
     TOO_LARGE,
+    GoAnswers,
     InFlight,
     answer_method,
     decode_legacy,
@@ -67,27 +68,12 @@ def ui_dir() -> Path:
     return Path(str(importlib.resources.files("centripy").joinpath("admin_ui")))
 
 
-class _AdminHandler(tornado.web.RequestHandler):
+class _AdminHandler(GoAnswers):
     def initialize(self, config: Config) -> None:
         self.config = config
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
-
-    def _answer(self, status: int, body: bytes = b"", content_type: str = "") -> None:
-        self.set_status(status)
-        self.clear_header("Content-Type")
-        if content_type:
-            self.set_header("Content-Type", content_type)
-        self.finish(body)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.clear_header("Content-Type")
-        if status_code >= 500:
-            self.set_header("Content-Type", TEXT_TYPE)
-            self.finish(b"Internal Server Error\n")
-        else:
-            self.finish()
 
 
 class AdminSettingsHandler(_AdminHandler):

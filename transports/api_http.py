@@ -289,8 +289,29 @@ class ApiEndpoint:
 # --- Tornado handlers ------------------------------------------------------------------------
 
 
+class GoAnswers(RequestHandler):
+    """Answers as Centrifugo's Go handlers write them: a status, a body and a Content-Type
+    only when given (the API's and the admin's handlers)."""
+
+    def _answer(self, status: int, body: bytes = b"", content_type: str = "") -> None:
+        self.set_status(status)
+        self.clear_header("Content-Type")
+        if content_type:
+            self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado's own errors (unsupported method, uncaught exception): Go-like bodies."""
+        self.clear_header("Content-Type")
+        if status_code >= 500:
+            self.set_header("Content-Type", TEXT_TYPE)
+            self.finish(b"Internal Server Error\n")
+        else:
+            self.finish()
+
+
 @stream_request_body
-class _ApiHandler(RequestHandler):
+class _ApiHandler(GoAnswers):
     """The body is streamed in, after the checks of `prepare`: a caller without the API
     key, or announcing a body over `api_max_request_body_size`, is answered before any
     of its body is read (Tornado then closes the connection); a chunked body that grows
@@ -327,22 +348,6 @@ class _ApiHandler(RequestHandler):
         body = b"".join(self._chunks)
         answer = await self.endpoint.answer(method, body, self._header, self.request.query)
         self._answer(*answer)
-
-    def _answer(self, status: int, body: bytes = b"", content_type: str = "") -> None:
-        self.set_status(status)
-        self.clear_header("Content-Type")
-        if content_type:
-            self.set_header("Content-Type", content_type)
-        self.finish(body)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Tornado's own errors (unsupported method, uncaught exception): Go-like bodies."""
-        self.clear_header("Content-Type")
-        if status_code >= 500:
-            self.set_header("Content-Type", TEXT_TYPE)
-            self.finish(b"Internal Server Error\n")
-        else:
-            self.finish()
 
 
 class ApiMethodHandler(_ApiHandler):
