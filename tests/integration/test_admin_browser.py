@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import make_jwt
-from tests.integration.test_browser_chat import CHROMIUM, JS_DIR, require_browser
+from tests.integration.test_browser_chat import CHROMIUM, require_browser, run_browser
 from tests.support.server import ServerFactory, ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.node, pytest.mark.timeout(150)]
@@ -38,31 +36,6 @@ CONFIG: dict[str, Any] = {
     "admin_secret": "admin-browser-secret",
     "namespaces": [{"name": "news", "history_size": 100, "history_ttl": "600s", "presence": True}],
 }
-
-
-def run_script(node: str, scenario: dict[str, Any], diagnostics: str) -> list[dict[str, Any]]:
-    """admin_ui.mjs in its own process group (Chromium goes with it if it must be killed)."""
-    proc = subprocess.Popen(
-        [node, str(JS_DIR / "admin_ui.mjs")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=JS_DIR,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(json.dumps(scenario).encode(), timeout=SCRIPT_TIMEOUT + 10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    events = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
-    if proc.returncode != 0 or not events or events[-1].get("event") != "done":
-        lines = "\n".join(json.dumps(event) for event in events)
-        raise AssertionError(
-            f"admin_ui.mjs exited with {proc.returncode}\nevents:\n{lines}\n"
-            f"stderr:\n{err.decode(errors='replace')[-4000:]}\n{diagnostics}"
-        )
-    return events
 
 
 def one(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -111,7 +84,7 @@ def test_admin_ui_in_chromium(server_factory: ServerFactory, tmp_path: Path) -> 
         "timeoutMs": int(SCRIPT_TIMEOUT * 1000),
         "stepTimeoutMs": STEP_TIMEOUT_MS,
     }
-    events = run_script(node, scenario, server.diagnostics())
+    events = run_browser(node, scenario, server.diagnostics(), "admin_ui.mjs", SCRIPT_TIMEOUT + 10)
 
     assert one(events, "login-refused")["message"] == "Wrong password."
     info = server.api_result("info")["nodes"][0]

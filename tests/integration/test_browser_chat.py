@@ -124,11 +124,17 @@ def chat(
         page.stop()
 
 
-def run_browser(node: str, scenario: dict[str, Any], diagnostics: str) -> list[dict[str, Any]]:
-    """Run browser_chat.mjs on `scenario` in its own process group (so Chromium goes too if it
-    has to be killed); returns its events, or fails the test with everything it printed."""
+def run_browser(
+    node: str,
+    scenario: dict[str, Any],
+    diagnostics: str,
+    script: str = "browser_chat.mjs",
+    timeout: float = SCRIPT_TIMEOUT + 5,
+) -> list[dict[str, Any]]:
+    """Run `script` (in tests/js) on `scenario` in its own process group (so Chromium goes too
+    if it has to be killed); returns its events, or fails the test with everything it printed."""
     proc = subprocess.Popen(
-        [node, str(JS_DIR / "browser_chat.mjs")],
+        [node, str(JS_DIR / script)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -136,7 +142,7 @@ def run_browser(node: str, scenario: dict[str, Any], diagnostics: str) -> list[d
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(json.dumps(scenario).encode(), timeout=SCRIPT_TIMEOUT + 5)
+        out, err = proc.communicate(json.dumps(scenario).encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
@@ -144,7 +150,7 @@ def run_browser(node: str, scenario: dict[str, Any], diagnostics: str) -> list[d
     if proc.returncode != 0 or not events or events[-1].get("event") != "done":
         lines = "\n".join(json.dumps(event) for event in events)
         raise AssertionError(
-            f"browser_chat.mjs exited with {proc.returncode}\nevents:\n{lines}\n"
+            f"{script} exited with {proc.returncode}\nevents:\n{lines}\n"
             f"stderr:\n{err.decode(errors='replace')[-4000:]}\n{diagnostics}"
         )
     return events
