@@ -52,6 +52,7 @@ from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
 from centripy.storage.wire import (
     KIND_CONTROL,
+    call_handler,
     decode_message,
     deliver_message,
     encode_control_envelope,
@@ -439,10 +440,4 @@ class NatsBroker(Broker):
         deliver_message(self._call, msg)
 
     def _call(self, fn: Callable[[BrokerHandler], None]) -> None:
-        handler = self._handler
-        if handler is None:
-            return
-        try:
-            fn(handler)
-        except Exception:
-            log.exception("nats broker: handler failed")
+        call_handler(self._handler, fn, "nats")

@@ -45,6 +45,7 @@ from centripy.engine.contracts import Broker, BrokerHandler, StorageError
 from centripy.engine.types import ClientInfo, Publication
 from centripy.storage.wire import (
     KIND_CONTROL,
+    call_handler,
     decode_message,
     deliver_message,
     encode_control_envelope,
@@ -618,10 +619,4 @@ class PostgresBroker(Broker):
         return key in self._channels
 
     def _call(self, fn: Callable[[BrokerHandler], None]) -> None:
-        handler = self._handler
-        if handler is None:
-            return
-        try:
-            fn(handler)
-        except Exception:
-            log.exception("postgres broker: handler failed")
+        call_handler(self._handler, fn, "postgres")

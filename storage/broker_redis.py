@@ -49,6 +49,7 @@ from centripy.storage.redis_conn import (
 )
 from centripy.storage.wire import (
     KIND_CONTROL,
+    call_handler,
     decode_message,
     deliver_message,
     encode_control_envelope,
@@ -497,13 +498,7 @@ class RedisBroker(Broker):
             deliver_message(self._call, msg)
 
     def _call(self, fn: Callable[[BrokerHandler], None]) -> None:
-        handler = self._handler
-        if handler is None:
-            return
-        try:
-            fn(handler)
-        except Exception:
-            log.exception("redis broker: handler failed")
+        call_handler(self._handler, fn, "redis")
 
 
 async def _send(conn: Connection, *args: Any) -> None:

@@ -16,6 +16,7 @@ lengths in the header. Every body carries the origin node uid; a node drops its 
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -131,6 +132,21 @@ def decode_client_info(value: bytes) -> ClientInfo:
     user, client, n_conn = orjson.loads(value[:cut])
     pos = cut + 1
     return ClientInfo(user, client, value[pos : pos + n_conn], value[pos + n_conn :])
+
+
+def call_handler(
+    handler: BrokerHandler | None, fn: Callable[[BrokerHandler], None], broker: str
+) -> None:
+    """Run `fn(handler)` (nothing before the broker started): a handler that raises is
+    logged and never ends the broker's reading task."""
+    if handler is None:
+        return
+    try:
+        fn(handler)
+    except Exception:
+        logging.getLogger(f"centripy.storage.broker_{broker}").exception(
+            "%s broker: handler failed", broker
+        )
 
 
 def deliver_message(
