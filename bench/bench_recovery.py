@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import recovery_storm as storm
 from common import (
     API_KEY,
     PG_URL,
@@ -345,9 +346,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--variants", default="one,each")
-    parser.add_argument("--missed", default="100,1000", help="M values, comma-separated")
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--missed", default="", help="M values, comma-separated (100,1000; --storm: 10)"
+    )
+    parser.add_argument("--clients", type=int, default=0, help="N (1000; --storm: 19000)")
+    parser.add_argument("--procs", type=int, default=0, help="client processes (2; --storm: 4)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=60.0, help="bound of every phase")
     parser.add_argument("--log-level", default="", help="server log_level ('' = its default)")
@@ -355,9 +358,15 @@ def main() -> None:
     parser.add_argument(
         "--profile", default="", help="folder: py-spy the server in each case's first run"
     )
+    storm.add_arguments(parser)
     args = parser.parse_args()
     args.variants = args.variants.split(",")
-    args.missed = [int(m) for m in args.missed.split(",")]
+    args.missed = [int(m) for m in (args.missed or ("10" if args.storm else "100,1000")).split(",")]
+    args.clients = args.clients or (19_000 if args.storm else 1000)
+    args.procs = args.procs or (4 if args.storm else 2)
+    if args.storm:
+        storm.main(args)
+        return
     run_backends(args, warm_worker, run_backend)
 
 
