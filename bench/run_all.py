@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
-"""run_all.py: every fan-out scenario of issue 7 with one command (loopback only).
+"""run_all.py: every benchmark scenario of issues 7 and 20 with one command (loopback only).
 
-    python3 bench/run_all.py                     # everything, median of 3 (about 1.5 h)
-    python3 bench/run_all.py --quick             # reduced smoke run, 1 repeat (a few minutes)
+    python3 bench/run_all.py                     # everything, median of 3 (about 2.5 h)
+    python3 bench/run_all.py --quick             # every issue-20 target, reduced, < 10 minutes
     python3 bench/run_all.py --scenarios s1,s2 --targets centripy,websockets
     python3 bench/run_all.py --table FILE.jsonl  # the tables of an earlier run
 
@@ -10,9 +9,13 @@ It makes the load generator's venv (bench/.venv, from bench/requirements.txt) wh
 out of date, records the machine, then for each scenario and repeat starts every target afresh
 (centripy from the project's .venv with client_insecure, api_key "bench", log_level warn and an
 open-files limit of 20,000; or a peer from bench/peers), waits (bounded) for the machine to be
-quiet, runs fanout.py or connections.py against it, and stops it by its PID. Runs never overlap.
-Each run prints one JSON line (also appended to --out); at the end come Markdown tables of
-median (min-max) per scenario and target. This script needs only the standard library.
+quiet, runs fanout.py or connections.py against it, and stops it by its PID. "Tool" scenarios
+(p-*, r-*) instead run another bench script (bench_publish.py, bench_recovery.py) from the
+project's .venv; it starts its own server, and each JSON line it prints that is not a summary
+becomes a record. Runs never overlap. Each record is printed as one JSON line, appended to --out
+and (unless --no-record) to bench/results/results.jsonl, the committed history that plot.py
+draws; at the end come Markdown tables of median (min-max) per scenario and target. This script
+needs only the standard library.
 """
 
 from __future__ import annotations
@@ -24,19 +27,27 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import procs
+from report import _get, is_sustained, render_tables
+from scenarios import (
+    ALL_TARGETS,
+    PG,
+    QUICK_TARGETS,
+    SCENARIOS,
+    SERVICE_PORTS,
+    Scenario,
+)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -44,134 +55,6 @@ API_KEY = "bench"
 NOFILE = 20_000
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 REDIS = "127.0.0.1:6379"
-PEER_TARGETS = ("websockets", "socketio", "socketio-gc-off")
-ALL_TARGETS = ("centripy", *PEER_TARGETS)
-
-
-# --- scenarios ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    title: str
-    tool: str  # "fanout.py" or "connections.py"
-    full: tuple[str, ...]
-    quick: tuple[str, ...]
-    targets: tuple[str, ...] = ALL_TARGETS
-    nodes: int = 1
-    engine: str = "memory"
-    proto: str = ""  # fanout.py --proto; "" = the target's own (centrifugo or socketio)
-    emulation: bool = False  # centripy also serves http_stream and sse
-
-
-EMULATION_SHAPE = ("-n", "500", "-m", "1000", "-r", "0")
-EMULATION_QUICK = ("-n", "100", "-m", "100", "-r", "0")
-
-
-AFAP_1K = ("-n", "1000", "-m", "2000", "-r", "0")
-SCENARIOS = (
-    Scenario(
-        "s1",
-        "1k subscribers x 2,000 msgs, as fast as acks allow",
-        "fanout.py",
-        AFAP_1K,
-        ("-n", "200", "-m", "200", "-r", "0"),
-    ),
-    Scenario(
-        "s2",
-        "10k subscribers x 100 msgs, as fast as possible",
-        "fanout.py",
-        ("-n", "10000", "-m", "100", "-r", "0"),
-        ("-n", "1000", "-m", "20", "-r", "0"),
-    ),
-    Scenario(
-        "s3",
-        "1k subscribers x 2,000 msgs at 10 msg/s (10k deliveries/s offered)",
-        "fanout.py",
-        ("-n", "1000", "-m", "2000", "-r", "10"),
-        ("-n", "200", "-m", "30", "-r", "10"),
-    ),
-    Scenario(
-        "s4",
-        "19,000 idle connections, then one broadcast",
-        "connections.py",
-        ("-n", "19000", "--procs", "4"),
-        ("-n", "2000", "--procs", "2"),
-        targets=("centripy", "websockets"),
-    ),
-    Scenario(
-        "s5-1node",
-        "scale-out: 1 node, engine redis, PostgreSQL log",
-        "fanout.py",
-        AFAP_1K,
-        ("-n", "200", "-m", "200", "-r", "0"),
-        ("centripy",),
-        1,
-        "redis",
-    ),
-    Scenario(
-        "s5-2nodes",
-        "scale-out: 2 nodes, engine redis, PostgreSQL log",
-        "fanout.py",
-        AFAP_1K,
-        ("-n", "200", "-m", "200", "-r", "0"),
-        ("centripy",),
-        2,
-        "redis",
-    ),
-    Scenario(
-        "s5-pg-1node",
-        "scale-out: 1 node, engine postgresql (LISTEN/NOTIFY), PostgreSQL log",
-        "fanout.py",
-        AFAP_1K,
-        ("-n", "200", "-m", "200", "-r", "0"),
-        ("centripy",),
-        1,
-        "postgresql",
-    ),
-    Scenario(
-        "s5-pg-2nodes",
-        "scale-out: 2 nodes, engine postgresql (LISTEN/NOTIFY), PostgreSQL log",
-        "fanout.py",
-        AFAP_1K,
-        ("-n", "200", "-m", "200", "-r", "0"),
-        ("centripy",),
-        2,
-        "postgresql",
-    ),
-    Scenario(
-        "s1-ws",
-        "500 subscribers x 1,000 msgs over WebSocket (the s1-sse/s1-http_stream reference)",
-        "fanout.py",
-        EMULATION_SHAPE,
-        EMULATION_QUICK,
-        ("centripy",),
-        proto="centrifugo",
-        emulation=True,
-    ),
-    Scenario(
-        "s1-sse",
-        "500 subscribers x 1,000 msgs over SSE emulation (/connection/sse + /emulation)",
-        "fanout.py",
-        EMULATION_SHAPE,
-        EMULATION_QUICK,
-        ("centripy",),
-        proto="centrifugo-sse",
-        emulation=True,
-    ),
-    Scenario(
-        "s1-http_stream",
-        "500 subscribers x 1,000 msgs over HTTP-streaming emulation "
-        "(/connection/http_stream + /emulation)",
-        "fanout.py",
-        EMULATION_SHAPE,
-        EMULATION_QUICK,
-        ("centripy",),
-        proto="centrifugo-http-stream",
-        emulation=True,
-    ),
-)
 
 
 # --- the bench venv -------------------------------------------------------------------------
@@ -246,6 +129,7 @@ def centripy_config(scenario: Scenario, pg_url: str, tag: str) -> dict[str, Any]
     config: dict[str, Any] = {"client_insecure": True, "api_key": API_KEY, "log_level": "warn"}
     if scenario.emulation:
         config.update({"http_stream": True, "sse": True})
+    config.update(dict(scenario.config))
     if scenario.engine == "redis":
         config.update(
             {
@@ -357,42 +241,179 @@ def tool_command(scenario: Scenario, run: Running, args: argparse.Namespace) -> 
     return command
 
 
-def run_tool(command: list[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
-    """Run a tool in its own process group; (its JSON line or None, stderr tail). On timeout
-    the group (the tool and its client processes) is killed by its id."""
+def script_command(scenario: Scenario, args: argparse.Namespace) -> list[str]:
+    """The command of a tool scenario: its script from the project's interpreter (the server
+    benchmarks import tests/support), with --pg-url when it needs PostgreSQL."""
+    params = list(scenario.quick if args.quick else scenario.full)
+    command = [str(args.project_python), str(BENCH / scenario.tool), *params]
+    if PG in scenario.needed_services():
+        command += ["--pg-url", args.pg_url]
+    return command
+
+
+def run_tool_lines(
+    command: list[str], timeout: float
+) -> tuple[list[dict[str, Any]], int | None, str]:
+    """Run a tool in its own process group; (the JSON objects it printed, its exit code or
+    None on timeout, its stderr tail). On timeout the group (the tool and its client
+    processes) is killed by its id and what it printed so far is kept."""
     proc = subprocess.Popen(
         command, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
+    code: int | None
     try:
         out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
-        return None, f"timed out after {timeout} s; " + err.decode(errors="replace")[-1500:]
-    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return None, f"exit {proc.returncode}; " + err.decode(errors="replace")[-1500:]
-    record: dict[str, Any] = json.loads(lines[-1])
-    return record, ""
+        code = None
+    records = []
+    for line in out.decode(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+    tail = err.decode(errors="replace")[-1500:]
+    if code is None:
+        tail = f"timed out after {timeout} s; {tail}"
+    return records, code, tail
 
 
-def requirement_problem(scenario: Scenario) -> str:
-    if scenario.engine == "memory":
-        return ""
-    services: tuple[tuple[str, int], ...] = (("Redis", 6379), ("PostgreSQL", 5432))
-    if scenario.engine == "postgresql":
-        services = (("PostgreSQL", 5432),)
-    missing = [name for name, port in services if not procs.port_accepts(port)]
-    return f"{' and '.join(missing)} not reachable on 127.0.0.1" if missing else ""
+def run_tool(command: list[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Run a load tool; (its last JSON line or None, the reason: exit code and stderr tail)."""
+    records, code, tail = run_tool_lines(command, timeout)
+    if code is None:
+        return None, tail
+    if code != 0 or not records:
+        return None, f"exit {code}; {tail}"
+    return records[-1], ""
+
+
+def requirement_problem(scenario: Scenario, args: argparse.Namespace | None = None) -> str:
+    """Why `scenario` cannot run here ("" if it can): a service down, a protocol missing from
+    bench/protocols.py, or an option its tool does not have yet."""
+    missing = [s for s in scenario.needed_services() if not procs.port_accepts(SERVICE_PORTS[s])]
+    if missing:
+        return f"{' and '.join(missing)} not reachable on 127.0.0.1"
+    protocols = getattr(args, "protocols", None)
+    if scenario.proto and protocols is not None and scenario.proto not in protocols:
+        return f"protocol {scenario.proto!r} is not in bench/protocols.py (yet)"
+    if scenario.requires and args is not None:
+        usage = tool_help(scenario.tool, str(args.project_python))
+        absent = [flag for flag in scenario.requires if flag not in usage]
+        if absent:
+            return f"{scenario.tool} has no {', '.join(absent)} (yet)"
+    return ""
+
+
+@functools.cache
+def tool_help(tool: str, python: str) -> str:
+    """A bench script's --help text ("" if it fails), read once per invocation."""
+    command = [python, str(BENCH / tool), "--help"]
+    done = subprocess.run(command, cwd=BENCH, capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+def available_protocols(bench_python: Path) -> list[str] | None:
+    """The --proto names fanout.py accepts (None if bench/protocols.py cannot be imported)."""
+    probe = "import json, protocols; print(json.dumps(sorted(protocols.PROTOCOLS)))"
+    done = subprocess.run(
+        [str(bench_python), "-c", probe], cwd=BENCH, capture_output=True, text=True, timeout=60
+    )
+    try:
+        names: list[str] = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return names
+
+
+def derive(scenario: Scenario, record: dict[str, Any]) -> dict[str, Any]:
+    """Fields computed from a fan-out record: the publications acknowledged per second of the
+    publish window, the server CPU per publication (per delivery x deliveries / publications),
+    the publisher's CPU share and, with an offered rate, whether it was sustained (achieved
+    >= 95% of the offered rate with p99 < 100 ms)."""
+    acked, window = record.get("publish_acked"), record.get("publish_s")
+    if isinstance(acked, int) and isinstance(window, (int, float)) and window > 0:
+        record["achieved_pubs_per_s"] = round(acked / window, 1)
+        pub_cpu = record.get("client_cpu_publisher_s")
+        if isinstance(pub_cpu, (int, float)):
+            record["publisher_busy"] = round(pub_cpu / window, 2)
+    per_delivery = record.get("server_cpu_us_per_delivery")
+    received = record.get("deliveries_received")
+    if (
+        "server_cpu_us_per_publication" not in record
+        and isinstance(per_delivery, (int, float))
+        and isinstance(received, int)
+        and isinstance(acked, int)
+        and acked > 0
+    ):
+        record["server_cpu_us_per_publication"] = round(per_delivery * received / acked, 1)
+    if scenario.offered:
+        record["offered_pubs_per_s"] = scenario.offered
+        p99 = _get(record, "latency_ms.p99")
+        achieved = record.get("achieved_pubs_per_s")
+        record["sustained"] = is_sustained(scenario.offered, achieved, p99)
+    return record
 
 
 def one_run(
     scenario: Scenario, target: str, repeat: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    base = {"scenario": scenario.key, "target": target, "repeat": repeat, "quick": args.quick}
-    problem = requirement_problem(scenario)
+    """One run of a fan-out or connections scenario against a freshly started `target`."""
+    base: dict[str, Any] = {
+        "scenario": scenario.key,
+        "target": target,
+        "repeat": repeat,
+        "quick": args.quick,
+    }
+    problem = requirement_problem(scenario, args)
     if problem:
         return {**base, "skipped": problem}
+    wait_quiet(base, args)
+    started_at = time.monotonic()
+    try:
+        with started(target, scenario, args) as run:
+            command = tool_command(scenario, run, args)
+            record, error = run_tool(command, args.run_timeout)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        return {**base, "error": f"{type(exc).__name__}: {exc}"}
+    base["run_wall_s"] = round(time.monotonic() - started_at, 1)
+    if record is None:
+        return {**base, "error": error, "command": command}
+    return derive(scenario, {**base, **record})
+
+
+def tool_runs(scenario: Scenario, repeat: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One run of a tool scenario: every JSON line its script printed that is not a summary
+    (or a py-spy profile line), as records; an error record if it failed."""
+    base: dict[str, Any] = {
+        "scenario": scenario.key,
+        "target": "centripy",
+        "repeat": repeat,
+        "quick": args.quick,
+    }
+    problem = requirement_problem(scenario, args)
+    if problem:
+        return [{**base, "skipped": problem}]
+    wait_quiet(base, args)
+    started_at = time.monotonic()
+    command = script_command(scenario, args)
+    lines, code, tail = run_tool_lines(command, args.run_timeout)
+    base["run_wall_s"] = round(time.monotonic() - started_at, 1)
+    records = [
+        {**base, **line} for line in lines if not line.get("summary") and "profile" not in line
+    ]
+    if code != 0 or not records:
+        reason = tail if code is None else f"exit {code}; {tail}"
+        records.append({**base, "error": reason, "command": command})
+    return records
+
+
+def wait_quiet(base: dict[str, Any], args: argparse.Namespace) -> None:
     busy, waited = procs.wait_quiet(args.quiet, args.quiet_timeout)
     base.update(
         {
@@ -401,140 +422,40 @@ def one_run(
             "loadavg_before": round(os.getloadavg()[0], 2),
         }
     )
-    try:
-        with started(target, scenario, args) as run:
-            command = tool_command(scenario, run, args)
-            record, error = run_tool(command, args.run_timeout)
-    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
-        return {**base, "error": f"{type(exc).__name__}: {exc}"}
-    if record is None:
-        return {**base, "error": error, "command": command}
-    return {**base, **record}
-
-
-# --- tables ---------------------------------------------------------------------------------
-
-
-def cell(values: Sequence[float], fmt: str) -> str:
-    """'median (min-max)' of the values, or the value alone when all are equal."""
-    if not values:
-        return ""
-    lo, mid, hi = min(values), statistics.median(values), max(values)
-    if lo == hi:
-        return fmt.format(mid)
-    return f"{fmt.format(mid)} ({fmt.format(lo)} to {fmt.format(hi)})"
-
-
-def _get(record: dict[str, Any], path: str) -> Any:
-    value: Any = record
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-Column = tuple[str, Callable[[dict[str, Any]], Any], str]
-
-
-def _col(header: str, path: str, fmt: str) -> Column:
-    return header, functools.partial(_get, path=path), fmt
-
-
-FANOUT_COLUMNS: tuple[Column, ...] = (
-    _col("deliveries/s", "deliveries_per_s", "{:,.0f}"),
-    _col("server µs/delivery", "server_cpu_us_per_delivery", "{:.1f}"),
-    _col("p50 ms", "latency_ms.p50", "{:.1f}"),
-    _col("p99 ms", "latency_ms.p99", "{:.1f}"),
-    _col("max ms", "latency_ms.max", "{:.0f}"),
-    _col("RSS MiB", "server_hwm_mb", "{:.0f}"),
-    _col("lost", "lost", "{:.0f}"),
-    _col("dup", "duplicated", "{:.0f}"),
-    _col("reord", "reordered", "{:.0f}"),
-    _col("server busy", "server_busy", "{:.2f}"),
-    _col("client busy", "client_busy_max", "{:.2f}"),
-    _col("other busy", "foreign_busy", "{:.2f}"),
-)
-CONNECTION_COLUMNS: tuple[Column, ...] = (
-    _col("connections", "connections", "{:,.0f}"),
-    _col("connect/s", "connect_per_s", "{:,.0f}"),
-    _col("connect p99 ms", "connect_p99_ms", "{:.0f}"),
-    _col("server RSS MiB", "server_rss_mb", "{:.0f}"),
-    _col("KiB/conn", "server_kib_per_conn", "{:.1f}"),
-    _col("server µs CPU/conn", "server_cpu_us_per_conn", "{:.0f}"),
-    _col("broadcast reach s", "reach_s", "{:.3f}"),
-    _col("reached", "reached", "{:,.0f}"),
-    _col("disconnects", "disconnects", "{:.0f}"),
-)
-
-
-def table(records: Sequence[dict[str, Any]], columns: Sequence[Column]) -> list[str]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for record in records:
-        if "scenario" in record and "target" in record:
-            groups.setdefault((record["scenario"], record["target"]), []).append(record)
-    lines = [
-        "| scenario | target | runs | " + " | ".join(c[0] for c in columns) + " |",
-        "|---|---|---|" + "---|" * len(columns),
-    ]
-    for (scenario, target), rows in groups.items():
-        good = [r for r in rows if "error" not in r and "skipped" not in r]
-        cells = []
-        for _, get, fmt in columns:
-            values = [get(r) for r in good]
-            cells.append(cell([v for v in values if isinstance(v, (int, float))], fmt))
-        note = f"{len(good)}" + (
-            f" (+{len(rows) - len(good)} failed/skipped)" if len(good) < len(rows) else ""
-        )
-        lines.append(f"| {scenario} | {target} | {note} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def render_tables(records: Sequence[dict[str, Any]]) -> str:
-    fanout = [r for r in records if r.get("scenario") in FANOUT_KEYS]
-    conns = [r for r in records if r.get("scenario") in CONNECTION_KEYS]
-    out: list[str] = []
-    if fanout:
-        out += ["### Fan-out", "", *table(fanout, FANOUT_COLUMNS), ""]
-    if conns:
-        out += ["### Idle connections and one broadcast", "", *table(conns, CONNECTION_COLUMNS), ""]
-    out.append(
-        "Cells: median (min to max) over the runs. Busy: CPU seconds per second of the "
-        "delivery window (1.0 = one core); other = everything on the machine but the "
-        "server and the load generator. RSS: the server's peak (VmHWM; summed over nodes)."
-    )
-    for key in sorted({r["scenario"] for r in records if "scenario" in r}):
-        title = next((s.title for s in SCENARIOS if s.key == key), key)
-        out.append(f"- {key}: {title}")
-    for r in records:
-        if "error" in r or "skipped" in r:
-            out.append(
-                f"- {r['scenario']} / {r['target']} #{r['repeat']}: "
-                f"{r.get('error') or 'skipped: ' + r['skipped']}"[:400]
-            )
-    return "\n".join(out)
-
-
-FANOUT_KEYS = {s.key for s in SCENARIOS if s.tool == "fanout.py"}
-CONNECTION_KEYS = {s.key for s in SCENARIOS if s.tool == "connections.py"}
 
 
 # --- main -----------------------------------------------------------------------------------
+
+RESULTS = BENCH / "results" / "results.jsonl"
+SERVER_SOURCES = ("centripy", "engine", "actors", "transports", "storage")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="reduced sizes, 1 repeat")
     ap.add_argument(
-        "--scenarios",
-        default=",".join(s.key for s in SCENARIOS),
-        help="comma-separated (default: all)",
+        "--quick", action="store_true", help="reduced sizes, 1 repeat, centripy and websockets"
     )
     ap.add_argument(
-        "--targets", default=",".join(ALL_TARGETS), help="comma-separated (default: all)"
+        "--scenarios",
+        help="comma-separated (default: all; with --quick all but the s5-* scale-out ones)",
+    )
+    ap.add_argument(
+        "--targets",
+        help="comma-separated (default: all; with --quick " + ",".join(QUICK_TARGETS) + ")",
     )
     ap.add_argument("--repeats", type=int, help="default 3, or 1 with --quick")
     ap.add_argument("--out", type=Path, help="JSON lines file (default: a new file in /tmp)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="the committed history every run is also appended to (default %(default)s)",
+    )
+    ap.add_argument(
+        "--no-record", action="store_true", help="do not append to --results (only to --out)"
+    )
     ap.add_argument("--table", type=Path, nargs="+", help="only print the tables of these files")
     ap.add_argument("--venv", type=Path, default=BENCH / ".venv", help="the bench venv")
     ap.add_argument(
@@ -550,16 +471,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.3,
         help="before each run wait until the machine uses at most this many cores",
     )
-    ap.add_argument("--quiet-timeout", type=float, help="wait at most this long (120 s; quick 30)")
+    ap.add_argument("--quiet-timeout", type=float, help="wait at most this long (120 s; quick 4)")
     ap.add_argument("--run-timeout", type=float, default=900.0, help="per run, s")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.quiet_timeout = (
-        args.quiet_timeout if args.quiet_timeout is not None else (30.0 if args.quick else 120.0)
+        args.quiet_timeout if args.quiet_timeout is not None else (4.0 if args.quick else 120.0)
     )
+    default_keys = [s.key for s in SCENARIOS if s.in_quick or not args.quick]
     keys = {s.key for s in SCENARIOS}
-    args.scenario_keys = [k for k in args.scenarios.split(",") if k]
-    args.target_names = [t for t in args.targets.split(",") if t]
+    args.scenario_keys = (
+        [k for k in args.scenarios.split(",") if k] if args.scenarios else default_keys
+    )
+    default_targets = QUICK_TARGETS if args.quick else ALL_TARGETS
+    args.target_names = (
+        [t for t in args.targets.split(",") if t] if args.targets else list(default_targets)
+    )
     for k in args.scenario_keys:
         if k not in keys:
             ap.error(f"unknown scenario {k!r}: choose from {sorted(keys)}")
@@ -571,11 +498,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def emit(record: dict[str, Any], out: Path) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    with out.open("a") as f:
-        f.write(line + "\n")
+class Sink:
+    """Where records go: stdout, the --out file and (unless --no-record) the results history.
+    Each record is stamped with the invocation's id, commit, quick flag and its own date."""
+
+    def __init__(self, out: Path, results: Path | None, stamp: dict[str, Any]) -> None:
+        self.paths = [out] + ([results] if results is not None else [])
+        self.stamp = stamp
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, record: dict[str, Any]) -> dict[str, Any]:
+        record = {**self.stamp, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
+        line = json.dumps(record)
+        print(line, flush=True)
+        for path in self.paths:
+            with path.open("a") as f:
+                f.write(line + "\n")
+        return record
+
+
+def git(*command: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *command], capture_output=True, text=True, timeout=30
+    )
+    return done.stdout.strip()
+
+
+def commit_stamp(quick: bool) -> dict[str, Any]:
+    """What every record carries: the invocation, the commit (its date orders plot.py's x
+    axis) and how many server source files differ from it (other work in the tree)."""
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *SERVER_SOURCES)
+    return {
+        "invocation": uuid.uuid4().hex[:12],
+        "centripy_commit": git("rev-parse", "--short", "HEAD"),
+        "centripy_commit_date": git("show", "-s", "--format=%cI", "HEAD"),
+        "centripy_dirty_files": len(dirty.splitlines()),
+        "quick": quick,
+    }
 
 
 def machine_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -587,12 +547,6 @@ def machine_record(args: argparse.Namespace) -> dict[str, Any]:
     versions = subprocess.run(
         [str(args.bench_python), "-c", probe], capture_output=True, text=True, timeout=60
     )
-    rev = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
     project = subprocess.run(
         [str(args.project_python), "-c", "import platform; print(platform.python_version())"],
         capture_output=True,
@@ -601,35 +555,37 @@ def machine_record(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "machine": procs.machine_info(),
-        "centripy_commit": rev.stdout.strip(),
         "centripy_python": project.stdout.strip(),
         "load_generator": json.loads(versions.stdout or "{}"),
-        "quick": args.quick,
+        "protocols": args.protocols,
         "repeats": args.repeats,
         "scenarios": args.scenario_keys,
         "targets": args.target_names,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    return [json.loads(ln) for p in paths for ln in p.read_text().splitlines() if ln.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:
-        records = [
-            json.loads(ln) for p in args.table for ln in p.read_text().splitlines() if ln.strip()
-        ]
-        print(render_tables(records))
+        print(render_tables(read_records(args.table)))
         return 0
     if not args.project_python.exists():
         sys.exit(f"no project interpreter at {args.project_python}: make the project's .venv first")
     args.bench_python = ensure_venv(args.venv, BENCH / "requirements.txt", sys.executable)
+    args.protocols = available_protocols(args.bench_python)
     out = (
         args.out
         or Path(tempfile.gettempdir()) / f"centripy-bench-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     )
-    log(f"results: {out}")
+    log(f"results: {out}" + ("" if args.no_record else f" and {args.results}"))
     procs.raise_nofile(NOFILE)
-    emit(machine_record(args), out)
+    sink = Sink(out, None if args.no_record else args.results, commit_stamp(args.quick))
+    sink.emit(machine_record(args))
+    started_at = time.monotonic()
     records = []
     for scenario in SCENARIOS:
         if scenario.key not in args.scenario_keys:
@@ -638,12 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for target in targets:
                 log(f"{scenario.key} {target} #{repeat + 1}/{args.repeats}: {scenario.title}")
-                record = one_run(scenario, target, repeat, args)
-                emit(record, out)
-                records.append(record)
+                if scenario.kind == "tool":
+                    runs = tool_runs(scenario, repeat, args)
+                else:
+                    runs = [one_run(scenario, target, repeat, args)]
+                records += [sink.emit(record) for record in runs]
     print()
     print(render_tables(records))
-    log(f"results: {out}")
+    log(f"wall time {time.monotonic() - started_at:.0f} s; results: {out}")
     return 0
 
 
