@@ -375,7 +375,9 @@ class ConnectionActor(ConnectionCore):
             out["was_recovering"] = True
             limit = self.config.client_recovery_max_publication_limit
             try:
-                res = await self.node.history(channel, limit=limit, since=position, name=sub.name)
+                res = await self.ctx.reads.history(
+                    channel, limit=limit, since=position, name=sub.name
+                )
                 pubs, top = list(res.publications), res.position
                 recovered = recovery.recovery_verdict(position, top, pubs)
             except Error as err:
@@ -393,7 +395,7 @@ class ConnectionActor(ConnectionCore):
                 out["offset"] = sub.offset
             out["epoch"] = top.epoch
             return out
-        top = await self.node.stream_top(channel, name=sub.name)
+        top = (await self.ctx.reads.history(channel, limit=0, since=None, name=sub.name)).position
         sub.epoch, sub.offset = top.epoch, top.offset
         out.update(epoch=top.epoch, offset=top.offset)
         return out

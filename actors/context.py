@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from centripy.actors.hub import Hub
+from centripy.actors.shared_reads import SharedReads
 from centripy.actors.transport import Format, protobuf_codec
 from centripy.engine.admission import Admission
 from centripy.engine.auth import TokenVerifier
@@ -34,6 +35,7 @@ class ConnContext:
     # several nodes: send a user command to the other nodes (ClusterLink.forward)
     forward_command: Callable[[UserCommand], Awaitable[None]] | None = None
     admission: Admission = field(init=False)  # client_connection_limit / _rate_limit
+    reads: SharedReads = field(init=False)  # stream reads of subscribes, shared per key
 
     def __post_init__(self) -> None:
         config = self.config
@@ -42,6 +44,7 @@ class ConnContext:
             config.client_connection_rate_limit,
             self.hub.connection_count,
         )
+        self.reads = SharedReads(self.node)
 
     def proxy_headers(self, header: Callable[[str], str | None]) -> dict[str, str]:
         """The headers of a client's request (read by name through `header`) that the

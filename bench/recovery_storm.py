@@ -363,6 +363,7 @@ async def child_main(idx: int, args: argparse.Namespace, pipe: Connection) -> No
     pipe.send(("closed", {"codes": codes}))
 
     message = await wait("release")
+    cpu0 = time.process_time()
     for c in ok:
         c.missed = message["missed"]
     await run_all(shared, ok, True, args.storm_concurrency, args.timeout)
@@ -388,6 +389,7 @@ async def child_main(idx: int, args: argparse.Namespace, pipe: Connection) -> No
                 "not_recovered": len(problems),
                 "problems": problems[:3],
                 "errors": shared.errors,
+                "cpu_s": time.process_time() - cpu0,
             },
         )
     )
@@ -496,6 +498,8 @@ def orchestrate(
         "problems": [p for r in results for p in r["problems"]][:3],
         "errors": procs.merge_counts([r["errors"] for r in results]),
         "server_cpu_s": round(window.server_cpu, 2),
+        "server_cpu_us_per_client": round(1e6 * window.server_cpu / max(1, len(times))),
+        "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
         "loadavg": load_average(),
         "connect_s": round(connect_s, 2),
         "connect_errors": procs.merge_counts([d["errors"] for d in connected]),
