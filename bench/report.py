@@ -111,7 +111,7 @@ CONNECTION_COLUMNS: tuple[Column, ...] = (
     _col("disconnects", "disconnects", "{:.0f}"),
 )
 PUBLISH_COLUMNS: tuple[Column, ...] = (
-    _col("publications", "count", "{:,.0f}"),
+    _col("publications", "acked", "{:,.0f}"),
     _col("pubs/s", "pubs_per_s", "{:,.0f}"),
     _col("server CPU s/1k", "server_cpu_s_per_1k", "{:.3f}"),
     ("server µs/publication", per_publication_us, "{:.0f}"),
@@ -129,6 +129,7 @@ STORM_COLUMNS: tuple[Column, ...] = (
     _col("reord", "reordered", "{:.0f}"),
     _col("client p99 s", "client_p99_s", "{:.2f}"),
     _col("server CPU s", "server_cpu_s", "{:.1f}"),
+    _col("server µs/client", "server_cpu_us_per_client", "{:.0f}"),
 )
 TRANSPORT_RATIO = _col("÷ s1-ws", "server_cpu_us_per_delivery", "{:.2f}")
 SECTIONS: dict[str, tuple[str, tuple[Column, ...]]] = {

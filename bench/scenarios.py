@@ -113,9 +113,9 @@ def publish_path(backend: str, mode: str) -> Scenario:
     args += ("--repeat", "1")
     if mode == "single":
         args += ("--callers", "64")
-        quick = ("--count", "5000")
+        quick = ("--count", "10000")
     else:
-        quick = ("--batch-count", "10000")
+        quick = ("--batch-count", "30000")
     what = "POST /api/publish, 64 callers" if mode == "single" else "POST /api/batch of 100"
     return Scenario(
         key,
