@@ -37,7 +37,7 @@ from centripy.actors.connection_core import TransportClosed, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
 from centripy.engine.metrics import TransportCounts
-from centripy.transports.http_common import refuse_over_admission
+from centripy.transports.http_common import refuse_over_admission, send_to_stream
 from centripy.transports.origins import origin_allowed
 from centripy.transports.ws_protocol import (
     OP_BINARY,
@@ -66,7 +66,6 @@ __all__ = [
     "lean_websocket",
     "origin_allowed",
     "select_subprotocol",
-    "send",
     "wire_format",
 ]
 
@@ -111,23 +110,6 @@ def frame_messages(messages: Sequence[bytes], protobuf: bool) -> bytes:
     return frame(OP_TEXT, b"\n".join(messages))
 
 
-def send(stream: tornado.iostream.IOStream, data: bytes) -> Awaitable[None] | None:
-    """Write `data` to `stream`; None when it is all written already. On a plain TCP stream
-    with nothing queued, one `send` on the socket usually takes it all, without the
-    future and buffer bookkeeping of `IOStream.write` (~20% of a fan-out's CPU); what the
-    socket does not take (or an error) goes through `IOStream.write`, which queues it and
-    handles errors as always."""
-    if type(stream) is tornado.iostream.IOStream and not stream.writing() and not stream.closed():
-        try:
-            sent = stream.socket.send(data)
-        except OSError:  # BlockingIOError (buffer full), or an error IOStream will raise
-            sent = 0
-        if sent == len(data):
-            return None
-        data = data[sent:]
-    return stream.write(data)
-
-
 class _WebSocketTransport:
     name = "websocket"
     emulation = False
@@ -156,7 +138,7 @@ class _WebSocketTransport:
             return self._handler.write_message(data, binary=protobuf)
         # Straight to the stream: Tornado's write_message wraps each write in a new task,
         # which cost ~10% of a fan-out. Server frames are unmasked, so this is all it does.
-        return send(stream, frame_messages(messages, protobuf))
+        return send_to_stream(stream, frame_messages(messages, protobuf))
 
     def close(self, code: int, reason: str) -> None:
         self._handler.close(code, reason)
