@@ -1,6 +1,6 @@
 """run_all.py: every benchmark scenario of issues 7 and 20 with one command (loopback only).
 
-    python3 bench/run_all.py                     # everything, median of 3 (about 2.5 h)
+    python3 bench/run_all.py                     # everything, median of 3 (hours)
     python3 bench/run_all.py --quick             # every issue-20 target, reduced, < 10 minutes
     python3 bench/run_all.py --scenarios s1,s2 --targets centripy,websockets
     python3 bench/run_all.py --table FILE.jsonl  # the tables of an earlier run
