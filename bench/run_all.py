@@ -457,6 +457,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-record", action="store_true", help="do not append to --results (only to --out)"
     )
     ap.add_argument("--table", type=Path, nargs="+", help="only print the tables of these files")
+    ap.add_argument(
+        "--commit", help="with --table: only the records of this commit (or invocation id)"
+    )
     ap.add_argument("--venv", type=Path, default=BENCH / ".venv", help="the bench venv")
     ap.add_argument(
         "--project-python",
@@ -571,7 +574,16 @@ def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:
-        print(render_tables(read_records(args.table)))
+        records = read_records(args.table)
+        if args.commit:
+            wanted = args.commit
+            records = [
+                r
+                for r in records
+                if wanted in (r.get("invocation"), r.get("centripy_commit"))
+                or str(r.get("centripy_commit", "")).startswith(wanted)
+            ]
+        print(render_tables(records))
         return 0
     if not args.project_python.exists():
         sys.exit(f"no project interpreter at {args.project_python}: make the project's .venv first")
