@@ -130,6 +130,7 @@ STORM_COLUMNS: tuple[Column, ...] = (
     _col("client p99 s", "client_p99_s", "{:.2f}"),
     _col("server CPU s", "server_cpu_s", "{:.1f}"),
     _col("server µs/client", "server_cpu_us_per_client", "{:.0f}"),
+    _col("< 10 s, all in order (1 = yes)", "meets_target", "{:.0f}"),
 )
 TRANSPORT_RATIO = _col("÷ s1-ws", "server_cpu_us_per_delivery", "{:.2f}")
 SECTIONS: dict[str, tuple[str, tuple[Column, ...]]] = {
