@@ -276,7 +276,8 @@ def run_loop(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:
         except ImportError:
             use_uvloop = False
         else:
-            return uvloop.run(main)
+            result: T = uvloop.run(main)  # untyped here when uvloop's stubs are not installed
+            return result
     return asyncio.run(main)
 
 
