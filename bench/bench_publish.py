@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
+import statistics
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -94,6 +96,7 @@ class JobResult:
     errors: int = 0
     first_error: str = ""
     offsets: dict[str, list[int]] = field(default_factory=dict)
+    ack_s: list[float] = field(default_factory=list)  # per request: send -> whole reply read
 
 
 def publish_command(channel: str, i: int) -> dict[str, Any]:
@@ -158,6 +161,8 @@ class Load:
     async def calls(self, conn: HttpConnection) -> None:
         channels = self.job.channels
         post = conn.post
+        ack_s = self.result.ack_s
+        clock = time.monotonic
         for chunk in self.chunks:
             names = [channels[i % len(channels)] for i in chunk]
             if self.job.mode == "batch":
@@ -165,12 +170,16 @@ class Load:
                     {"publish": publish_command(c, i)} for c, i in zip(names, chunk, strict=True)
                 ]
                 body = orjson.dumps({"commands": commands, "parallel": True})
-                replies = (await post("batch", body))["replies"]
-                for name, reply in zip(names, replies, strict=True):
+                sent = clock()
+                answer = await post("batch", body)
+                ack_s.append(clock() - sent)
+                for name, reply in zip(names, answer["replies"], strict=True):
                     self.record(name, reply.get("publish", reply))
             else:
                 body = orjson.dumps(publish_command(names[0], chunk[0]))
+                sent = clock()
                 reply = await post("publish", body)
+                ack_s.append(clock() - sent)
                 self.record(names[0], reply.get("result", reply))
 
 
@@ -210,6 +219,26 @@ def split_jobs(args: argparse.Namespace, api_url: str, mode: str, channels: list
             Job(api_url, mode, channels, list(range(p, count, procs)), share, args.batch_size)
         )
     return jobs
+
+
+def ack_percentiles(seconds: Sequence[float]) -> dict[str, float]:
+    """Acknowledgement latency of the requests in ms: p50, p90, p99 (nearest rank) and max."""
+    if not seconds:
+        return {}
+    ordered = sorted(seconds)
+    n = len(ordered)
+
+    def rank(q: float) -> float:
+        return round(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))] * 1000, 3)
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": rank(1.0)}
+
+
+def ack_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The median over runs of each `ack_ms` percentile."""
+    keys = ("p50", "p90", "p99", "max")
+    values = {k: [r["ack_ms"][k] for r in runs if k in r.get("ack_ms", {})] for k in keys}
+    return {k: round(statistics.median(v), 3) for k, v in values.items() if v}
 
 
 def check_acked_offsets(offsets: Mapping[str, Sequence[int]], expected: Mapping[str, int]) -> str:
@@ -264,6 +293,7 @@ def one_run(
         "server_cpu_s_per_1k": round(window.server_cpu / max(acked, 1) * 1000, 3),
         "server_busy": round(window.server_cpu / window.wall, 2),
         "client_cpu_s": round(sum(r.client_cpu for r in results), 2),
+        "ack_ms": ack_percentiles([s for r in results for s in r.ack_s]),
         "loadavg": load_average(),
     }
     if case["namespace"] == "hist":
@@ -307,6 +337,7 @@ def run_backend(args: argparse.Namespace, pool: ProcessPoolExecutor, backend: st
                     emit(profile_summary(profile))
                 runs.append(record)
             summary = median_summary(runs, SUMMARY_KEYS, case)
+            summary["ack_ms"] = ack_summary(runs)
             target = TARGETS.get((backend, mode)) if namespace == "hist" else None
             if target is not None:
                 summary["target_pubs_per_s"] = target
