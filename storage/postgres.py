@@ -12,7 +12,7 @@ import contextlib
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -21,8 +21,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from centripy.storage.rules import DEFAULT_GC_INTERVAL
-from centripy.storage.sql import SqlEventLog
+from centripy.storage.sql import Plan, SqlEventLog, run_plan
 from centripy.storage.sql_statements import Session, Sql, json_dumps
+
+T = TypeVar("T")
 
 SCHEME = "postgresql+asyncpg"
 # Errors after which no pooled connection is trusted (the server went away or restarted).
@@ -104,6 +106,10 @@ class PostgresEventLog(SqlEventLog):
         stale, self._pool_stale = self._pool_stale, False
         if stale or dbapi_conn.driver_connection.is_closed():
             raise sa.exc.InvalidatePoolError("connection lost")
+
+    async def _transact(self, plan: Plan[T]) -> T:
+        async with self._session() as session:
+            return await run_plan(plan, session)
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[Session]:

@@ -7,6 +7,13 @@ storage/sql_statements.py.
 Reads never create rows: a read of a channel without a live stream reports offset 0 and the
 epoch its first append will get (`stream_epoch`); it only touches the meta of live streams.
 
+Every transaction is written once, as a *plan*: a generator that yields the statements it
+needs (`Step`: fetch, execute or executemany, with positional arguments) and receives each
+one's rows. A back end runs a plan in one transaction its own way (`_transact`): PostgreSQL
+awaits each step on its asyncpg connection; SQLite runs the whole plan, BEGIN to COMMIT, in
+one call on its connection's worker thread (one thread hop per transaction, not one per
+statement).
+
 Concurrency (docs/design/ARCHITECTURE.md decision 2): offsets are assigned inside the batch
 transaction by one multi-row
 `INSERT .. ON CONFLICT (channel) DO UPDATE SET top_offset = top_offset + n .. RETURNING`, which
@@ -24,8 +31,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -53,6 +60,7 @@ from centripy.storage.rules import (
 from centripy.storage.sql_schema import load_salt_sync, make_tables, migrate_sync
 from centripy.storage.sql_statements import (
     Session,
+    Sql,
     Statements,
     publication_args,
     row_to_publication,
@@ -62,6 +70,11 @@ log = logging.getLogger("centripy.storage")
 
 Key = tuple[str, str]
 Position = tuple[int, str]
+T = TypeVar("T")
+# One statement of a plan: ("fetch" | "execute" | "executemany", statement, arguments);
+# "fetch" sends back the rows, the others None. A plan returns its result at the end.
+Step = tuple[str, Sql, Any]
+Plan = Generator[Step, Any, T]
 MAX_ROWS_PER_STATEMENT = 500  # multi-row upserts are split above this (bind limits)
 PURGE_ALL = 2**62  # "offset < PURGE_ALL" matches every row of a stream
 
@@ -73,6 +86,9 @@ def retention(sizes: Sequence[int]) -> int:
     """How many of the newest offsets stay kept after appending len(sizes) publications one
     by one, the i-th trimming the stream to sizes[i] items (= sizes[0] when all are equal)."""
     n = len(sizes)
+    first = sizes[0]
+    if sizes.count(first) == n:  # the usual case: one namespace's size for the channel
+        return first
     return n - max(i + 1 - size + 1 for i, size in enumerate(sizes)) + 1
 
 
@@ -127,8 +143,8 @@ def chunks(items: Sequence[Any], size: int = MAX_ROWS_PER_STATEMENT) -> list[Seq
 
 class SqlEventLog(EventLog):
     """`EventLog` on a SQLAlchemy async engine. Subclasses supply the engine, the dialect's
-    `insert`, the driver errors to translate and `_session` (a transaction on the raw driver
-    connection). Every public method runs on the server's event loop."""
+    `insert`, the driver errors to translate and `_transact` (a plan run in one transaction
+    on the raw driver connection). Every public method runs on the server's event loop."""
 
     driver_errors: tuple[type[BaseException], ...] = (sa.exc.SQLAlchemyError, OSError)
 
@@ -161,8 +177,9 @@ class SqlEventLog(EventLog):
     def _make_engine(self) -> AsyncEngine: ...
 
     @abc.abstractmethod
-    def _session(self) -> contextlib.AbstractAsyncContextManager[Session]:
-        """A transaction on one raw connection: commit on normal exit, roll back on error."""
+    async def _transact(self, plan: Plan[T]) -> T:
+        """Run `plan` in one transaction on one connection (committed when the plan
+        returns, rolled back when a step raises) and return the plan's result."""
 
     async def _lock_schema(self, conn: AsyncConnection) -> None:
         """Serialise concurrent migrations (PostgreSQL: advisory lock). Default: nothing."""
@@ -233,62 +250,27 @@ class SqlEventLog(EventLog):
             check_append(req)
         if not requests:
             return []
-        async with self._guard() as sql, self._session() as session:
-            return await self._append_tx(sql, session, requests, self._now())
+        async with self._guard() as sql:
+            return await self._transact(self._append_plan(sql, requests, self._now()))
 
     async def history(self, query: HistoryQuery) -> HistoryResult:
         """Read a stream, touching its meta. A channel without a live stream (none, or
         forgotten) is reported at offset 0 with the epoch its first append will get; no
         row is written for it."""
         check_query(query)
-        async with self._guard() as sql, self._session() as session:
-            now = self._now()
-            params = {
-                "b_channel": query.channel,
-                "b_now": now,
-                "b_expires": meta_expiry(now, query.meta_ttl),
-            }
-            live = await session.fetch(sql.read, sql.read.args(params))
-            if not live:
-                epoch, top, pubs = (
-                    stream_epoch(self._salt, query.channel, query.meta_ttl, now),
-                    0,
-                    [],
-                )
-            else:
-                epoch, top, first, pubs_expire_at = live[0]
-                top = int(top)
-                if pubs_expire_at is None or pubs_expire_at < now:
-                    first = top + 1
-                rng = history_range(int(first), top, query)
-                stale = query.since is not None and query.since.epoch not in ("", epoch)
-                pubs = [] if rng is None or stale else await self._read(sql, session, query, rng)
+        async with self._guard() as sql:
+            epoch, top, pubs = await self._transact(self._history_plan(sql, query, self._now()))
         check_epoch(query, epoch)  # after commit: the meta touch above is kept
         return HistoryResult(pubs, StreamPosition(top, epoch))
 
     async def remove_history(self, channel: str) -> None:
-        async with self._guard() as sql, self._session() as session:
-            await session.execute(sql.clear, sql.clear.args({"b_channel": channel}))
-            await session.execute(
-                sql.delete_channel, sql.delete_channel.args({"b_channel": channel})
-            )
+        async with self._guard() as sql:
+            await self._transact(self._remove_plan(sql, channel))
 
     async def gc(self) -> None:
         """Delete expired idempotency keys, forgotten streams and expired publications."""
-        async with self._guard() as sql, self._session() as session:
-            now = {"b_now": self._now()}
-            await session.execute(sql.forget_keys, sql.forget_keys.args(now))
-            doomed = [
-                (r[0], PURGE_ALL)
-                for r in await session.fetch(sql.forget_streams, sql.forget_streams.args(now))
-            ]
-            doomed += [
-                (r[0], r[1])
-                for r in await session.fetch(sql.expire_pubs, sql.expire_pubs.args(now))
-            ]
-            if doomed:
-                args = [sql.delete_below.args({"b_channel": ch, "b_lo": lo}) for ch, lo in doomed]
-                await session.executemany(sql.delete_below, args)
+        async with self._guard() as sql:
+            await self._transact(self._gc_plan(sql, self._now()))
 
     async def _gc_loop(self) -> None:
         assert self._gc_interval
@@ -299,55 +281,94 @@ class SqlEventLog(EventLog):
             except StorageError:
                 log.warning("event log garbage collection failed", exc_info=True)
 
-    # --- batch transaction ------------------------------------------------------------------------
+    # --- plans (pure: no I/O of their own; see the module doc) ------------------------------------
 
-    async def _read(
-        self, sql: Statements, session: Session, query: HistoryQuery, rng: tuple[int, int]
-    ) -> list[Publication]:
+    def _history_plan(
+        self, sql: Statements, query: HistoryQuery, now: float
+    ) -> Plan[tuple[str, int, list[Publication]]]:
+        params = {
+            "b_channel": query.channel,
+            "b_now": now,
+            "b_expires": meta_expiry(now, query.meta_ttl),
+        }
+        live = yield ("fetch", sql.read, sql.read.args(params))
+        if not live:
+            return stream_epoch(self._salt, query.channel, query.meta_ttl, now), 0, []
+        epoch, top, first, pubs_expire_at = live[0]
+        top = int(top)
+        if pubs_expire_at is None or pubs_expire_at < now:
+            first = top + 1
+        rng = history_range(int(first), top, query)
+        stale = query.since is not None and query.since.epoch not in ("", epoch)
+        if rng is None or stale:
+            return epoch, top, []
         count = rng[1] - rng[0] + 1
         limit = min(query.limit, count) if query.limit > 0 else count
         stmt = sql.backward if query.reverse else sql.forward
-        params = {"b_channel": query.channel, "b_lo": rng[0], "b_hi": rng[1], "b_limit": limit}
-        return [row_to_publication(row) for row in await session.fetch(stmt, stmt.args(params))]
+        read = {"b_channel": query.channel, "b_lo": rng[0], "b_hi": rng[1], "b_limit": limit}
+        rows = yield ("fetch", stmt, stmt.args(read))
+        return epoch, top, [row_to_publication(row) for row in rows]
 
-    async def _append_tx(
-        self, sql: Statements, session: Session, requests: Sequence[AppendRequest], now: float
-    ) -> list[AppendResult]:
+    @staticmethod
+    def _remove_plan(sql: Statements, channel: str) -> Plan[None]:
+        yield ("execute", sql.clear, sql.clear.args({"b_channel": channel}))
+        yield ("execute", sql.delete_channel, sql.delete_channel.args({"b_channel": channel}))
+
+    @staticmethod
+    def _gc_plan(sql: Statements, now: float) -> Plan[None]:
+        params = {"b_now": now}
+        yield ("execute", sql.forget_keys, sql.forget_keys.args(params))
+        forgotten = yield ("fetch", sql.forget_streams, sql.forget_streams.args(params))
+        doomed = [(r[0], PURGE_ALL) for r in forgotten]
+        expired = yield ("fetch", sql.expire_pubs, sql.expire_pubs.args(params))
+        doomed += [(r[0], r[1]) for r in expired]
+        if doomed:
+            args = [sql.delete_below.args({"b_channel": ch, "b_lo": lo}) for ch, lo in doomed]
+            yield ("executemany", sql.delete_below, args)
+
+    def _append_plan(
+        self, sql: Statements, requests: Sequence[AppendRequest], now: float
+    ) -> Plan[list[AppendResult]]:
         leaders, followers = split_keys(requests)
-        known = await self._claim_keys(sql, session, requests, leaders, now) if leaders else {}
-        store = [i for i in range(len(requests)) if i not in followers and i not in known]
+        known: dict[int, Position] = {}
+        if leaders:
+            known = yield from self._claim_keys(sql, requests, leaders, now)
+        if followers or known:
+            store = [i for i in range(len(requests)) if i not in followers and i not in known]
+        else:
+            store = list(range(len(requests)))
         appends = [i for i in store if history_enabled(requests[i])]
-        positions, kept_from = await self._assign_offsets(sql, session, requests, appends, now)
-        results: dict[int, AppendResult] = {}
+        positions, kept_from = yield from self._assign_offsets(sql, requests, appends, now)
+        results: list[AppendResult | None] = [None] * len(requests)
+        rows = []
         for i in store:
+            req = requests[i]
             offset, epoch = positions.get(i, (0, ""))
-            results[i] = AppendResult(publication_of(requests[i], offset, now), epoch)
+            result = results[i] = AppendResult(publication_of(req, offset, now), epoch)
+            if offset and offset >= kept_from[req.channel]:
+                rows.append(publication_args(req.channel, result.publication))
         for i, (offset, epoch) in known.items():
             results[i] = AppendResult(publication_of(requests[i], offset, now), epoch, True)
         for i, first in followers.items():
-            offset, epoch = results[first].publication.offset, results[first].epoch
+            leader = results[first]
+            assert leader is not None  # a follower comes after its leader
+            offset, epoch = leader.publication.offset, leader.epoch
             results[i] = AppendResult(publication_of(requests[i], offset, now), epoch, True)
-        rows = [
-            publication_args(requests[i].channel, results[i].publication)
-            for i in appends
-            if positions[i][0] >= kept_from[requests[i].channel]
-        ]
         if rows:
-            await session.executemany(sql.insert_pubs, rows)
+            yield ("executemany", sql.insert_pubs, rows)
         keyed = [i for i in leaders.values() if i in positions]  # claimed, with history
         if keyed:
             args = [sql.record.args(self._key_params(requests[i], positions[i])) for i in keyed]
-            await session.executemany(sql.record, args)
-        return [results[i] for i in range(len(requests))]
+            yield ("executemany", sql.record, args)
+        return results  # type: ignore[return-value]  # every index was filled above
 
-    async def _claim_keys(
+    def _claim_keys(
         self,
         sql: Statements,
-        session: Session,
         requests: Sequence[AppendRequest],
         leaders: dict[Key, int],
         now: float,
-    ) -> dict[int, Position]:
+    ) -> Plan[dict[int, Position]]:
         """Claim new (or expired) keys; return the live ones' stored positions by index."""
         claimed: set[Key] = set()
         expires = {key: now + requests[i].idempotent_ttl for key, i in leaders.items()}
@@ -363,31 +384,35 @@ class SqlEventLog(EventLog):
                 for ch, key in part
             ]
             stmt = sql.claim(len(rows))
-            claimed.update(
-                (r[0], r[1]) for r in await session.fetch(stmt, stmt.args({"b_now": now}, rows))
-            )
+            fetched = yield ("fetch", stmt, stmt.args({"b_now": now}, rows))
+            claimed.update((r[0], r[1]) for r in fetched)
         live = [key for key in leaders if key not in claimed]
         found: dict[int, Position] = {}
         for part in chunks(live):
             stmt = sql.known(len(part))
             rows = [{"channel": ch, "key": key} for ch, key in part]
-            for ch, key, offset, epoch in await session.fetch(stmt, stmt.args(rows=rows)):
+            fetched = yield ("fetch", stmt, stmt.args(rows=rows))
+            for ch, key, offset, epoch in fetched:
                 found[leaders[(ch, key)]] = (int(offset), epoch)
         return found
 
-    async def _assign_offsets(
+    def _assign_offsets(
         self,
         sql: Statements,
-        session: Session,
         requests: Sequence[AppendRequest],
         indices: Sequence[int],
         now: float,
-    ) -> tuple[dict[int, Position], dict[str, int]]:
+    ) -> Plan[tuple[dict[int, Position], dict[str, int]]]:
         """Advance each stream by its requests' count and delete its stale rows. Returns
         offset/epoch per request index and each channel's first kept offset."""
         groups: dict[str, list[int]] = {}
         for i in indices:
-            groups.setdefault(requests[i].channel, []).append(i)
+            channel = requests[i].channel
+            members = groups.get(channel)
+            if members is None:
+                groups[channel] = [i]
+            else:
+                members.append(i)
         positions: dict[int, Position] = {}
         kept_from: dict[str, int] = {}
         stale: list[tuple[Any, ...]] = []
@@ -397,19 +422,20 @@ class SqlEventLog(EventLog):
                 for ch in part
             }
             stmt = sql.advance(len(rows))
-            returned = await session.fetch(stmt, stmt.args(rows=list(rows.values())))
+            returned = yield ("fetch", stmt, stmt.args(rows=list(rows.values())))
             for channel, epoch, top, first_kept, _ in returned:
                 members, row = groups[channel], rows[channel]
-                first = int(top) - len(members) + 1
+                top, first_kept = int(top), int(first_kept)
+                first = top - len(members) + 1
                 for j, i in enumerate(members):
                     positions[i] = (first + j, epoch)
-                kept_from[channel] = int(first_kept)
-                fresh = int(top) == len(members)  # a new or re-created stream
-                below = purge_below(fresh, int(top), len(members), row["history_size"], first_kept)
+                kept_from[channel] = first_kept
+                fresh = top == len(members)  # a new or re-created stream
+                below = purge_below(fresh, top, len(members), row["history_size"], first_kept)
                 if below is not None:
                     stale.append(sql.delete_below.args({"b_channel": channel, "b_lo": below}))
         if stale:
-            await session.executemany(sql.delete_below, stale)
+            yield ("executemany", sql.delete_below, stale)
         return positions, kept_from
 
     @staticmethod
@@ -420,3 +446,23 @@ class SqlEventLog(EventLog):
             "b_offset": position[0],
             "b_epoch": position[1],
         }
+
+
+async def run_plan(plan: Plan[T], session: Session) -> T:
+    """Run `plan`'s steps one by one on `session` (an open transaction) and return its
+    result. On the event loop."""
+    reply: Any = None
+    try:
+        while True:
+            kind, stmt, args = plan.send(reply)
+            reply = None
+            if kind == "fetch":
+                reply = await session.fetch(stmt, args)
+            elif kind == "executemany":
+                await session.executemany(stmt, args)
+            else:
+                await session.execute(stmt, args)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        plan.close()

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import orjson
@@ -26,8 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from centripy.storage.rules import DEFAULT_GC_INTERVAL
-from centripy.storage.sql import SqlEventLog
-from centripy.storage.sql_statements import Session, Sql, json_dumps
+from centripy.storage.sql import Plan, SqlEventLog
+from centripy.storage.sql_statements import json_dumps
+
+T = TypeVar("T")
 
 SCHEME = "sqlite+aiosqlite"
 
@@ -52,25 +55,45 @@ def create_private_file(url: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-class SqliteSession(Session):
-    """Statements on the raw aiosqlite connection: one worker-thread hop each."""
+def run_transaction(db: sqlite3.Connection, plan: Plan[T]) -> T:
+    """Run `plan` in one `BEGIN IMMEDIATE` .. `COMMIT` on `db` (ROLLBACK when a step
+    raises; the error propagates). Called on the connection's aiosqlite worker thread."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        reply: Any = None
+        try:
+            while True:
+                kind, stmt, args = plan.send(reply)
+                if kind == "fetch":
+                    reply = db.execute(stmt.text, args).fetchall()
+                elif kind == "executemany":
+                    reply = db.executemany(stmt.text, args)
+                else:
+                    reply = db.execute(stmt.text, args)
+        except StopIteration as stop:
+            result: T = stop.value
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        plan.close()
+    return result
 
-    def __init__(self, raw: aiosqlite.Connection) -> None:
-        self._raw = raw
 
-    async def fetch(self, sql: Sql, args: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
-        return list(await self._raw.execute_fetchall(sql.text, args))
-
-    async def execute(self, sql: Sql, args: Sequence[Any] = ()) -> None:
-        await self._raw.execute_fetchall(sql.text, args)
-
-    async def executemany(self, sql: Sql, rows: Sequence[Sequence[Any]]) -> None:
-        await self._raw.executemany(sql.text, rows)
+async def in_worker(raw: aiosqlite.Connection, function: Callable[[sqlite3.Connection], T]) -> T:
+    """`function(db)` on the aiosqlite connection's worker thread, in turn with its other
+    calls, as aiosqlite runs each of its own methods (`Connection._execute`; `_conn` is the
+    sqlite3 connection, touched only on that thread). aiosqlite is pinned below 0.23 for
+    these two private names; a statement per call would cost one thread hop each."""
+    proxy = cast(Any, raw)
+    return cast(T, await proxy._execute(lambda: function(proxy._conn)))
 
 
 class SqliteEventLog(SqlEventLog):
     """Event log in one SQLite file. Methods run on the event loop; they queue on one lock
-    and the aiosqlite thread runs the statements."""
+    and the aiosqlite thread runs each transaction whole (`run_transaction`)."""
 
     driver_errors = (*SqlEventLog.driver_errors, sqlite3.Error)
 
@@ -118,19 +141,13 @@ class SqliteEventLog(SqlEventLog):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[Session]:
+    async def _transact(self, plan: Plan[T]) -> T:
+        """The whole transaction in one call on the connection's worker thread, under the
+        log's lock (one transaction at a time on the one connection)."""
         async with self._lock, self.engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert isinstance(raw, aiosqlite.Connection)
-            await raw.execute("BEGIN IMMEDIATE")
-            try:
-                yield SqliteSession(raw)
-                await raw.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await raw.execute("ROLLBACK")
-                raise
+            return await in_worker(raw, functools.partial(run_transaction, plan=plan))
 
 
 def _begin_immediate(conn: sa.Connection) -> None:

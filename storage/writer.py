@@ -62,6 +62,9 @@ class GroupCommitWriter:
         self._queued = 0  # requests in self._pending
         self._wake = asyncio.Event()  # set when work arrives or on close
         self._task: asyncio.Task[None] | None = None
+        # The loop `start` ran on: asyncio.get_running_loop() costs a getpid() syscall per
+        # call on Python 3.11, ~8% of a publish's CPU when called per submit.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         # The node's metrics (set by the composition root): per batch, its size, its
         # transaction's duration and whether it failed.
@@ -72,7 +75,7 @@ class GroupCommitWriter:
         if self._closing:
             raise StorageError("writer is closed")
         if self._task is None:
-            loop = asyncio.get_running_loop()
+            self._loop = loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._run(), name="centripy-log-writer")
 
     async def submit(self, request: AppendRequest) -> AppendResult:
@@ -88,11 +91,11 @@ class GroupCommitWriter:
             check_append(request)
         if self._closing:
             raise StorageError("writer is closed")
-        if self._task is None:
+        loop = self._loop
+        if loop is None:
             raise StorageError("writer is not started")
         if not requests:
             return []
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[list[AppendResult]] = loop.create_future()
         self._pending.append(_Pending(requests, future, loop.time()))
         self._queued += len(requests)
@@ -130,7 +133,8 @@ class GroupCommitWriter:
         """Let the batch fill: yield to the loop while requests keep arriving, until it is
         full or its oldest request has waited `max_delay`. A loop iteration that brings no
         new request ends the wait (nobody else is coming now: do not add latency)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         deadline = self._pending[0].at + self._max_delay
         while self._queued < self._max_batch and not self._closing:
             if loop.time() >= deadline:
