@@ -3,8 +3,9 @@
 
 N subscribers, spread over --procs client processes, subscribe to C channels (subscriber j is
 on channel j % C and connects to --ws-url number j % len(--ws-url)). --proto picks the
-transport: WebSocket (centrifugo, socketio) or Centrifugo's HTTP emulation
-(centrifugo-http-stream, centrifugo-sse; ws:// in --ws-url then means http://). When all
+transport: WebSocket (centrifugo, centrifugo-protobuf, centrifugo-uni-ws, socketio) or
+Centrifugo's HTTP emulation (centrifugo-http-stream, centrifugo-sse; ws:// in --ws-url then
+means http://). When all
 are subscribed, M publications go through `POST /api/publish` (X-API-Key, {"channel", "data"};
 several --api-url are used in turn) at --rate per second, or with --rate 0 as fast as the
 acknowledgements allow, --inflight requests outstanding. Publication i goes to channel i % C;

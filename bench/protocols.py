@@ -13,6 +13,16 @@ which the harness sends back over the link.
   JSON. `open` POSTs the connect command (http_stream) or GETs `?cf_connect=` (sse) and
   keeps the streamed response; subscribe and pongs go by `POST /emulation` with the session
   and node of the connect result, whose replies come down the stream. `parse` is `centrifugo`'s.
+- `centrifugo-protobuf`: the same as `centrifugo` in protocol v2's Protobuf format
+  (`?format=protobuf`): binary frames of varint-length-delimited `Command`s and `Reply`s,
+  encoded and decoded here by hand (only the fields the harness needs: command id, connect,
+  subscribe channel; reply id, error, push channel/pub.data/disconnect). A ping (an empty
+  Reply) is answered with an empty Command.
+- `centrifugo-uni-ws`: Centrifugo's unidirectional WebSocket (`/connection/uni_websocket`,
+  `uni_websocket: true` on the server): the first text frame is a bare `ConnectRequest`
+  whose `subs` names the channel (a server-side subscription, which an insecure server
+  grants to any public channel); pushes come one per text frame without the
+  `{"push": ..}` envelope; nothing is ever sent back (the server pings natively).
 
 Add a protocol by writing one class with `name`, `open` and `parse` and listing it in
 PROTOCOLS (`open_ws` does a WebSocket one's connection).
@@ -29,20 +39,24 @@ import aiohttp
 import orjson
 
 TEXT = aiohttp.WSMsgType.TEXT
+BINARY = aiohttp.WSMsgType.BINARY
 
 
 class Disconnected(Exception):
     """The server refused the handshake, closed the session or answered with an error."""
 
 
+Data = str | bytes  # a text message, or a binary one (Protobuf)
+
+
 class Link(Protocol):
     """One subscriber's open, subscribed connection."""
 
-    async def receive(self) -> str | None:
-        """The next text message, or None once the server closed the link."""
+    async def receive(self) -> Data | None:
+        """The next message, or None once the server closed the link."""
         ...
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: Data) -> None:
         """Send `text` (a reply that `parse` returned) to the server."""
         ...
 
@@ -61,28 +75,32 @@ class Adapter(Protocol):
         subscribe to `channel`; raises Disconnected if the server refuses."""
         ...
 
-    def parse(self, text: str) -> tuple[list[Any], str | None]:
+    def parse(self, text: Any) -> tuple[list[Any], Data | None]:
         """(publication payloads in the message, a reply to send or None)."""
         ...
 
 
 class WsLink:
-    """A Link over an aiohttp WebSocket: text messages only (control frames are aiohttp's)."""
+    """A Link over an aiohttp WebSocket: text and binary messages (control frames are
+    aiohttp's)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
 
-    async def receive(self) -> str | None:
+    async def receive(self) -> Data | None:
         while True:
             msg = await self.ws.receive()
-            if msg.type == TEXT:
-                text: str = msg.data
-                return text
+            if msg.type == TEXT or msg.type == BINARY:
+                data: Data = msg.data
+                return data
             if msg.type in _CLOSED:
                 return None
 
-    async def send(self, text: str) -> None:
-        await self.ws.send_str(text)
+    async def send(self, text: Data) -> None:
+        if isinstance(text, bytes):
+            await self.ws.send_bytes(text)
+        else:
+            await self.ws.send_str(text)
 
     async def close(self) -> None:
         await self.ws.close()
@@ -287,8 +305,9 @@ class EmulationLink:
                     return None
                 self.buf += chunk
 
-    async def send(self, text: str) -> None:
-        body = orjson.dumps({**self.ids, "data": text})
+    async def send(self, text: Data) -> None:
+        data = text.decode() if isinstance(text, bytes) else text
+        body = orjson.dumps({**self.ids, "data": data})
         async with self.session.post(
             self.emulation_url,
             data=body,
@@ -382,9 +401,176 @@ class CentrifugoSse(Centrifugo):
         return await open_emulation(session, response, base, take_sse, channel)
 
 
+# --- Protobuf (protocol v2, binary) ----------------------------------------------------------
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """(value, position after it); ValueError when `buf` ends inside it."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def pb_field(number: int, value: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def pb_fields(message: bytes | memoryview) -> dict[int, Any]:
+    """The last value of each field of `message`: an int (varint) or bytes (length-delimited);
+    fixed-width fields are skipped. ValueError when malformed."""
+    out: dict[int, Any] = {}
+    pos, end = 0, len(message)
+    while pos < end:
+        key, pos = read_varint(message, pos)
+        wire = key & 7
+        if wire == 0:
+            out[key >> 3], pos = read_varint(message, pos)
+        elif wire == 2:
+            size, pos = read_varint(message, pos)
+            if pos + size > end:
+                raise ValueError("truncated field")
+            out[key >> 3] = bytes(message[pos : pos + size])
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+    return out
+
+
+def pb_messages(frame: bytes) -> list[bytes]:
+    """The varint-length-delimited messages of one frame."""
+    view, pos, out = memoryview(frame), 0, []
+    while pos < len(view):
+        size, pos = read_varint(view, pos)
+        if pos + size > len(view):
+            raise ValueError("truncated message")
+        out.append(bytes(view[pos : pos + size]))
+        pos += size
+    return out
+
+
+def pb_command(cmd_id: int, field: int, body: bytes) -> bytes:
+    """One delimited Command {id = 1, <field> = body}."""
+    command = varint(1 << 3) + varint(cmd_id) + pb_field(field, body)
+    return varint(len(command)) + command
+
+
+PB_PING_REPLY = b"\x00"  # a delimited empty Command: the pong
+
+
+class CentrifugoProtobuf:
+    """Centrifugo client protocol v2, Protobuf (see the module docstring)."""
+
+    name = "centrifugo-protobuf"
+    path = "/connection/websocket?format=protobuf"
+
+    def __init__(self, token: str = "") -> None:
+        self.connect_command = pb_command(1, 4, pb_field(1, token.encode()) if token else b"")
+
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        return await open_ws(session, base_url.rstrip("/") + self.path, self.handshake, channel)
+
+    async def handshake(self, ws: aiohttp.ClientWebSocketResponse, channel: str) -> None:
+        subscribe = pb_command(2, 5, pb_field(1, channel.encode()))
+        await ws.send_bytes(self.connect_command + subscribe)
+        replies: dict[int, dict[int, Any]] = {}
+        while 2 not in replies:
+            msg = await ws.receive()
+            if msg.type != BINARY:
+                raise Disconnected(f"handshake got {msg.type.name} {msg.data!r}")
+            for raw in pb_messages(msg.data):
+                reply = pb_fields(raw)
+                if not reply:
+                    await ws.send_bytes(PB_PING_REPLY)
+                elif reply.get(1):
+                    replies[reply[1]] = reply
+        if 5 not in replies.get(1, {}):
+            raise Disconnected(f"connect: {replies.get(1)}")
+        if 6 not in replies[2]:
+            raise Disconnected(f"subscribe: {replies[2]}")
+
+    def parse(self, frame: bytes) -> tuple[list[Any], Data | None]:
+        pubs: list[Any] = []
+        reply: Data | None = None
+        for raw in pb_messages(frame):
+            fields = pb_fields(raw)
+            push = fields.get(4)
+            if push is not None:
+                push_fields = pb_fields(push)
+                pub = push_fields.get(4)
+                if pub is not None:
+                    pubs.append(orjson.loads(pb_fields(pub).get(4, b"null")))
+                elif 11 in push_fields:
+                    raise Disconnected(f"server disconnect: {pb_fields(push_fields[11])}")
+            elif not fields:
+                reply = PB_PING_REPLY
+            elif 2 in fields:
+                raise Disconnected(f"server error: {pb_fields(fields[2])}")
+        return pubs, reply
+
+
+# --- unidirectional WebSocket -----------------------------------------------------------------
+
+
+class CentrifugoUniWs:
+    """Centrifugo's uni_websocket (see the module docstring)."""
+
+    name = "centrifugo-uni-ws"
+    path = "/connection/uni_websocket"
+
+    def __init__(self, token: str = "") -> None:
+        self.token = token
+
+    async def open(self, session: aiohttp.ClientSession, base_url: str, channel: str) -> Link:
+        return await open_ws(session, base_url.rstrip("/") + self.path, self.handshake, channel)
+
+    async def handshake(self, ws: aiohttp.ClientWebSocketResponse, channel: str) -> None:
+        request: dict[str, Any] = {"subs": {channel: {}}}
+        if self.token:
+            request["token"] = self.token
+        await ws.send_str(orjson.dumps(request).decode())
+        while True:
+            msg = orjson.loads(await _receive_text(ws))
+            if "connect" in msg:
+                break
+            if "disconnect" in msg:
+                raise Disconnected(f"connect: {msg}")
+        if channel not in msg["connect"].get("subs", {}):
+            raise Disconnected(f"not subscribed to {channel}: {msg}")
+
+    def parse(self, text: str) -> tuple[list[Any], Data | None]:
+        msg = orjson.loads(text)
+        pub = msg.get("pub")
+        if pub is not None:
+            return [pub["data"]], None
+        if "disconnect" in msg:
+            raise Disconnected(f"server disconnect: {msg['disconnect']}")
+        return [], None
+
+
 PROTOCOLS: dict[str, Callable[[str], Adapter]] = {
     "centrifugo": Centrifugo,
     "socketio": SocketIO,
     "centrifugo-http-stream": CentrifugoHttpStream,
     "centrifugo-sse": CentrifugoSse,
+    "centrifugo-protobuf": CentrifugoProtobuf,
+    "centrifugo-uni-ws": CentrifugoUniWs,
 }
