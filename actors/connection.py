@@ -383,7 +383,7 @@ class ConnectionActor(ConnectionCore):
             except Error as err:
                 if err.code != ErrorCode.UNRECOVERABLE_POSITION:
                     raise
-                top = await self.node.stream_top(channel, name=sub.name)
+                top = await self.stream_top(channel, sub.name)
                 pubs, recovered = [], False
             sub.epoch = top.epoch
             self.node.metrics.recover(recovered)
@@ -395,7 +395,7 @@ class ConnectionActor(ConnectionCore):
                 out["offset"] = sub.offset
             out["epoch"] = top.epoch
             return out
-        top = (await self.ctx.reads.history(channel, limit=0, since=None, name=sub.name)).position
+        top = await self.stream_top(channel, sub.name)
         sub.epoch, sub.offset = top.epoch, top.offset
         out.update(epoch=top.epoch, offset=top.offset)
         return out

@@ -61,7 +61,7 @@ from centripy.engine.protocol.codes import (
 )
 from centripy.engine.protocol.commands import Command, ConnectRequest, ProtocolError
 from centripy.engine.sessions import ServerSubscribe
-from centripy.engine.types import ClientInfo
+from centripy.engine.types import ClientInfo, StreamPosition
 
 log = logging.getLogger("centripy.connection")
 
@@ -509,7 +509,7 @@ class ConnectionCore(Outbound):
             if not sub.positioned:
                 continue
             try:
-                top = await self.node.stream_top(channel, name=sub.name)
+                top = await self.stream_top(channel, sub.name)
             except Exception:
                 continue  # storage trouble: check again next time, as Centrifugo does
             if self.subs.get(channel) is not sub:
@@ -520,6 +520,12 @@ class ConnectionCore(Outbound):
                     return
                 continue
             sub.seen_top = top.offset
+
+    async def stream_top(self, channel: str, name: ChannelName) -> StreamPosition:
+        """The stream top from a log read that starts after this call, shared with the
+        other connections reading the same channel meanwhile (`ctx.reads`)."""
+        result = await self.ctx.reads.history(channel, limit=0, since=None, name=name)
+        return result.position
 
     # -- closing --------------------------------------------------------------------------
 

@@ -497,6 +497,9 @@ def orchestrate(
         "not_recovered": sum(r["not_recovered"] for r in results),
         "problems": [p for r in results for p in r["problems"]][:3],
         "errors": procs.merge_counts([r["errors"] for r in results]),
+        "done_per_s": [sum(1 for t in times if k <= t < k + 1) for k in range(int(times[-1]) + 1)]
+        if times
+        else [],
         "server_cpu_s": round(window.server_cpu, 2),
         "server_cpu_us_per_client": round(1e6 * window.server_cpu / max(1, len(times))),
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2),

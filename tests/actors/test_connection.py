@@ -441,3 +441,49 @@ def test_token_failure_maps_each_use(
     replies: TokenReplies, exc: Exception, expected: Error | Disconnect
 ) -> None:
     assert token_failure(exc, replies) == expected  # same class, code and message
+
+
+async def test_recovering_subscribers_share_a_read_started_after_they_joined() -> None:
+    """A reconnect storm: subscribes that come while a recovery read of the channel is in
+    flight share the next read (one log read for them all), and still see every offset
+    once, in order: the read in flight, taken before their join, is never theirs."""
+    async with Harness(make_config()) as h:
+        await _publish_many(h, "h:storm", 0, 5)
+        clients = [await h.client() for _ in range(3)]
+        read = h.log.history
+        reads: list[Any] = []
+        taken, release = asyncio.Event(), asyncio.Event()
+
+        async def gated_history(query: Any) -> Any:
+            result = await read(query)  # the snapshot is taken now
+            reads.append(query)
+            if len(reads) == 1:
+                taken.set()
+                await release.wait()
+            return result
+
+        h.log.history = gated_history  # type: ignore[method-assign]
+        recover = {"channel": "h:storm", "recoverable": True, "recover": True, "offset": 2}
+        ids = [c.send({"subscribe": recover})[0] for c in clients[:1]]
+        await asyncio.wait_for(taken.wait(), 3)
+        ids += [c.send({"subscribe": recover})[0] for c in clients[1:]]
+        await eventually(lambda: h.ctx.reads._slots and _waiting(h) == 2, 3, "two queued")
+        await _publish_many(h, "h:storm", 5, 8)  # after every join, after the first snapshot
+        release.set()
+        for client, cmd_id in zip(clients, ids, strict=True):
+            reply = await client.wait(lambda m, i=cmd_id: m.get("id") == i)
+            assert reply["subscribe"]["recovered"]
+        await _publish_many(h, "h:storm", 8, 9)
+        seen = []
+        for client, cmd_id in zip(clients, ids, strict=True):
+            await client.wait(lambda m: "push" in m and m["push"]["pub"]["offset"] == 9)
+            reply = next(m for m in client.transport.messages if m.get("id") == cmd_id)
+            recovered = [p["offset"] for p in reply["subscribe"]["publications"]]
+            seen.append((recovered, [p["offset"] for p in client.pubs("h:storm")]))
+        assert seen[0] == ([3, 4, 5], [6, 7, 8, 9])
+        assert seen[1] == seen[2] == ([3, 4, 5, 6, 7, 8], [9])
+        assert len(reads) == 2  # three recovering subscribes, two log reads
+
+
+def _waiting(h: Harness) -> int:
+    return sum(len(slot.waiting) for slot in h.ctx.reads._slots.values())
