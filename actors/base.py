@@ -209,6 +209,11 @@ class InlineFanOut:
         if not hold:
             self._finish(actor)
 
+    @property
+    def holding(self) -> bool:
+        """True while some actor waits for `release`."""
+        return bool(self._held)
+
     def release(self) -> None:
         """End the holds: `on_drained`, then a drain of what queued meanwhile."""
         held, self._held = self._held, []

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 from pykka import ActorDeadError, ActorRef
 
 from centripy.actors.base import InlineFanOut, LoopActor, tell_if_alive
-from centripy.actors.transport import protobuf_codec
+from centripy.actors.transport import Format, protobuf_codec
 from centripy.engine.node import Node
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codes import Error, ErrorCode
@@ -56,26 +56,38 @@ class Encoded:
     def get(self, fmt: int) -> bytes:
         data = self._cache[fmt]
         if data is None:
-            data = self._encoders[fmt]()
+            data = self._encode(fmt)
             if data is not NOT_JSON:
                 data = Push(data)
             self._cache[fmt] = data
         return data
 
+    def _encode(self, fmt: int) -> bytes:
+        return self._encoders[fmt]()
 
-def encoded_pub(channel: str, pub: Publication) -> Encoded:
-    def to_json(unidirectional: bool) -> bytes:
+
+class EncodedPub(Encoded):
+    """`Encoded` for a publication, without a closure per format: one is made for every
+    publication fanned out (JSON, unidirectional JSON, Protobuf, as `Format`)."""
+
+    __slots__ = ("_channel", "_pub")
+
+    def __init__(self, channel: str, pub: Publication) -> None:
+        self._channel = channel
+        self._pub = pub
+        self._cache = [None, None, None]
+
+    def _encode(self, fmt: int) -> bytes:
+        pub = self._pub
+        if fmt == Format.PROTOBUF:
+            return cast(bytes, protobuf_codec().encode_pub_push(self._channel, pub))
         if not json_codec.is_valid_json(pub.data):
             return NOT_JSON
-        return json_codec.encode_pub_push(channel, pub, unidirectional=unidirectional)
+        return json_codec.encode_pub_push(self._channel, pub, unidirectional=fmt == Format.JSON_UNI)
 
-    return Encoded(
-        (
-            lambda: to_json(False),
-            lambda: to_json(True),
-            lambda: protobuf_codec().encode_pub_push(channel, pub),
-        )
-    )
+
+def encoded_pub(channel: str, pub: Publication) -> Encoded:
+    return EncodedPub(channel, pub)
 
 
 def encoded_join_leave(channel: str, info: ClientInfo, join: bool) -> Encoded:
@@ -151,6 +163,7 @@ class ChannelActor(LoopActor):
     that stopped anyway, with its subscribers: `replacement`)."""
 
     resilient = True
+    inline = True  # the hub hands Deliver and JoinLeave over with an InlineFanOut
 
     def __init__(self, channel: str) -> None:
         super().__init__()
@@ -188,10 +201,13 @@ class ChannelActor(LoopActor):
             log.warning("channel %s: unexpected message %r", self.channel, message)
 
     def _deliver(self, message: Deliver) -> None:
-        push = message._replace(encoded=encoded_pub(self.channel, message.pub))
+        channel, pub = self.channel, message.pub
+        push = Deliver(channel, pub, message.epoch, EncodedPub(channel, pub))
         dead = []
         tell = self._fanout.tell
-        hold = bool(self._items)  # more to come in this run: one write per subscriber
+        # More may come in this run (queued, or the hub holds this actor until the end of
+        # its run): subscribers write once, in on_drained, rather than once per message.
+        hold = self._held_by is not None or bool(self._items)
         for client_id, (conn, _) in self.subscribers.items():
             try:
                 tell(conn, push, hold)
@@ -349,6 +365,7 @@ __all__ = [
     "ChannelActor",
     "Deliver",
     "Encoded",
+    "EncodedPub",
     "Init",
     "Insufficient",
     "JoinLeave",

@@ -70,6 +70,67 @@ async def test_deliver_join_and_leave_reach_subscribers_through_their_channel_ac
     assert not b.of(JoinLeave)
 
 
+class Writer(Recorder):
+    """A recorder that counts its runs, as a connection writes once per run (on_drained)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[list[int]] = []  # the offsets each run brought
+
+    def on_drained(self) -> None:
+        offsets = [m.pub.offset for m in self.got if type(m) is Deliver]
+        done = sum(map(len, self.runs))
+        if len(offsets) > done:
+            self.runs.append(offsets[done:])
+
+
+def start_writer() -> tuple[Any, Writer]:
+    ref = Writer.start()
+    actor = ref.actor_inbox._actor
+    assert isinstance(actor, Writer)
+    return ref, actor
+
+
+async def test_publications_of_one_loop_turn_reach_each_subscriber_in_one_run() -> None:
+    """What one commit fans out (several publications, several channels, no await in
+    between) reaches each subscriber in order and in one run, i.e. one write."""
+    hub = Hub()
+    a_ref, a = start_writer()
+    b_ref, b = start_writer()
+    await hub.subscribe("news", "a", a_ref, False)
+    await hub.subscribe("news", "b", b_ref, False)
+    await hub.subscribe("sport", "b", b_ref, False)
+    await asyncio.sleep(0)  # the subscriptions are in place
+    for offset in (1, 2, 3):
+        hub.deliver("news", Publication(b"{}", offset), "ep")
+    hub.deliver("sport", Publication(b"{}", 7), "ep")
+    await eventually(lambda: sum(map(len, b.runs)) == 4, 5, "all delivered")
+    assert a.runs == [[1, 2, 3]]
+    assert [m.pub.offset for m in b.got] == [1, 2, 3, 7]
+    assert sorted(b.runs) == [[1, 2, 3], [7]]  # one run per channel at most
+
+    hub.deliver("news", Publication(b"{}", 4), "ep")  # a later turn: a run of its own
+    await eventually(lambda: a.runs == [[1, 2, 3], [4]], 5, "the next run")
+
+
+async def test_a_subscriber_added_between_two_deliveries_gets_only_the_second() -> None:
+    """The channel's inbox order holds while the hub has its actor in hand: a subscriber
+    added after publication 1 (same loop turn) gets publication 2 and not 1."""
+    hub = Hub()
+    a_ref, a = Recorder.start_recorder()
+    c_ref, c = Recorder.start_recorder()
+    await hub.subscribe("news", "a", a_ref, False)
+    await asyncio.sleep(0)
+    hub.deliver("news", Publication(b"{}", 1), "ep")
+    await hub.subscribe("news", "c", c_ref, False)  # no await inside without a broker
+    hub.deliver("news", Publication(b"{}", 2), "ep")
+    hub.unsubscribe("news", "a")
+    hub.deliver("news", Publication(b"{}", 3), "ep")
+    await eventually(lambda: len(c.got) == 2, 5, "c got 2 and 3")
+    assert [m.pub.offset for m in c.got] == [2, 3]
+    assert [m.pub.offset for m in a.got] == [1, 2]
+
+
 async def test_connections_by_user_and_session() -> None:
     hub = Hub()
     refs = {name: Recorder.start_recorder() for name in ("c1", "c2", "c3")}
