@@ -39,10 +39,14 @@ import argparse
 import array
 import asyncio
 import base64
+import contextlib
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
@@ -60,6 +64,7 @@ from common import (
     pg_reachable,
     profile_summary,
     py_spy,
+    py_spy_command,
     raise_nofile_limit,
     run_id,
 )
@@ -93,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--storm: reconnects in flight per process after the release (0: all at once)",
     )
     parser.add_argument("--shutdown-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--timeline",
+        default="",
+        help="--storm: folder for a py-spy speedscope profile of the reconnect with idle "
+        "samples (sample i is at i/200 s: what the server does over time)",
+    )
 
 
 def storm_config(database_url: str, log_level: str) -> dict[str, Any]:
@@ -121,7 +132,18 @@ def channel_of(tag: str, variant: str, index: int) -> str:
 class Client:
     """One logical client: its channel, its position before the restart, what it got after."""
 
-    __slots__ = ("channel", "done_ns", "epoch", "got", "missed", "offset", "problem", "subscribed")
+    __slots__ = (
+        "channel",
+        "done_ns",
+        "epoch",
+        "got",
+        "missed",
+        "offset",
+        "problem",
+        "subscribed",
+        "tcp_ns",
+        "upgraded_ns",
+    )
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
@@ -130,6 +152,8 @@ class Client:
         self.missed = 0
         self.got: list[int] = []
         self.done_ns = 0
+        self.tcp_ns = 0  # after the release: TCP connected, WebSocket upgraded
+        self.upgraded_ns = 0
         self.problem = ""  # not recovered, an error reply, a failed connection
         self.subscribed: asyncio.Future[None] | None = None
 
@@ -212,6 +236,7 @@ class Conn(asyncio.Protocol):
                 return
             del self.buf[: end + 4]
             self.upgraded = True
+            self.client.upgraded_ns = now_ns()
             self.send(OP_TEXT, self.hello)
         for fin, opcode, payload in take_frames(self.buf):
             if opcode in (OP_TEXT, OP_BINARY, OP_CONT):
@@ -288,6 +313,7 @@ async def open_conn(shared: Shared, client: Client, recover: bool) -> Conn:
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((shared.source, 0))
         await loop.sock_connect(sock, ("127.0.0.1", args.port))
+        client.tcp_ns = now_ns()
         _, conn = await loop.create_connection(
             lambda: Conn(client, request, key, hello, recover), sock=sock
         )
@@ -383,6 +409,10 @@ async def child_main(idx: int, args: argparse.Namespace, pipe: Connection) -> No
             "recovered",
             {
                 "done_ns": done.tobytes(),
+                "tcp_ns": array.array("q", (c.tcp_ns for c in ok if c.tcp_ns)).tobytes(),
+                "upgraded_ns": array.array(
+                    "q", (c.upgraded_ns for c in ok if c.upgraded_ns)
+                ).tobytes(),
                 "lost": lost + message["missed"] * (len(clients) - len(ok)),
                 "duplicated": duplicated,
                 "reordered": reordered,
@@ -429,6 +459,30 @@ def publish_missed(server: ServerProcess, channels: list[str], missed: int) -> f
     return time.monotonic() - t0
 
 
+@contextlib.contextmanager
+def timeline_spy(pid: int, out: Path | None) -> Iterator[None]:
+    """py-spy (speedscope, idle samples kept, 200 Hz) on `pid` while the block runs."""
+    if out is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [py_spy_command(), "record", "--pid", str(pid), "--rate", "200", "--idle"]
+    command += ["--format", "speedscope", "--output", str(out)]
+    # C frames too (e.g. gc_collect_main); py-spy then pauses the process for each sample
+    command += ["--native"] if os.environ.get("STORM_SPY_NATIVE") else ["--nonblocking"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # let it attach
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def gather(pipes: list[Connection], children: list[Any], what: str, deadline: float) -> list[Any]:
     """The `what` message of every client process, in order."""
     return [
@@ -470,7 +524,14 @@ def orchestrate(
 
     assert server.pid is not None
     profile = args.profile_path
-    with py_spy(server.pid, profile), CpuWindow(server.pid) as window:
+    timeline = (
+        Path(args.timeline) / f"storm-{args.backend}-{args.variant}.json" if args.timeline else None
+    )
+    with (
+        py_spy(server.pid, profile),
+        timeline_spy(server.pid, timeline),
+        CpuWindow(server.pid) as window,
+    ):
         t_release = now_ns()
         for pipe in pipes:
             pipe.send(("release", {"missed": args.missed}))
@@ -479,6 +540,16 @@ def orchestrate(
     for r in results:
         done.frombytes(r["done_ns"])
     times = sorted((t - t_release) / 1e9 for t in done)
+
+    def spread(field: str) -> list[float]:
+        values = array.array("q")
+        for r in results:
+            values.frombytes(r[field])
+        ordered = sorted((t - t_release) / 1e9 for t in values)
+        if not ordered:
+            return []
+        return [round(ordered[int(q * (len(ordered) - 1))], 2) for q in (0.0, 0.5, 0.99, 1.0)]
+
     record: dict[str, Any] = {
         "storm": True,
         "backend": args.backend,
@@ -500,6 +571,8 @@ def orchestrate(
         "done_per_s": [sum(1 for t in times if k <= t < k + 1) for k in range(int(times[-1]) + 1)]
         if times
         else [],
+        "tcp_s_min_p50_p99_max": spread("tcp_ns"),
+        "upgraded_s_min_p50_p99_max": spread("upgraded_ns"),
         "server_cpu_s": round(window.server_cpu, 2),
         "server_cpu_us_per_client": round(1e6 * window.server_cpu / max(1, len(times))),
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
