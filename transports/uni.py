@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+import tornado.iostream
 import tornado.websocket
 from pykka import ActorDeadError
 
@@ -44,8 +45,10 @@ from centripy.transports.http_common import (
     frame_sse,
     prefix_route,
     refuse_over_admission,
+    send_to_stream,
 )
 from centripy.transports.origins import origin_allowed
+from centripy.transports.ws_protocol import OP_TEXT, frame
 
 CONNECT_PARAM = "cf_connect"
 # Centrifugo's uni_websocket pings natively every 25 s and drops a connection that sent
@@ -139,16 +142,32 @@ class _UniWebSocketTransport:
         self._handler = handler
         # a write pending longer than this drops the peer (the connection actor's timer)
         self.write_timeout = handler.ctx.config.uni_websocket_write_timeout or WRITE_TIMEOUT
+        self._compress = handler.ctx.config.uni_websocket_compression
         self._counts = handler.ctx.node.metrics.transport(self.name)
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
-        """One text frame per message; the awaitable completes when the last was sent."""
+        """One text frame per message, all in one write; the awaitable (None when the
+        socket took everything at once) completes when the last was sent.
+
+        Without compression the frames go straight to the connection's stream
+        (`send_to_stream`), as the bidirectional WebSocket's do: Tornado's `write_message`
+        wraps each write in a task and frames each message for each subscriber. A fan-out
+        `Push` is framed once and its frame kept in `Push.framed` (a JSON_UNI push is
+        written by this transport only among the WebSocket ones)."""
         handler = self._handler
         self._counts.sent(messages, type(messages[0]) is Push)
-        last: Awaitable[None] | None = None
-        for message in messages:
-            last = handler.write_message(message, binary=False)
-        return last
+        if self._compress:
+            last: Awaitable[None] | None = None
+            for message in messages:
+                last = handler.write_message(message, binary=False)
+            return last
+        conn = handler.ws_connection
+        stream: tornado.iostream.IOStream | None = getattr(conn, "stream", None)
+        if conn is None or stream is None or conn.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        if len(messages) == 1:
+            return send_to_stream(stream, _text_frame(messages[0]))
+        return send_to_stream(stream, b"".join(map(_text_frame, messages)))
 
     def abort(self) -> None:
         self._handler.drop()
@@ -163,6 +182,16 @@ class _UniWebSocketTransport:
         task = asyncio.get_running_loop().create_task(_drop_after(handler, sent))
         handler.ctx.background.add(task)
         task.add_done_callback(handler.ctx.background.discard)
+
+
+def _text_frame(message: bytes) -> bytes:
+    """The text frame of `message`; a `Push`'s is made once and kept in `Push.framed`."""
+    if type(message) is Push:
+        framed = message.framed
+        if framed is None:
+            framed = message.framed = frame(OP_TEXT, message)
+        return framed
+    return frame(OP_TEXT, message)
 
 
 async def _within(pending: Awaitable[None], timeout: float) -> None:

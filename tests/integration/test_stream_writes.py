@@ -1,8 +1,9 @@
-"""How the HTTP streaming transports put their messages on the wire, seen byte for byte
-against a real `centripy serve` process: every write is one well-formed chunk of an HTTP/1.1
-response, in order even when the socket takes only part of a write (a reader with a tiny
-receive buffer), and an HTTP/1.0 request gets the bare stream, ended by closing the
-connection (Tornado's framing of both; transports/http_common.py `StreamingHandler.send`)."""
+"""How the streaming transports put their messages on the wire, seen byte for byte against a
+real `centripy serve` process: every HTTP-streaming write is one well-formed chunk of an
+HTTP/1.1 response, in order even when the socket takes only part of a write (a reader with a
+tiny receive buffer), and an HTTP/1.0 request gets the bare stream, ended by closing the
+connection (Tornado's framing of both; transports/http_common.py `StreamingHandler.send`);
+uni_websocket writes one text frame per push (transports/uni.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import urllib.parse
 from typing import Any
 
 import pytest
+import tornado.websocket
 
 from tests.integration.conftest import make_jwt
 from tests.integration.test_emulation import wait_no_clients
@@ -175,3 +177,39 @@ async def _post_json(port: int, path: str, body: dict[str, Any]) -> bytes:
         return await reader.read()
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("compression", [False, True])
+async def test_uni_websocket_writes_one_text_frame_per_push(
+    server_factory: ServerFactory, compression: bool
+) -> None:
+    """A burst of publications leaves the connection actor in writes of several pushes;
+    each push is still a text frame of its own, in order (with permessage-deflate, Tornado
+    frames them; without, the transport does)."""
+    server = server_factory(
+        {"uni_websocket": True, "uni_websocket_compression": compression, "namespaces": [BIG]}
+    )
+    url = f"ws://127.0.0.1:{server.port}/connection/uni_websocket"
+    options = {} if compression else None
+    ws = await tornado.websocket.websocket_connect(
+        url, connect_timeout=WAIT, compression_options=options
+    )
+    try:
+        token = make_jwt("burst", channels=["big:3"])
+        await ws.write_message(json.dumps({"token": token}))
+        async with asyncio.timeout(WAIT):
+            connect = json.loads(await ws.read_message() or "null")
+            assert "big:3" in connect["connect"]["subs"]
+            count = 40
+            commands = [{"publish": {"channel": "big:3", "data": {"n": n}}} for n in range(count)]
+            await server.api_async("batch", {"commands": commands})
+            seen: list[int] = []
+            while len(seen) < count:
+                message = await ws.read_message()
+                assert isinstance(message, str), message
+                push = json.loads(message)  # one JSON object per frame, nothing joined
+                if push:
+                    seen.append(push["pub"]["data"]["n"])
+        assert seen == list(range(count))
+    finally:
+        ws.close()
