@@ -11,6 +11,12 @@ publications, contiguous after its offset. One JSON line per run, one median lin
     .venv/bin/python bench/bench_recovery.py                      # N=1000, M=100,1000, 3 repeats
     .venv/bin/python bench/bench_recovery.py --variants one --missed 100 --backends sqlite
 
+With --storm, a reconnect storm after a server restart instead (issue 20 target 4; 19,000
+clients, 4 processes, M=10; see recovery_storm.py):
+
+    .venv/bin/python bench/bench_recovery.py --storm --backends sqlite --variants one
+    .venv/bin/python bench/bench_recovery.py --storm --clients 2000          # quick
+
 The clients live in --procs processes (aiohttp); every wait is bounded by --timeout.
 `client_recovery_max_publication_limit` is set to max(M) (Centrifugo's default, 300, would make
 M=1000 unrecoverable by design).
