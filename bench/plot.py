@@ -126,7 +126,7 @@ def plot_scenario(key: str, records: Sequence[Record], commits: Commits, out: Pa
         axis_commits(ax, commits)
         if drawn:
             ax.legend(fontsize=8)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_title(f"{key}: {scenario.title if scenario else key}", fontsize=9)
@@ -166,7 +166,10 @@ def plot_ratio(records: Sequence[Record], commits: Commits, out: Path) -> Path |
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.6 * len(commits.order) + 4), 7))
     drawn = False
     for index, (ax, title) in enumerate(zip(axes, figures, strict=True)):
-        keys = sorted({r["scenario"] for r in compared})
+        keys = sorted(
+            {r["scenario"] for r in compared if r["target"] == PEER}
+            & {r["scenario"] for r in compared if r["target"] == "centripy"}
+        )
         for n, key in enumerate(keys):
             section = section_of(next(r for r in compared if r["scenario"] == key)) or "fanout"
             get = PLOT_METRICS[section][index][1]
@@ -174,14 +177,14 @@ def plot_ratio(records: Sequence[Record], commits: Commits, out: Path) -> Path |
                 [r for r in compared if r["scenario"] == key], get, commits
             ).items():
                 name = f"{key}{' (quick)' if quick else ''}"
-                ax.plot(xs, ys, color=f"C{n % 10}", label=name, **STYLE[quick])
+                ax.plot(xs, ys, color=plt.get_cmap("tab20")(n % 20), label=name, **STYLE[quick])
                 drawn = True
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel(f"{title}: centripy ÷ {PEER}", fontsize=9)
         axis_commits(ax, commits)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
     axes[0].set_title(
         f"centripy ÷ {PEER}, medians per commit (below 1: centripy ahead)\n"
         "cost = server CPU per delivery (per connection for s4)",
