@@ -35,7 +35,8 @@ class _Slot:
     __slots__ = ("waiting",)
 
     def __init__(self) -> None:
-        self.waiting: list[asyncio.Future[HistoryResult]] = []
+        # each with the channel's resolved name at its call (a config reload may change it)
+        self.waiting: list[tuple[asyncio.Future[HistoryResult], ChannelName]] = []
 
 
 class SharedReads:
@@ -59,13 +60,13 @@ class SharedReads:
         slot = self._slots.get(key)
         if slot is not None:  # a read is in flight: wait for the next one
             future: asyncio.Future[HistoryResult] = asyncio.get_running_loop().create_future()
-            slot.waiting.append(future)
+            slot.waiting.append((future, name))
             return await future
         self._slots[key] = _Slot()  # nobody reading: read here; later callers queue
         try:
             return await self._read(channel, limit, since, name)
         finally:
-            self._next(key, limit, since, name)
+            self._next(key, limit, since)
 
     async def _read(
         self, channel: str, limit: int, since: StreamPosition | None, name: ChannelName
@@ -73,14 +74,15 @@ class SharedReads:
         self.reads += 1
         return await self._node.history(channel, limit=limit, since=since, name=name)
 
-    def _next(self, key: Key, limit: int, since: StreamPosition | None, name: ChannelName) -> None:
-        """The read of `key` ended: start one for the callers that came meanwhile, or forget
-        the key."""
+    def _next(self, key: Key, limit: int, since: StreamPosition | None) -> None:
+        """The read of `key` ended: start one for the callers that came meanwhile (with the
+        name the latest of them resolved), or forget the key."""
         slot = self._slots[key]
         if not slot.waiting:
             del self._slots[key]
             return
-        batch, slot.waiting = slot.waiting, []
+        name = slot.waiting[-1][1]
+        batch, slot.waiting = [future for future, _ in slot.waiting], []
         task = asyncio.get_running_loop().create_task(self._answer(key, limit, since, name, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -108,4 +110,4 @@ class SharedReads:
                 if not future.done():
                     future.set_result(result)
         finally:
-            self._next(key, limit, since, name)
+            self._next(key, limit, since)
