@@ -34,6 +34,7 @@ from centripy.transports.http_common import (
     PROTOBUF_CONTENT_TYPE,
     SSE_CONTENT_TYPE,
     SSE_PREAMBLE,
+    Framing,
     LimitedBodyHandler,
     StreamingHandler,
     StreamTransport,
@@ -105,13 +106,20 @@ class HttpStreamHandler(StreamingHandler):
         if body is None:
             return
         if self.request.headers.get("Content-Type") == OCTET_STREAM:
-            fmt, frame, disconnect = Format.PROTOBUF, _protobuf_frame, _protobuf_disconnect
+            fmt, disconnect = Format.PROTOBUF, _protobuf_disconnect
+            framing = self.framing("protobuf", _protobuf_frame)
             content_type = PROTOBUF_CONTENT_TYPE
         else:
-            fmt, frame, disconnect = Format.JSON, frame_lines, _json_disconnect
+            fmt, disconnect = Format.JSON, _json_disconnect
+            framing = self.framing("lines", frame_lines)
             content_type = JSON_STREAM_CONTENT_TYPE
         transport = StreamTransport(
-            self, name="http_stream", fmt=fmt, emulation=True, frame=frame, disconnect=disconnect
+            self,
+            name="http_stream",
+            fmt=fmt,
+            emulation=True,
+            framing=framing,
+            disconnect=disconnect,
         )
         self.start_response(content_type)
         await self.stream(transport, Frame(body))
@@ -141,7 +149,7 @@ class SseHandler(StreamingHandler):
             name="sse",
             fmt=Format.JSON,
             emulation=True,
-            frame=frame_sse,
+            framing=self.framing("sse", frame_sse),
             disconnect=_json_disconnect,
         )
         self.start_response(SSE_CONTENT_TYPE, SSE_PREAMBLE)
@@ -191,10 +199,12 @@ def routes(config: Config, ctx: ConnContext) -> list[Any]:
     out: list[Any] = []
     if config.http_stream:
         limit = config.http_stream_max_request_body_size
-        kwargs = {"ctx": ctx, "body_limit": limit}
+        framings = {"lines": Framing(frame_lines), "protobuf": Framing(_protobuf_frame)}
+        kwargs = {"ctx": ctx, "body_limit": limit, "framings": framings}
         out.append((prefix_route(config.http_stream_handler_prefix), HttpStreamHandler, kwargs))
     if config.sse:
-        kwargs = {"ctx": ctx, "body_limit": config.sse_max_request_body_size}
+        limit = config.sse_max_request_body_size
+        kwargs = {"ctx": ctx, "body_limit": limit, "framings": {"sse": Framing(frame_sse)}}
         out.append((prefix_route(config.sse_handler_prefix), SseHandler, kwargs))
     if config.http_stream or config.sse:
         kwargs = {"ctx": ctx, "body_limit": config.emulation_max_request_body_size}

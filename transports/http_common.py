@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import tornado.iostream
@@ -60,6 +60,39 @@ def frame_lines(messages: Sequence[bytes]) -> bytes:
 def frame_sse(messages: Sequence[bytes]) -> bytes:
     """Server-sent events framing: each message as one `data:` event."""
     return b"".join(b"data: " + message + b"\n\n" for message in messages)
+
+
+def chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (RFC 9112 7.1): `<hex size>\r\n<data>\r\n`."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class Framing:
+    """One framing of a streaming transport (`frame`: JSON lines, SSE events, Protobuf),
+    and the chunk of the last fan-out `Push` it framed, kept for the next subscriber: a
+    fan-out writes the same `Push` to each subscriber in a row, so one entry serves them
+    all, and each delivery costs no framing and no chunk formatting. (`Push.framed` is the
+    WebSocket frame; a JSON `Push` also goes to WebSocket subscribers.) One per route and
+    wire format, made by the transports' `routes()`; used on the loop only."""
+
+    __slots__ = ("_chunk", "_push", "frame")
+
+    def __init__(self, frame: Callable[[Sequence[bytes]], bytes]) -> None:
+        self.frame = frame
+        self._push: bytes | None = None  # held, so its identity is not reused meanwhile
+        self._chunk = b""
+
+    def chunk(self, messages: Sequence[bytes]) -> bytes:
+        """The chunk of the frame of `messages`."""
+        if len(messages) == 1:
+            data = messages[0]
+            if data is self._push:
+                return self._chunk
+            if type(data) is Push:
+                self._chunk = out = chunk(self.frame(messages))
+                self._push = data
+                return out
+        return chunk(self.frame(messages))
 
 
 def cors_headers(
@@ -152,9 +185,12 @@ class StreamingHandler(LimitedBodyHandler):
     and returns when the response has ended (the actor closed it, a write failed, or the
     peer went away)."""
 
-    def initialize(self, ctx: ConnContext, body_limit: int) -> None:
+    def initialize(
+        self, ctx: ConnContext, body_limit: int, framings: Mapping[str, Framing] | None = None
+    ) -> None:
         self.ctx = ctx
         self.body_limit = body_limit
+        self._framings = framings or {}  # the route's, by name (shared by its responses)
         self.actor: Any = None
         self._ended = asyncio.Event()
         self._stream: tornado.iostream.IOStream | None = None  # set once the head is out
@@ -164,6 +200,10 @@ class StreamingHandler(LimitedBodyHandler):
         super().prepare()
         if self.request.method in ("GET", "POST") and not self._finished:
             refuse_over_admission(self, self.ctx)
+
+    def framing(self, name: str, frame: Callable[[Sequence[bytes]], bytes]) -> Framing:
+        """The route's framing `name` (`routes()` made it), or a new one of `frame`."""
+        return self._framings.get(name) or Framing(frame)
 
     def start_response(self, content_type: str | None, preamble: bytes = b"") -> None:
         """Status 200, Centrifugo's streaming headers, then the head (and `preamble`) are
@@ -198,11 +238,11 @@ class StreamingHandler(LimitedBodyHandler):
 
     # -- called by StreamTransport, on the loop, from the connection actor's writer ---------
 
-    def send(self, data: bytes) -> Awaitable[None] | None:
-        """Write `data` as one chunk of the response; None when the socket took it all,
-        else an awaitable that fails if the peer is gone. A peer that does not take the
-        data within the transport's `write_timeout` is dropped by the connection actor
-        (`StreamTransport.abort`).
+    def send(self, messages: Sequence[bytes], framing: Framing) -> Awaitable[None] | None:
+        """Write `messages`, framed by `framing`, as one chunk of the response; None when
+        the socket took it all, else an awaitable that fails if the peer is gone. A peer
+        that does not take the data within the transport's `write_timeout` is dropped by
+        the connection actor (`StreamTransport.abort`).
 
         Once the head is out (`start_response`), chunks go straight to the connection's
         stream (`send_to_stream`), not through `RequestHandler.write` + `flush` and
@@ -215,11 +255,11 @@ class StreamingHandler(LimitedBodyHandler):
             raise tornado.iostream.StreamClosedError()
         stream = self._stream
         if stream is None:
-            self.write(data)
+            self.write(framing.frame(messages))
             return self.flush()
         if self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        return send_to_stream(stream, data)
+            return send_to_stream(stream, framing.chunk(messages))
+        return send_to_stream(stream, framing.frame(messages))
 
     def end(self, data: bytes) -> None:
         """Write the last message (the disconnect push) and finish the response; a peer
@@ -266,7 +306,7 @@ class StreamTransport:
         name: str,
         fmt: Format,
         emulation: bool,
-        frame: Callable[[Sequence[bytes]], bytes],
+        framing: Framing,
         disconnect: Callable[[int, str], bytes],
     ) -> None:
         self._handler = handler
@@ -275,20 +315,20 @@ class StreamTransport:
         self.emulation = emulation
         self.unidirectional = fmt == Format.JSON_UNI
         self.pong = not self.unidirectional
-        self._frame = frame
+        self._framing = framing
         self._disconnect = disconnect
         self.write_timeout = write_timeout(handler.ctx)
         self._counts = handler.ctx.node.metrics.transport(name)
 
     def write(self, messages: Sequence[bytes]) -> Awaitable[None] | None:
         self._counts.sent(messages, type(messages[0]) is Push)
-        return self._handler.send(self._frame(messages))
+        return self._handler.send(messages, self._framing)
 
     def abort(self) -> None:
         self._handler.abort()
 
     def close(self, code: int, reason: str) -> None:
-        self._handler.end(self._frame([self._disconnect(code, reason)]))
+        self._handler.end(self._framing.frame([self._disconnect(code, reason)]))
 
 
 def send_to_stream(stream: tornado.iostream.IOStream, data: bytes) -> Awaitable[None] | None:
@@ -358,10 +398,12 @@ __all__ = [
     "SSE_PREAMBLE",
     "STREAM_HEADERS",
     "WRITE_TIMEOUT",
+    "Framing",
     "LimitedBodyHandler",
     "StreamTransport",
     "StreamingHandler",
     "abort_unless_done",
+    "chunk",
     "content_length_exceeds",
     "cors_headers",
     "frame_lines",

@@ -39,6 +39,7 @@ from centripy.transports.http_common import (
     SSE_CONTENT_TYPE,
     SSE_PREAMBLE,
     WRITE_TIMEOUT,
+    Framing,
     StreamingHandler,
     StreamTransport,
     frame_lines,
@@ -84,13 +85,16 @@ class _UniStreamHandler(StreamingHandler):
         except ProtocolError:
             self.send_error(400)
             return
-        frame = frame_sse if self.content_type == SSE_CONTENT_TYPE else frame_lines
+        if self.content_type == SSE_CONTENT_TYPE:
+            framing = self.framing("sse", frame_sse)
+        else:
+            framing = self.framing("lines", frame_lines)
         transport = StreamTransport(
             self,
             name=self.name,
             fmt=Format.JSON_UNI,
             emulation=False,
-            frame=frame,
+            framing=framing,
             disconnect=_encode_uni_disconnect,
         )
         self.start_response(self.content_type, self.preamble)
@@ -273,10 +277,12 @@ def routes(config: Config, ctx: ConnContext) -> list[Any]:
         route = prefix_route(config.uni_websocket_handler_prefix)
         out.append((route, UniWebSocketHandler, {"ctx": ctx}))
     if config.uni_sse:
-        kwargs = {"ctx": ctx, "body_limit": config.uni_sse_max_request_body_size}
+        limit = config.uni_sse_max_request_body_size
+        kwargs = {"ctx": ctx, "body_limit": limit, "framings": {"sse": Framing(frame_sse)}}
         out.append((prefix_route(config.uni_sse_handler_prefix), UniSseHandler, kwargs))
     if config.uni_http_stream:
-        kwargs = {"ctx": ctx, "body_limit": config.uni_http_stream_max_request_body_size}
+        limit = config.uni_http_stream_max_request_body_size
+        kwargs = {"ctx": ctx, "body_limit": limit, "framings": {"lines": Framing(frame_lines)}}
         out.append(
             (prefix_route(config.uni_http_stream_handler_prefix), UniHttpStreamHandler, kwargs)
         )

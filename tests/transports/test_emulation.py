@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from centripy.actors.channel import Push
 from centripy.transports.emulation import BadEmulationRequest, decode_emulation_request
 from centripy.transports.http_common import (
+    Framing,
+    chunk,
     content_length_exceeds,
     cors_headers,
     frame_lines,
@@ -17,6 +20,23 @@ from centripy.transports.http_common import (
 def test_frames() -> None:
     assert frame_lines([b"{}", b'{"a":1}']) == b'{}\n{"a":1}\n'
     assert frame_sse([b"{}", b'{"a":1}']) == b'data: {}\n\ndata: {"a":1}\n\n'
+
+
+def test_framing_chunks_and_keeps_the_last_push() -> None:
+    assert chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    sse = Framing(frame_sse)
+    first, second = Push(b"{}"), Push(b'{"a":1}')
+    out = sse.chunk([first])
+    assert out == b"a\r\ndata: {}\n\n\r\n"
+    assert sse.chunk([first]) is out  # the next subscriber of the same fan-out
+    assert sse.chunk([second]) == chunk(b'data: {"a":1}\n\n')
+    assert sse.chunk([Push(b"{}")]) == out  # an equal Push of another fan-out: reframed
+    reply = b'{"id":1}'
+    assert sse.chunk([reply]) == chunk(b'data: {"id":1}\n\n')
+    assert sse.chunk([second]) == chunk(b'data: {"a":1}\n\n')  # replies are not kept
+    lines = Framing(frame_lines)
+    assert lines.chunk([first, second]) == chunk(b'{}\n{"a":1}\n')
+    assert lines.frame([first]) == b"{}\n"
 
 
 def test_cors_headers_only_for_allowed_origins() -> None:
