@@ -51,6 +51,7 @@ from centripy.engine.api_requests import (
     error_body,
 )
 from centripy.engine.glob import compile_glob
+from centripy.engine.metrics import Cell
 from centripy.engine.node import Node, PublishItem
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codes import Error
@@ -132,6 +133,7 @@ class Executor:
         self._node = node
         self._sessions = sessions
         self._protocol = protocol  # the `protocol` label of the API duration metrics
+        self._commands: dict[type, Cell] = {}  # centripy_api_commands_total per request type
 
     @property
     def node(self) -> Node:
@@ -163,10 +165,13 @@ class Executor:
             self.node.metrics.api_command(self._protocol, method, time.perf_counter() - started)
 
     def _count(self, req: Request, amount: int = 1) -> None:
-        self.node.metrics.inc(
-            "centripy_api_commands_total", "Server API commands run.", amount,
-            method=type(req).__name__,
-        )  # fmt: skip
+        cell = self._commands.get(type(req))
+        if cell is None:
+            cell = self._commands[type(req)] = self.node.metrics.cell(
+                "centripy_api_commands_total", "Server API commands run.",
+                method=type(req).__name__,
+            )  # fmt: skip
+        cell.value += amount
 
     def _count_error(self, err: Error) -> None:
         self.node.metrics.inc(
