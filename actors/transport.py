@@ -7,6 +7,7 @@ incoming frames and about the peer going away (`actors.connection` messages).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Awaitable, Sequence
 from enum import IntEnum
@@ -41,6 +42,8 @@ class Transport(Protocol):
         ...
 
 
+@functools.cache
 def protobuf_codec() -> Any:
-    """The protobuf codec module, imported on first use (only protobuf clients need it)."""
+    """The protobuf codec module, imported on first use (only protobuf clients need it);
+    remembered, since the protobuf transports call this on every write."""
     return importlib.import_module("centripy.engine.protocol.protobuf_codec")

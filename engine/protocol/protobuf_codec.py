@@ -427,7 +427,14 @@ def encode_connect_push(result: pb.ConnectResult, *, unidirectional: bool = Fals
 def join_frame(lines: Sequence[bytes]) -> bytes:
     """One outgoing frame: every message prefixed with its varint length (a lone message
     too; `PING` becomes `0x00`). The parameter keeps json_codec's name."""
-    return b"".join(_encode_varint(len(m)) + m for m in lines)
+    if len(lines) == 1:
+        message = lines[0]
+        return _encode_varint(len(message)) + message
+    parts: list[bytes] = []
+    for message in lines:  # no `prefix + message` copy per message: one join at the end
+        parts.append(_encode_varint(len(message)))
+        parts.append(message)
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- result objects
