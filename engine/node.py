@@ -173,7 +173,8 @@ class Node:
                     await self._broker.barrier(channel)
                     fenced.add(channel)
                 self._deliver(item.name.channel, pub, "")
-                await self._broadcast(item.name.channel, pub, "")
+                if self._broker is not None:
+                    await self._broadcast(item.name.channel, pub, "")
             else:
                 requests.append(request)
                 logged.append(i)
@@ -190,7 +191,8 @@ class Node:
             if not result.suppressed:
                 channel = items[i].name.channel
                 self._deliver(channel, result.publication, result.epoch)
-                await self._broadcast(channel, result.publication, result.epoch)
+                if self._broker is not None:  # no coroutine per publication on one node
+                    await self._broadcast(channel, result.publication, result.epoch)
             results[i] = PublishResult(result.publication.offset, result.epoch, result.suppressed)
         return results
 

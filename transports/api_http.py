@@ -12,11 +12,10 @@ in progress.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -72,16 +71,20 @@ class InFlight:
     def count(self) -> int:
         return self._count
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self) -> InFlight:
+        """`with inflight.track():` counts the block as a call in flight (the InFlight is
+        its own context manager: no generator-based one built per API call)."""
+        return self
+
+    def __enter__(self) -> None:
         self._count += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._count -= 1
-            if self._count == 0:
-                self._idle.set()
+        if self._count == 1:
+            self._idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no call is in flight; False if `timeout` seconds passed first."""
