@@ -19,7 +19,9 @@ Guarantees every implementation must give (checked by tests/storage/test_contrac
   channel without a live stream stores no row and no entry. It reports offset 0 and the
   epoch the channel's first append will get (the same for every read until then, also
   across restarts), so a position read before the first publication stays valid after it.
-  Reads of a live stream touch its meta (keep it from being forgotten).
+  Reads of a live stream touch its meta (keep it from being forgotten): after a read at t
+  the stream lives at least until t + 0.9 * meta_ttl (SQL back ends skip the write while the
+  stored expiry is already that late, so that reconnect storms of reads write nothing).
 """
 
 from __future__ import annotations
@@ -112,6 +114,20 @@ class EventLog(abc.ABC):
     async def history(self, query: HistoryQuery) -> HistoryResult:
         """Read a stream and touch its meta. Without a live stream: no publications, offset
         0 and the epoch the first append will get; nothing is stored."""
+
+    async def history_many(
+        self, queries: Sequence[HistoryQuery]
+    ) -> list[HistoryResult | Exception]:
+        """`history` of each query, in query order; a query's own failure (UnrecoverablePosition,
+        ValueError for a bad query) is returned in its place. SQL back ends read them all in
+        one transaction; a failure of the read itself (StorageError) raises for all."""
+        results: list[HistoryResult | Exception] = []
+        for query in queries:
+            try:
+                results.append(await self.history(query))
+            except (UnrecoverablePosition, ValueError) as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     async def remove_history(self, channel: str) -> None:

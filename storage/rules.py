@@ -168,3 +168,16 @@ def publication_of(req: AppendRequest, offset: int, now: float) -> Publication:
 def meta_expiry(now: float, meta_ttl: float) -> float | None:
     """When stream meta touched at `now` is forgotten (None: never)."""
     return now + meta_ttl if meta_ttl > 0 else None
+
+
+TOUCH_SLACK = 0.1  # a read rewrites a stream's expiry only when it is this fraction stale
+
+
+def needs_touch(stored: float | None, now: float, meta_ttl: float) -> bool:
+    """Whether a read at `now` must rewrite a live stream's meta expiry `stored`: when the
+    expiry it wants differs in kind (never vs some time), or the stored one is earlier than
+    now + (1 - TOUCH_SLACK) * meta_ttl. So a read keeps the stream at least that long and
+    a storm of reads of recently touched streams writes nothing."""
+    if meta_ttl <= 0 or stored is None:
+        return (meta_ttl > 0) != (stored is not None)
+    return stored < now + meta_ttl * (1.0 - TOUCH_SLACK)

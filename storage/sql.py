@@ -44,6 +44,7 @@ from centripy.engine.contracts import (
     HistoryQuery,
     HistoryResult,
     StorageError,
+    UnrecoverablePosition,
 )
 from centripy.engine.types import Publication, StreamPosition
 from centripy.storage.rules import (
@@ -54,6 +55,7 @@ from centripy.storage.rules import (
     history_enabled,
     history_range,
     meta_expiry,
+    needs_touch,
     publication_of,
     stream_epoch,
 )
@@ -139,6 +141,20 @@ def advance_row(
 
 def chunks(items: Sequence[Any], size: int = MAX_ROWS_PER_STATEMENT) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+PEEK_ROWS = 512  # channels per stream peek (compiled for powers of two up to this)
+
+
+def peek_size(n: int) -> int:
+    """The compiled peek size for n channels: the next power of two (the channel list is
+    padded by repeating its last name), so a few statements serve every batch size."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def stmt_rows(stmt: Sql) -> int:
+    """How many rows' binds a multi-row statement has."""
+    return 1 + max(i for i, _ in stmt.slots)
 
 
 class SqlEventLog(EventLog):
@@ -254,14 +270,40 @@ class SqlEventLog(EventLog):
             return await self._transact(self._append_plan(sql, requests, self._now()))
 
     async def history(self, query: HistoryQuery) -> HistoryResult:
-        """Read a stream, touching its meta. A channel without a live stream (none, or
-        forgotten) is reported at offset 0 with the epoch its first append will get; no
-        row is written for it."""
+        """Read a stream, touching its meta when stale (`needs_touch`). A channel without a
+        live stream (none, or forgotten) is reported at offset 0 with the epoch its first
+        append will get; no row is written for it."""
         check_query(query)
-        async with self._guard() as sql:
-            epoch, top, pubs = await self._transact(self._history_plan(sql, query, self._now()))
-        check_epoch(query, epoch)  # after commit: the meta touch above is kept
-        return HistoryResult(pubs, StreamPosition(top, epoch))
+        result = (await self.history_many([query]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def history_many(
+        self, queries: Sequence[HistoryQuery]
+    ) -> list[HistoryResult | Exception]:
+        """Every query in one transaction (one thread hop on SQLite); results in query order,
+        a query's ValueError or UnrecoverablePosition in its place."""
+        results: list[HistoryResult | Exception | None] = [None] * len(queries)
+        valid: list[int] = []
+        for i, query in enumerate(queries):
+            try:
+                check_query(query)
+                valid.append(i)
+            except ValueError as exc:
+                results[i] = exc
+        if valid:
+            async with self._guard() as sql:
+                reads = await self._transact(
+                    self._history_plan(sql, [queries[i] for i in valid], self._now())
+                )
+            for i, (epoch, top, pubs) in zip(valid, reads, strict=True):
+                try:
+                    check_epoch(queries[i], epoch)  # after commit: the meta touch is kept
+                    results[i] = HistoryResult(pubs, StreamPosition(top, epoch))
+                except UnrecoverablePosition as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]  # every index was filled above
 
     async def remove_history(self, channel: str) -> None:
         async with self._guard() as sql:
@@ -284,30 +326,47 @@ class SqlEventLog(EventLog):
     # --- plans (pure: no I/O of their own; see the module doc) ------------------------------------
 
     def _history_plan(
-        self, sql: Statements, query: HistoryQuery, now: float
-    ) -> Plan[tuple[str, int, list[Publication]]]:
-        params = {
-            "b_channel": query.channel,
-            "b_now": now,
-            "b_expires": meta_expiry(now, query.meta_ttl),
-        }
-        live = yield ("fetch", sql.read, sql.read.args(params))
-        if not live:
-            return stream_epoch(self._salt, query.channel, query.meta_ttl, now), 0, []
-        epoch, top, first, pubs_expire_at = live[0]
-        top = int(top)
-        if pubs_expire_at is None or pubs_expire_at < now:
-            first = top + 1
-        rng = history_range(int(first), top, query)
-        stale = query.since is not None and query.since.epoch not in ("", epoch)
-        if rng is None or stale:
-            return epoch, top, []
-        count = rng[1] - rng[0] + 1
-        limit = min(query.limit, count) if query.limit > 0 else count
-        stmt = sql.backward if query.reverse else sql.forward
-        read = {"b_channel": query.channel, "b_lo": rng[0], "b_hi": rng[1], "b_limit": limit}
-        rows = yield ("fetch", stmt, stmt.args(read))
-        return epoch, top, [row_to_publication(row) for row in rows]
+        self, sql: Statements, queries: Sequence[HistoryQuery], now: float
+    ) -> Plan[list[tuple[str, int, list[Publication]]]]:
+        """Peek at every live stream of the queries (a few multi-row SELECTs), rewrite the
+        stale expiries (in channel order, as appends lock rows), then read each query's
+        publications. A channel's expiry follows its last query's meta_ttl."""
+        ttl = {q.channel: q.meta_ttl for q in queries}
+        live: dict[str, Sequence[Any]] = {}
+        for part in chunks(sorted(ttl), PEEK_ROWS):
+            stmt = sql.peek(peek_size(len(part)))
+            names = [{"channel": part[min(i, len(part) - 1)]} for i in range(stmt_rows(stmt))]
+            for row in (yield ("fetch", stmt, stmt.args({"b_now": now}, names))):
+                live[row[0]] = row
+        stale = [
+            sql.touch.args({"b_channel": ch, "b_now": now, "b_expires": meta_expiry(now, ttl[ch])})
+            for ch in sorted(live)
+            if needs_touch(live[ch][5], now, ttl[ch])
+        ]
+        if stale:
+            yield ("executemany", sql.touch, stale)
+        out: list[tuple[str, int, list[Publication]]] = []
+        for query in queries:
+            row = live.get(query.channel)
+            if row is None:
+                epoch = stream_epoch(self._salt, query.channel, query.meta_ttl, now)
+                out.append((epoch, 0, []))
+                continue
+            _, epoch, top, first, pubs_expire_at, _ = row
+            top = int(top)
+            if pubs_expire_at is None or pubs_expire_at < now:
+                first = top + 1
+            rng = history_range(int(first), top, query)
+            if rng is None or (query.since is not None and query.since.epoch not in ("", epoch)):
+                out.append((epoch, top, []))
+                continue
+            count = rng[1] - rng[0] + 1
+            limit = min(query.limit, count) if query.limit > 0 else count
+            stmt = sql.backward if query.reverse else sql.forward
+            read = {"b_channel": query.channel, "b_lo": rng[0], "b_hi": rng[1], "b_limit": limit}
+            rows = yield ("fetch", stmt, stmt.args(read))
+            out.append((epoch, top, [row_to_publication(r) for r in rows]))
+        return out
 
     @staticmethod
     def _remove_plan(sql: Statements, channel: str) -> Plan[None]:

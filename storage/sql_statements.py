@@ -146,6 +146,14 @@ class Statements:
             .values(meta_touched_at=b("b_now"), meta_expires_at=b("b_expires"))
             .returning(s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
         )
+        self.touch = self._sql(
+            sa.update(t.streams)
+            .where(
+                s.channel == b("b_channel"),
+                sa.or_(s.meta_expires_at.is_(None), s.meta_expires_at >= b("b_now")),
+            )
+            .values(meta_touched_at=b("b_now"), meta_expires_at=b("b_expires"))
+        )
         self.forget_keys = self._sql(sa.delete(t.idempotency).where(k.expires_at < b("b_now")))
         self.forget_streams = self._sql(
             sa.delete(t.streams).where(s.meta_expires_at < b("b_now")).returning(s.channel)
@@ -165,6 +173,21 @@ class Statements:
         if sql is None:
             sql = self._multi[(kind, n)] = self._sql(build(n))
         return sql
+
+    def peek(self, n: int) -> Sql:
+        """The live streams among n channels (rows r<i>_channel): channel, epoch, top_offset,
+        min_offset, pubs_expire_at, meta_expires_at. Reads only (no row lock)."""
+        return self._cached("peek", n, self._peek)
+
+    def _peek(self, n: int) -> sa.ClauseElement:
+        s, b = self._t.streams.c, sa.bindparam
+        names = [b(f"r{i}_channel", type_=s.channel.type) for i in range(n)]
+        return sa.select(
+            s.channel, s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at, s.meta_expires_at
+        ).where(
+            s.channel.in_(names),
+            sa.or_(s.meta_expires_at.is_(None), s.meta_expires_at >= b("b_now")),
+        )
 
     def advance(self, n: int) -> Sql:
         """Upsert n streams, each advanced by its row's top_offset (= number of appends)."""

@@ -657,3 +657,62 @@ async def test_sqlite_in_memory_database(clock: FakeClock) -> None:
         assert await offsets(log) == [1, 2]
     finally:
         await log.close()
+
+
+# --- history_many ---------------------------------------------------------------------------
+
+
+def shape(result: object) -> object:
+    """A comparable form of a history result, or of the error in its place."""
+    if isinstance(result, Exception):
+        return type(result)
+    return ([(p.offset, p.data) for p in result.publications], result.position)  # type: ignore[attr-defined]
+
+
+async def test_history_many_equals_one_history_per_query(log: EventLog, clock: FakeClock) -> None:
+    epoch = await fill(log, 8, history_size=5)
+    await fill(log, 3, "gone", meta_ttl=5.0, history_ttl=1000.0)
+    await fill(log, 2, "dropped", history_ttl=3.0)
+    await log.append_many([req(f"many{i}", i) for i in range(600)])  # more than one peek
+    clock.advance(6)  # "gone" is forgotten, "dropped" keeps only its position
+    queries = [
+        HistoryQuery("ch", -1),
+        HistoryQuery("ch", 2),
+        HistoryQuery("ch", 0),
+        HistoryQuery("ch", -1, StreamPosition(5, epoch)),
+        HistoryQuery("ch", 2, StreamPosition(8, epoch), reverse=True),
+        HistoryQuery("ch", -1, StreamPosition(1, "")),
+        HistoryQuery("ch", -1, StreamPosition(1, "other")),
+        HistoryQuery("unknown", -1),
+        HistoryQuery("unknown", 0, StreamPosition(0, "")),
+        HistoryQuery("gone", -1, meta_ttl=5.0),
+        HistoryQuery("dropped", -1),
+        HistoryQuery("", -1),
+        *(HistoryQuery(f"many{i}", -1) for i in range(0, 600, 7)),
+    ]
+    many = await log.history_many(queries)
+    assert len(many) == len(queries)
+    for query, result in zip(queries, many, strict=True):
+        try:
+            alone: object = await log.history(query)
+        except (UnrecoverablePosition, ValueError) as exc:
+            alone = exc
+        assert shape(result) == shape(alone), query
+    assert shape(many[6]) is UnrecoverablePosition and shape(many[11]) is ValueError
+    assert shape(many[1]) == ([(4, b'{"n":4}'), (5, b'{"n":5}')], StreamPosition(8, epoch))
+    assert shape(many[7]) == ([], StreamPosition(0, many[8].position.epoch))  # type: ignore[union-attr]
+    assert many[9].position.offset == 0 and many[10].publications == []  # type: ignore[union-attr]
+    assert many[10].position.offset == 2  # type: ignore[union-attr]
+    assert await log.history_many([]) == []
+
+
+async def test_history_many_keeps_stream_meta_alive(log: EventLog, clock: FakeClock) -> None:
+    epochs = [await fill(log, 2, ch, meta_ttl=10.0, history_ttl=1000.0) for ch in ("a", "b")]
+    for _ in range(5):
+        clock.advance(8)
+        results = await log.history_many([HistoryQuery(ch, meta_ttl=10.0) for ch in ("a", "b")])
+        assert [r.position for r in results] == [StreamPosition(2, e) for e in epochs]  # type: ignore[union-attr]
+    clock.advance(4)  # a read at most 8 s ago keeps the stream at least 0.9 * 10 s
+    assert await offsets(log, "a", meta_ttl=10.0) == [1, 2]
+    clock.advance(11)
+    assert await offsets(log, "b", meta_ttl=10.0) == []
