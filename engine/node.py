@@ -288,6 +288,37 @@ class Node:
             log.error("history of %r failed: %s", channel, exc)
             raise Error.of(ErrorCode.INTERNAL) from exc
 
+    async def history_many(
+        self, reads: Sequence[tuple[str, int, StreamPosition | None, ChannelName]]
+    ) -> list[HistoryResult | Error]:
+        """`history(channel, limit=, since=, name=)` of each (channel, limit, since, name) in
+        one log call; results in order, each read's error (108, 112, 100) in its place."""
+        out: list[HistoryResult | Error | None] = [None] * len(reads)
+        queries: list[HistoryQuery] = []
+        index: list[int] = []
+        for i, (channel, limit, since, name) in enumerate(reads):
+            if not name.options.history_enabled:
+                out[i] = Error.of(ErrorCode.NOT_AVAILABLE)
+                continue
+            self.metrics.action("history")
+            queries.append(HistoryQuery(channel, limit, since, False, self.meta_ttl(name)))
+            index.append(i)
+        if queries:
+            try:
+                results = await self.event_log.history_many(queries)
+            except StorageError as exc:
+                self.metrics.log_error("history")
+                log.error("history of %d channels failed: %s", len(queries), exc)
+                results = [exc] * len(queries)
+            for i, result in zip(index, results, strict=True):
+                if isinstance(result, HistoryResult):
+                    out[i] = result
+                elif isinstance(result, UnrecoverablePosition):
+                    out[i] = Error.of(ErrorCode.UNRECOVERABLE_POSITION)
+                else:
+                    out[i] = Error.of(ErrorCode.INTERNAL)
+        return out  # type: ignore[return-value]  # every index was filled above
+
     async def stream_top(self, channel: str, name: ChannelName | None = None) -> StreamPosition:
         return (await self.history(channel, name=name)).position
 

@@ -20,25 +20,35 @@ NAME: Any = None  # the fake node ignores the resolved name
 
 
 class GatedNode:
-    """A node whose history reads snapshot the stream top when they start and finish only
-    when the test opens their gate (or fail with the test's error)."""
+    """A node whose batched history reads snapshot the stream top when they start and
+    finish only when the test opens their gate (or fail with the test's error)."""
 
     def __init__(self) -> None:
         self.top = 0
-        self.started: list[tuple[str, int, StreamPosition | None, asyncio.Future[None]]] = []
+        self.started: list[
+            tuple[list[tuple[str, int, StreamPosition | None]], asyncio.Future[None]]
+        ] = []
+        self.errors: dict[str, Error] = {}  # per channel: its read fails with this
 
-    async def history(
-        self, channel: str, *, limit: int, since: StreamPosition | None, name: Any
-    ) -> HistoryResult:
+    async def history_many(
+        self, reads: list[tuple[str, int, StreamPosition | None, Any]]
+    ) -> list[HistoryResult | Error]:
         top = self.top
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.started.append((channel, limit, since, gate))
+        self.started.append(([(c, lim, since) for c, lim, since, _ in reads], gate))
         await gate
-        first = since.offset + 1 if since is not None else top + 1
-        return HistoryResult([Publication(b"{}", o) for o in range(first, top + 1)], pos(top))
+        out: list[HistoryResult | Error] = []
+        for channel, _, since, _ in reads:
+            if channel in self.errors:
+                out.append(self.errors[channel])
+                continue
+            first = since.offset + 1 if since is not None else top + 1
+            pubs = [Publication(b"{}", o) for o in range(first, top + 1)]
+            out.append(HistoryResult(pubs, pos(top)))
+        return out
 
     def open(self, index: int, error: BaseException | None = None) -> None:
-        gate = self.started[index][3]
+        gate = self.started[index][1]
         if error is None:
             gate.set_result(None)
         else:
@@ -77,10 +87,10 @@ async def test_callers_during_a_read_share_the_next_read_which_sees_what_came_me
     results = await asyncio.gather(*later)
     assert [offsets(r) for r in results] == [[2, 3, 4, 5]] * 3
     assert all(r.position == pos(5) for r in results)
-    assert reads.reads == 2 and not reads._slots
+    assert reads.reads == 2 and not reads._waiting
 
 
-async def test_different_keys_read_on_their_own() -> None:
+async def test_different_keys_share_one_read_with_one_query_each() -> None:
     node = GatedNode()
     reads = reader(node)
     node.top = 4
@@ -91,14 +101,58 @@ async def test_different_keys_read_on_their_own() -> None:
         reads.history("a", limit=100, since=StreamPosition(1, "other"), name=NAME),
         reads.history("a", limit=0, since=None, name=NAME),
         reads.history("b", limit=100, since=pos(1), name=NAME),
+        reads.history("a", limit=100, since=pos(1), name=NAME),  # the first one's key
     ]
     tasks = [asyncio.create_task(c) for c in calls]
-    await eventually(lambda: len(node.started) == len(tasks), 5, "one read per key at once")
-    for i in range(len(tasks)):
-        node.open(i)
-    results = await asyncio.gather(*tasks)
-    assert offsets(results[0]) == [2, 3, 4] and offsets(results[1]) == [3, 4]
-    assert offsets(results[4]) == [] and results[4].position == pos(4)
+    await eventually(lambda: len(node.started) == 1, 5, "one read")
+    assert len(node.started[0][0]) == 6  # one query per key
+    node.errors["b"] = Error.of(ErrorCode.UNRECOVERABLE_POSITION)
+    node.open(0)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    ok = [r for r in results if isinstance(r, HistoryResult)]
+    assert len(ok) == 6 and not isinstance(results[5], HistoryResult)
+    assert offsets(ok[0]) == [2, 3, 4] and offsets(ok[1]) == [3, 4] and offsets(ok[2]) == [2, 3, 4]
+    assert offsets(ok[4]) == [] and ok[4].position == pos(4)
+    assert isinstance(results[5], Error) and results[5].code == ErrorCode.UNRECOVERABLE_POSITION
+    assert results[6] is results[0]
+    assert reads.reads == 1 and reads.keys == 6
+
+
+async def test_callers_of_many_channels_during_a_read_share_the_next_one() -> None:
+    node = GatedNode()
+    reads = reader(node)
+    first = asyncio.create_task(reads.history("c0", limit=0, since=None, name=NAME))
+    await eventually(lambda: len(node.started) == 1, 5, "the first read started")
+    node.top = 7
+    later = [
+        asyncio.create_task(reads.history(f"c{i}", limit=0, since=None, name=NAME))
+        for i in range(50)
+    ]
+    await asyncio.sleep(0)
+    node.open(0)
+    assert (await first).position == pos(0)
+    await eventually(lambda: len(node.started) == 2, 5, "one shared second read")
+    assert sorted(c for c, _, _ in node.started[1][0]) == sorted(f"c{i}" for i in range(50))
+    node.open(1)
+    assert all(r.position == pos(7) for r in await asyncio.gather(*later))
+    assert reads.reads == 2
+
+
+async def test_a_read_takes_at_most_max_batch_keys_the_rest_read_next() -> None:
+    node = GatedNode()
+    reads = SharedReads(cast(Any, node), max_batch=3)
+    tasks = [
+        asyncio.create_task(reads.history(f"c{i}", limit=0, since=None, name=NAME))
+        for i in range(5)
+    ]
+    await eventually(lambda: len(node.started) == 1, 5, "the first read started")
+    assert [c for c, _, _ in node.started[0][0]] == ["c0", "c1", "c2"]
+    node.open(0)
+    await eventually(lambda: len(node.started) == 2, 5, "the rest read next")
+    assert [c for c, _, _ in node.started[1][0]] == ["c3", "c4"]
+    node.open(1)
+    await asyncio.gather(*tasks)
+    assert reads._task is None or reads._task.done()
 
 
 async def test_an_error_reaches_every_sharer_and_the_key_is_read_again_afterwards() -> None:
@@ -118,7 +172,7 @@ async def test_an_error_reaches_every_sharer_and_the_key_is_read_again_afterward
         with pytest.raises(Error) as info:
             await task
         assert info.value.code == ErrorCode.INTERNAL
-    assert not reads._slots
+    assert not reads._waiting
     again = asyncio.create_task(reads.history("ch", limit=0, since=None, name=NAME))
     await eventually(lambda: len(node.started) == 3, 5, "a fresh read")
     node.open(2)
@@ -134,12 +188,13 @@ async def test_a_cancelled_caller_leaves_the_others_their_result() -> None:
     stays = asyncio.create_task(reads.history("ch", limit=0, since=None, name=NAME))
     await asyncio.sleep(0)
     gone.cancel()
-    first.cancel()  # the reader itself goes away: the end of its read starts the next
+    first.cancel()  # the first caller goes away too: its read still ends and starts the next
     with pytest.raises(asyncio.CancelledError):
         await first
     with pytest.raises(asyncio.CancelledError):
         await gone
+    node.open(0)
     await eventually(lambda: len(node.started) == 2, 5, "the next read started")
     node.open(1)
     assert (await stays).position == pos(0)
-    assert not reads._slots
+    assert not reads._waiting
