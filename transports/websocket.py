@@ -207,11 +207,12 @@ class LeanWebSocket(asyncio.Protocol):
     close frames) is written at once; each `Message` is told to the actor (`tell_frame`),
     and reading pauses while the actor has `client_max_pending_frames` frames waiting (it
     calls `resume_reading`); a `Close` closes the TCP connection. `write` puts one frame on
-    the asyncio transport, which sends at once when its buffer is empty; above its
-    high-water mark `write` returns a future that completes when the buffer has drained
-    (the actor drops the connection after `write_timeout`), so the actor's bounded queue
-    takes the backlog (3008). `close` starts the closing handshake and cuts the connection
-    if the client does not answer within `CLOSE_TIMEOUT` seconds."""
+    the asyncio transport, which sends at once when its buffer is empty; when the socket
+    did not take it all (the high-water mark is 0) `write` returns a future that completes
+    when the buffer has drained (the actor drops the connection after `write_timeout`),
+    so the actor's bounded queue takes the backlog (3008) and batches it into frames.
+    `close` starts the closing handshake and cuts the connection if the client does not
+    answer within `CLOSE_TIMEOUT` seconds."""
 
     name = "websocket"
     emulation = False
@@ -268,6 +269,12 @@ class LeanWebSocket(asyncio.Protocol):
         self._transport = transport
         self._counts = self._ctx.node.metrics.transport(self.name)
         self._conns.add(self)
+        # Pause (`pause_writing`) as soon as the socket leaves anything unsent, as the
+        # Tornado transports' writes do: the actor then waits and joins what comes
+        # meanwhile into its next frame, instead of one `transport.write` and frame per
+        # message into a 64 KiB buffer (500 subscribers x 1000 msgs, server CPU per
+        # delivery, median of 5 alternating runs: 4.4 -> 3.1 us).
+        transport.set_write_buffer_limits(high=0)
         transport.write(self._response)
         self._response = b""
         self._actor = ConnectionActor.start(self._ctx, self, self.proxy_headers)
