@@ -17,9 +17,9 @@ objects (closed connections) is always reclaimed:
   passes or `idle_young` net allocations, or at once after `middle_force` young passes
   (about `middle_force * young` net allocations, 10 million) even if the process never idles;
 - full collection: at an idle check once `full_after` middle passes have run since the last
-  one and `full_every` seconds have passed, or after `full_force` middle passes whatever the
-  load (about `full_force * middle_force * young` net allocations: 100 million, as the
-  thresholds 50,000, 20, 100 this replaces).
+  one and `full_every` seconds have passed, or after `full_force` young passes since the last
+  one whatever the load (about `full_force * young` net allocations, 100 million, as with
+  the thresholds 50,000, 20, 100 this replaces; idle middle passes do not count towards it).
 
 Only the objects that exist at start-up are frozen (`gc.freeze()`): configuration, modules,
 routes. Connection and channel objects are never frozen; a frozen object is never collected.
@@ -43,7 +43,7 @@ class GcSettings:
     middle_force: int = 200  # young passes before a middle pass regardless of load
     full_after: int = 2  # middle passes before a full collection at an idle check ...
     full_every: float = 300.0  # ... and at least this many seconds after the last one
-    full_force: int = 10  # middle passes before a full collection regardless of load
+    full_force: int = 2_000  # young passes before a full collection regardless of load
 
 
 # What CPython should never do by itself: the checks below collect the middle and old
@@ -63,6 +63,7 @@ class GcPolicy:
         self._cpu = 0.0
         self._wall = 0.0
         self._last_full = time.monotonic()
+        self._young_since_full = 0  # young passes absorbed by middle passes since the last full
         self._young_passes = 0  # gc.get_count()[1] after the last check
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -103,7 +104,8 @@ class GcPolicy:
         young, young_passes, middle_passes = gc.get_count()
         generation: int | None = None
         full_due = time.monotonic() - self._last_full >= s.full_every
-        if middle_passes >= s.full_force or (idle and full_due and middle_passes >= s.full_after):
+        forced = self._young_since_full + young_passes >= s.full_force
+        if forced or (idle and full_due and middle_passes >= s.full_after):
             generation = 2
         elif young_passes >= s.middle_force or (
             idle and (young_passes >= s.middle_after or young >= s.idle_young)
@@ -112,6 +114,8 @@ class GcPolicy:
         if generation is not None:
             gc.collect(generation)
             self.passes[generation] += 1
+            self._young_since_full += young_passes
             if generation == 2:
                 self._last_full = time.monotonic()
+                self._young_since_full = 0
         return generation

@@ -49,17 +49,24 @@ def test_middle_pass_waits_for_idle_until_forced() -> None:
 
 
 def test_full_collection_when_idle_and_due_or_forced() -> None:
-    policy = GcPolicy(GcSettings(middle_force=99, full_after=2, full_every=3600.0, full_force=4))
+    policy = GcPolicy(GcSettings(middle_force=99, full_after=2, full_every=3600.0, full_force=8))
     for _ in range(2):
         gc.collect(1)
     assert policy.check(idle=True) is None  # not yet due: the last one is less than an hour old
-    policy = GcPolicy(GcSettings(middle_force=99, full_after=2, full_every=0.0, full_force=4))
+    policy = GcPolicy(GcSettings(middle_force=3, full_after=2, full_every=0.0, full_force=8))
     assert policy.check(idle=False) is None
     assert policy.check(idle=True) == 2
     assert gc.get_count()[2] == 0
-    for _ in range(4):
+    for _ in range(5):  # idle middle passes alone never force a full one
         gc.collect(1)
-    assert policy.check(idle=False) == 2
+    assert policy.check(idle=False) is None
+    for _ in range(3):
+        gc.collect(0)
+    assert policy.check(idle=False) == 1  # forced middle: 3 young passes absorbed
+    for _ in range(5):
+        gc.collect(0)
+    assert policy.check(idle=False) == 2  # 3 + 5 young passes since the last full one
+    assert policy.passes == {1: 1, 2: 2}
 
 
 class Conn:
@@ -106,7 +113,7 @@ SETTINGS = GcSettings(
     middle_force=4,
     full_after=1,
     full_every=0.0,
-    full_force=3,
+    full_force=12,
 )
 
 
