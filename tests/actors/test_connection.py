@@ -450,24 +450,24 @@ async def test_recovering_subscribers_share_a_read_started_after_they_joined() -
     async with Harness(make_config()) as h:
         await _publish_many(h, "h:storm", 0, 5)
         clients = [await h.client() for _ in range(3)]
-        read = h.log.history
+        read = h.log.history_many
         reads: list[Any] = []
         taken, release = asyncio.Event(), asyncio.Event()
 
-        async def gated_history(query: Any) -> Any:
-            result = await read(query)  # the snapshot is taken now
-            reads.append(query)
+        async def gated_history_many(queries: Any) -> Any:
+            result = await read(queries)  # the snapshot is taken now
+            reads.append(queries)
             if len(reads) == 1:
                 taken.set()
                 await release.wait()
             return result
 
-        h.log.history = gated_history  # type: ignore[method-assign]
+        h.log.history_many = gated_history_many  # type: ignore[method-assign]
         recover = {"channel": "h:storm", "recoverable": True, "recover": True, "offset": 2}
         ids = [c.send({"subscribe": recover})[0] for c in clients[:1]]
         await asyncio.wait_for(taken.wait(), 3)
         ids += [c.send({"subscribe": recover})[0] for c in clients[1:]]
-        await eventually(lambda: h.ctx.reads._slots and _waiting(h) == 2, 3, "two queued")
+        await eventually(lambda: _waiting(h) == 2, 3, "two queued")
         await _publish_many(h, "h:storm", 5, 8)  # after every join, after the first snapshot
         release.set()
         for client, cmd_id in zip(clients, ids, strict=True):
@@ -486,4 +486,4 @@ async def test_recovering_subscribers_share_a_read_started_after_they_joined() -
 
 
 def _waiting(h: Harness) -> int:
-    return sum(len(slot.waiting) for slot in h.ctx.reads._slots.values())
+    return sum(len(waiters.futures) for waiters in h.ctx.reads._waiting.values())
