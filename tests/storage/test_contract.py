@@ -716,3 +716,21 @@ async def test_history_many_keeps_stream_meta_alive(log: EventLog, clock: FakeCl
     assert await offsets(log, "a", meta_ttl=10.0) == [1, 2]
     clock.advance(11)
     assert await offsets(log, "b", meta_ttl=10.0) == []
+
+
+@pytest.mark.parametrize("keyed", [False, True])  # PostgreSQL: one statement / the plan
+async def test_a_recreated_stream_keeps_no_row_of_its_earlier_incarnation(
+    logs: LogFactory, clock: FakeClock, keyed: bool
+) -> None:
+    log = await logs.open()
+    await fill(log, 8, meta_ttl=5.0, history_ttl=1000.0)
+    clock.advance(6)
+    key = {"idempotency_key": "k"} if keyed else {}
+    results = await log.append_many(
+        [req(n=9, meta_ttl=5.0, **key), req(n=10, meta_ttl=5.0, history_ttl=1000.0)]
+    )
+    assert [r.publication.offset for r in results] == [1, 2]
+    pubs = (await log.history(HistoryQuery("ch", -1, meta_ttl=5.0))).publications
+    assert [(p.offset, p.data) for p in pubs] == [(1, b'{"n":9}'), (2, b'{"n":10}')]
+    if logs.persistent:
+        assert await logs.rows("publications") == 2
