@@ -58,42 +58,41 @@ def verified(record: Record) -> int | None:
     return int(all(c is True for c in checks) and not record.get("errors"))
 
 
-FANOUT_COLUMNS: tuple[Column, ...] = (
+# Column groups shared by the fan-out tables.
+_RATE = (
     _col("deliveries/s", "deliveries_per_s", "{:,.0f}"),
     _col("server µs/delivery", "server_cpu_us_per_delivery", "{:.1f}"),
+)
+_LATENCY = (
     _col("p50 ms", "latency_ms.p50", "{:.1f}"),
     _col("p99 ms", "latency_ms.p99", "{:.1f}"),
+)
+_ACCOUNTING = (
+    _col("lost", "lost", "{:.0f}"),
+    _col("dup", "duplicated", "{:.0f}"),
+    _col("reord", "reordered", "{:.0f}"),
+)
+_BUSY = (
+    _col("server busy", "server_busy", "{:.2f}"),
+    _col("client busy", "client_busy_max", "{:.2f}"),
+    _col("other busy", "foreign_busy", "{:.2f}"),
+)
+FANOUT_COLUMNS: tuple[Column, ...] = (
+    *_RATE,
+    *_LATENCY,
     _col("max ms", "latency_ms.max", "{:.0f}"),
     _col("RSS MiB", "server_hwm_mb", "{:.0f}"),
-    _col("lost", "lost", "{:.0f}"),
-    _col("dup", "duplicated", "{:.0f}"),
-    _col("reord", "reordered", "{:.0f}"),
-    _col("server busy", "server_busy", "{:.2f}"),
-    _col("client busy", "client_busy_max", "{:.2f}"),
-    _col("other busy", "foreign_busy", "{:.2f}"),
+    *_ACCOUNTING,
+    *_BUSY,
 )
-TRANSPORT_COLUMNS: tuple[Column, ...] = (
-    _col("deliveries/s", "deliveries_per_s", "{:,.0f}"),
-    _col("server µs/delivery", "server_cpu_us_per_delivery", "{:.1f}"),
-    _col("p50 ms", "latency_ms.p50", "{:.1f}"),
-    _col("p99 ms", "latency_ms.p99", "{:.1f}"),
-    _col("lost", "lost", "{:.0f}"),
-    _col("dup", "duplicated", "{:.0f}"),
-    _col("reord", "reordered", "{:.0f}"),
-    _col("server busy", "server_busy", "{:.2f}"),
-    _col("client busy", "client_busy_max", "{:.2f}"),
-    _col("other busy", "foreign_busy", "{:.2f}"),
-)
+TRANSPORT_COLUMNS: tuple[Column, ...] = (*_RATE, *_LATENCY, *_ACCOUNTING, *_BUSY)
 CHANNEL_COLUMNS: tuple[Column, ...] = (
     _col("offered pubs/s", "offered_pubs_per_s", "{:,.0f}"),
     _col("achieved pubs/s", "achieved_pubs_per_s", "{:,.0f}"),
-    _col("p50 ms", "latency_ms.p50", "{:.1f}"),
-    _col("p99 ms", "latency_ms.p99", "{:.1f}"),
+    *_LATENCY,
     _col("server µs/publication", "server_cpu_us_per_publication", "{:.0f}"),
     _col("server µs/delivery", "server_cpu_us_per_delivery", "{:.1f}"),
-    _col("lost", "lost", "{:.0f}"),
-    _col("dup", "duplicated", "{:.0f}"),
-    _col("reord", "reordered", "{:.0f}"),
+    *_ACCOUNTING,
     _col("connections", "connections", "{:,.0f}"),
     _col("server busy", "server_busy", "{:.2f}"),
     _col("publisher busy", "publisher_busy", "{:.2f}"),
@@ -124,9 +123,7 @@ STORM_COLUMNS: tuple[Column, ...] = (
     _col("clients", "clients", "{:,.0f}"),
     _col("seconds", "seconds", "{:.2f}"),
     _col("recovered", "recovered", "{:,.0f}"),
-    _col("lost", "lost", "{:.0f}"),
-    _col("dup", "duplicated", "{:.0f}"),
-    _col("reord", "reordered", "{:.0f}"),
+    *_ACCOUNTING,
     _col("client p99 s", "client_p99_s", "{:.2f}"),
     _col("server CPU s", "server_cpu_s", "{:.1f}"),
     _col("server µs/client", "server_cpu_us_per_client", "{:.0f}"),
