@@ -160,10 +160,15 @@ def py_spy_command() -> str:
 
 
 @contextmanager
-def py_spy(pid: int, out: Path | None, rate: int = 200) -> Iterator[None]:
-    """Sample process `pid` with `py-spy record` (collapsed stacks, GIL holder only) into
-    `out` while the block runs; nothing when `out` is None. py-spy is stopped with SIGINT
-    (it then writes the file) and waited for at most 30 s."""
+def py_spy(
+    pid: int,
+    out: Path | None,
+    rate: int = 200,
+    options: Sequence[str] = ("--gil", "--nonblocking", "--format", "raw"),
+) -> Iterator[None]:
+    """Sample process `pid` with `py-spy record` into `out` while the block runs (by
+    default collapsed stacks of the GIL holder); nothing when `out` is None. py-spy is
+    stopped with SIGINT (it then writes the file) and waited for at most 30 s."""
     if out is None:
         yield
         return
@@ -171,8 +176,8 @@ def py_spy(pid: int, out: Path | None, rate: int = 200) -> Iterator[None]:
     if not exe:
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--gil"]
-    command += ["--nonblocking", "--format", "raw", "--output", str(out)]
+    command = [exe, "record", "--pid", str(pid), "--rate", str(rate), *options]
+    command += ["--output", str(out)]
     log = out.with_suffix(".log").open("wb")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     time.sleep(1.0)  # let it attach before the measured work starts

@@ -141,11 +141,14 @@ class Shared:
             self.all_received.set()
 
 
-class IdleClient(asyncio.Protocol):
-    """Upgrade, send connect + subscribe, then answer pings and note the first publication."""
+class RawWebSocket(asyncio.Protocol):
+    """A client WebSocket on a raw asyncio transport (cheaper than aiohttp's client at tens
+    of thousands of connections): sends the upgrade `request`, checks the answer against
+    `key`, sends `hello` as the first text frame, then reassembles messages (`message`),
+    answers pings and reports a close frame (`closed_by_server`). `ready` fails on `fail()`
+    unless a subclass has completed it."""
 
-    def __init__(self, shared: Shared, request: bytes, key: bytes, hello: bytes) -> None:
-        self.shared = shared
+    def __init__(self, request: bytes, key: bytes, hello: bytes) -> None:
         self.request = request
         self.key = key
         self.hello = hello
@@ -153,17 +156,16 @@ class IdleClient(asyncio.Protocol):
         self.buf = bytearray()
         self.fragments: list[bytes] = []
         self.upgraded = False
-        self.got_pub = False
         self.transport: asyncio.Transport | None = None
-        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.write(self.request)
 
     def fail(self, reason: str) -> None:
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(reason))
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
         if self.transport is not None:
             self.transport.close()
 
@@ -183,23 +185,43 @@ class IdleClient(asyncio.Protocol):
                 return
             del self.buf[: end + 4]
             self.upgraded = True
+            self.on_upgraded()
             self.send(OP_TEXT, self.hello)
         for fin, opcode, payload in take_frames(self.buf):
-            self.frame(fin, opcode, payload)
+            if opcode in (OP_TEXT, OP_BINARY, OP_CONT):
+                self.fragments.append(payload)
+                if fin:
+                    message, self.fragments = b"".join(self.fragments), []
+                    self.message(message)
+            elif opcode == OP_PING:
+                self.send(OP_PONG, payload)
+            elif opcode == OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.closed_by_server(code, payload[2:])
+                self.fail(f"closed by the server: {code}")
 
-    def frame(self, fin: bool, opcode: int, payload: bytes) -> None:
-        if opcode in (OP_TEXT, OP_BINARY, OP_CONT):
-            self.fragments.append(payload)
-            if fin:
-                message, self.fragments = b"".join(self.fragments), []
-                self.message(message)
-        elif opcode == OP_PING:
-            self.send(OP_PONG, payload)
-        elif opcode == OP_CLOSE:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            if not self.shared.stopping:
-                self.shared.error(f"close {code} {payload[2:60]!r}")
-            self.fail(f"closed by the server: {code}")
+    def on_upgraded(self) -> None:
+        """The server accepted the upgrade (before `hello` is sent)."""
+
+    def closed_by_server(self, code: int, reason: bytes) -> None:
+        """A close frame came (the connection is then closed)."""
+
+    def message(self, message: bytes) -> None:
+        raise NotImplementedError
+
+
+class IdleClient(RawWebSocket):
+    """Upgrade, send connect + subscribe, then answer pings and note the first publication."""
+
+    def __init__(self, shared: Shared, request: bytes, key: bytes, hello: bytes) -> None:
+        super().__init__(request, key, hello)
+        self.shared = shared
+        self.got_pub = False
+        self.subscribed = self.ready
+
+    def closed_by_server(self, code: int, reason: bytes) -> None:
+        if not self.shared.stopping:
+            self.shared.error(f"close {code} {reason[:58]!r}")
 
     def message(self, message: bytes) -> None:
         t = now_ns()

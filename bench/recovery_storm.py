@@ -41,12 +41,9 @@ import asyncio
 import base64
 import contextlib
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
@@ -64,22 +61,10 @@ from common import (
     pg_reachable,
     profile_summary,
     py_spy,
-    py_spy_command,
     raise_nofile_limit,
     run_id,
 )
-from connections import (
-    IP_BIND_ADDRESS_NO_PORT,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    check_upgrade,
-    encode_frame,
-    take_frames,
-)
+from connections import IP_BIND_ADDRESS_NO_PORT, OP_TEXT, RawWebSocket
 
 NAMESPACE = "rec"
 TARGET_SECONDS = 10.0  # issue 20 target 4: 19,000 clients recovered in < 10 s
@@ -192,65 +177,23 @@ class Client:
         return len(wanted - seen), len(self.got) - len(seen), reordered
 
 
-class Conn(asyncio.Protocol):
+class Conn(RawWebSocket):
     """One WebSocket connection of a Client: upgrade, send the hello frame, read replies and
     pushes, answer pings."""
 
     def __init__(self, client: Client, request: bytes, key: bytes, hello: bytes, rec: bool):
+        super().__init__(request, key, hello)
         self.client = client
-        self.request = request
-        self.key = key
-        self.hello = hello
         self.recovering = rec
-        self.mask = os.urandom(4)
-        self.buf = bytearray()
-        self.fragments: list[bytes] = []
-        self.upgraded = False
-        self.transport: asyncio.Transport | None = None
-        self.replied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.replied = self.ready
         self.closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.request)
+    def on_upgraded(self) -> None:
+        self.client.upgraded_ns = now_ns()
 
-    def fail(self, reason: str) -> None:
-        if not self.replied.done():
-            self.replied.set_exception(ConnectionError(reason))
-        if self.transport is not None:
-            self.transport.close()
-
-    def send(self, opcode: int, payload: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_frame(opcode, payload, self.mask))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.upgraded:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            problem = check_upgrade(bytes(self.buf[:end]), self.key)
-            if problem:
-                self.fail(problem)
-                return
-            del self.buf[: end + 4]
-            self.upgraded = True
-            self.client.upgraded_ns = now_ns()
-            self.send(OP_TEXT, self.hello)
-        for fin, opcode, payload in take_frames(self.buf):
-            if opcode in (OP_TEXT, OP_BINARY, OP_CONT):
-                self.fragments.append(payload)
-                if fin:
-                    message, self.fragments = b"".join(self.fragments), []
-                    self.message(message)
-            elif opcode == OP_PING:
-                self.send(OP_PONG, payload)
-            elif opcode == OP_CLOSE:
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                if not self.closed.done():
-                    self.closed.set_result(code)
-                self.fail(f"closed by the server: {code}")
+    def closed_by_server(self, code: int, reason: bytes) -> None:
+        if not self.closed.done():
+            self.closed.set_result(code)
 
     def message(self, message: bytes) -> None:
         client = self.client
@@ -459,28 +402,11 @@ def publish_missed(server: ServerProcess, channels: list[str], missed: int) -> f
     return time.monotonic() - t0
 
 
-@contextlib.contextmanager
-def timeline_spy(pid: int, out: Path | None) -> Iterator[None]:
+def timeline_spy(pid: int, out: Path | None) -> contextlib.AbstractContextManager[None]:
     """py-spy (speedscope, idle samples kept, 200 Hz) on `pid` while the block runs."""
-    if out is None:
-        yield
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = [py_spy_command(), "record", "--pid", str(pid), "--rate", "200", "--idle"]
-    command += ["--format", "speedscope", "--output", str(out)]
     # C frames too (e.g. gc_collect_main); py-spy then pauses the process for each sample
-    command += ["--native"] if os.environ.get("STORM_SPY_NATIVE") else ["--nonblocking"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)  # let it attach
-    try:
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    native = ["--native"] if os.environ.get("STORM_SPY_NATIVE") else ["--nonblocking"]
+    return py_spy(pid, out, options=["--idle", "--format", "speedscope", *native])
 
 
 def gather(pipes: list[Connection], children: list[Any], what: str, deadline: float) -> list[Any]:
