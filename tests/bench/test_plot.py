@@ -1,28 +1,32 @@
 """bench/plot.py draws the results history: one PNG per scenario and the ratio to the
 websockets peer, from stamped records and from older files whose commit is on the machine
-line. Runs plot.py with the bench venv's interpreter (matplotlib lives there only)."""
+line. Runs plot.py with this interpreter (the test extra has matplotlib), else with the bench
+venv's."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-BENCH_PYTHON = BENCH / ".venv" / "bin" / "python"
 
 
-def has_matplotlib() -> bool:
-    if not BENCH_PYTHON.exists():
-        return False
-    probe = subprocess.run([str(BENCH_PYTHON), "-c", "import matplotlib"], timeout=60)
-    return probe.returncode == 0
+def python_with_matplotlib() -> str:
+    for python in (sys.executable, str(BENCH / ".venv" / "bin" / "python")):
+        if Path(python).exists():
+            probe = subprocess.run([python, "-c", "import matplotlib"], timeout=60)
+            if probe.returncode == 0:
+                return python
+    return ""
 
 
+BENCH_PYTHON = python_with_matplotlib()
 pytestmark = pytest.mark.skipif(
-    not has_matplotlib(), reason="bench/.venv with matplotlib (python3 bench/run_all.py makes it)"
+    not BENCH_PYTHON, reason="matplotlib (the test extra, or bench/.venv made by run_all.py)"
 )
 
 
