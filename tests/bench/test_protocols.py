@@ -4,12 +4,12 @@ against a real centripy process (every delivery accounted, none lost)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.bench.fanout_run import small_fanout
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -68,28 +68,9 @@ def test_uni_pushes_parse() -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("proto", ["centrifugo-protobuf", "centrifugo-uni-ws"])
 def test_fanout_against_centripy(tmp_path: Path, proto: str) -> None:
-    from tests.support.server import ServerProcess
-
-    config = {"client_insecure": True, "api_key": "bench", "uni_websocket": True}
-    server = ServerProcess(config, tmp_path).start()
-    try:
-        command = [
-            sys.executable,
-            str(BENCH / "fanout.py"),
-            "--proto",
-            proto,
-            "--ws-url",
-            f"ws://{server.host}:{server.port}",
-            "--api-url",
-            f"{server.http_url}/api/publish",
-            *("-n", "6", "-c", "2", "-m", "40", "--drain", "2", "--settle", "0.2"),
-            *("--max-seconds", "40", "--server-pid", str(server.pid)),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
-    finally:
-        server.stop()
-    record = json.loads(done.stdout.strip().splitlines()[-1])
-    assert record["connections"] == 6 and record["connect_errors"] == {}
-    assert record["publish_acked"] == 40 and record["deliveries_received"] == 6 * 20
-    assert (record["lost"], record["duplicated"], record["reordered"]) == (0, 0, 0)
-    assert record["client_errors"] == {} and record["disconnects"] == 0
+    small_fanout(
+        {"client_insecure": True, "api_key": "bench", "uni_websocket": True},
+        tmp_path,
+        proto,
+        http_url=False,
+    )
