@@ -49,7 +49,7 @@ from centripy.transports.http_common import (
     send_to_stream,
 )
 from centripy.transports.origins import origin_allowed
-from centripy.transports.ws_protocol import OP_TEXT, frame
+from centripy.transports.websocket import frame_messages
 
 CONNECT_PARAM = "cf_connect"
 # Centrifugo's uni_websocket pings natively every 25 s and drops a connection that sent
@@ -170,8 +170,10 @@ class _UniWebSocketTransport:
         if conn is None or stream is None or conn.is_closing():
             raise tornado.websocket.WebSocketClosedError()
         if len(messages) == 1:
-            return send_to_stream(stream, _text_frame(messages[0]))
-        return send_to_stream(stream, b"".join(map(_text_frame, messages)))
+            return send_to_stream(stream, frame_messages(messages, protobuf=False))
+        return send_to_stream(
+            stream, b"".join(frame_messages((m,), protobuf=False) for m in messages)
+        )
 
     def abort(self) -> None:
         self._handler.drop()
@@ -186,16 +188,6 @@ class _UniWebSocketTransport:
         task = asyncio.get_running_loop().create_task(_drop_after(handler, sent))
         handler.ctx.background.add(task)
         task.add_done_callback(handler.ctx.background.discard)
-
-
-def _text_frame(message: bytes) -> bytes:
-    """The text frame of `message`; a `Push`'s is made once and kept in `Push.framed`."""
-    if type(message) is Push:
-        framed = message.framed
-        if framed is None:
-            framed = message.framed = frame(OP_TEXT, message)
-        return framed
-    return frame(OP_TEXT, message)
 
 
 async def _within(pending: Awaitable[None], timeout: float) -> None:
