@@ -20,6 +20,7 @@ stdout (and to --out). Every wait is bounded; client processes that overrun are 
 
 from __future__ import annotations
 
+import abc
 import argparse
 import array
 import asyncio
@@ -141,7 +142,7 @@ class Shared:
             self.all_received.set()
 
 
-class RawWebSocket(asyncio.Protocol):
+class RawWebSocket(asyncio.Protocol, metaclass=abc.ABCMeta):
     """A client WebSocket on a raw asyncio transport (cheaper than aiohttp's client at tens
     of thousands of connections): sends the upgrade `request`, checks the answer against
     `key`, sends `hello` as the first text frame, then reassembles messages (`message`),
@@ -206,8 +207,9 @@ class RawWebSocket(asyncio.Protocol):
     def closed_by_server(self, code: int, reason: bytes) -> None:
         """A close frame came (the connection is then closed)."""
 
+    @abc.abstractmethod
     def message(self, message: bytes) -> None:
-        raise NotImplementedError
+        """One whole message (text or binary) from the server."""
 
 
 class IdleClient(RawWebSocket):
