@@ -28,6 +28,7 @@ from centripy.engine.api_requests import METHODS, DecodeError, api_error, decode
 from centripy.engine.config import Config
 from centripy.engine.protocol import json_codec
 from centripy.engine.protocol.codes import Error
+from centripy.transports.linger import duplicate, linger
 
 JSON_TYPE: Final = "application/json"
 TEXT_TYPE: Final = "text/plain; charset=utf-8"
@@ -296,12 +297,15 @@ class GoAnswers(RequestHandler):
     """Answers as Centrifugo's Go handlers write them: a status, a body and a Content-Type
     only when given (the API's and the admin's handlers)."""
 
-    def _answer(self, status: int, body: bytes = b"", content_type: str = "") -> None:
+    def _answer(
+        self, status: int, body: bytes = b"", content_type: str = ""
+    ) -> asyncio.Future[None]:
+        """Finish with `status`; the future resolves once the answer is flushed."""
         self.set_status(status)
         self.clear_header("Content-Type")
         if content_type:
             self.set_header("Content-Type", content_type)
-        self.finish(body)
+        return self.finish(body)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Tornado's own errors (unsupported method, uncaught exception): Go-like bodies."""
@@ -317,7 +321,7 @@ class GoAnswers(RequestHandler):
 class _ApiHandler(GoAnswers):
     """The body is streamed in, after the checks of `prepare`: a caller without the API
     key, or announcing a body over `api_max_request_body_size`, is answered before any
-    of its body is read (Tornado then closes the connection); a chunked body that grows
+    of its body is read (then the connection closes, with a linger); a chunked body that grows
     past the limit makes Tornado drop the connection."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
@@ -331,14 +335,20 @@ class _ApiHandler(GoAnswers):
             self._answer(405)
             return
         if not self.endpoint.authorized(self._header, self.request.query):
-            self._answer(401)
+            self._refuse(401)
             return
         limit = self.endpoint.config.api_max_request_body_size
         length = self.request.headers.get("Content-Length", "").strip()
         if length.isdigit() and int(length) > limit:
-            self._answer(413, TOO_LARGE, JSON_TYPE)
+            self._refuse(413, TOO_LARGE, JSON_TYPE)
             return
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+
+    def _refuse(self, status: int, body: bytes = b"", content_type: str = "") -> None:
+        """Answer before the body is read; Tornado then closes its stream, and a duplicate
+        of the socket lingers (`linger.py`) so that a caller still sending reads the answer."""
+        sock = duplicate(self.request.connection.stream)  # type: ignore[union-attr]
+        self._answer(status, body, content_type).add_done_callback(lambda _: linger(sock))
 
     def data_received(self, chunk: bytes) -> None:
         self._chunks.append(chunk)

@@ -52,6 +52,7 @@ from centripy.transports.api_http import (
     ApiMethodHandler,
 )
 from centripy.transports.http11 import HEAD_END, RequestHead, lean_post, parse_request_head
+from centripy.transports.linger import duplicate, linger
 from centripy.transports.tornado_compat import detach, unread
 from centripy.transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket
 from centripy.transports.ws_protocol import accept_upgrade
@@ -357,12 +358,16 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         self, stream: tornado.iostream.IOStream, status: int, body: bytes, content_type: str
     ) -> None:
         """Answer `status` without reading the request body, and close the connection (a
-        refused caller never makes us buffer its body)."""
+        refused caller never makes us buffer its body) with a linger, so that a caller still
+        sending its body reads the answer rather than a reset."""
         data = response_bytes(status, body, content_type, self._date.value(), close=True)
+        sock = None
         try:
             await stream.write(data)
+            sock = duplicate(stream)
         finally:
             stream.close()
+        linger(sock)
 
     @staticmethod
     def _log(

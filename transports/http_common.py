@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format
+from centripy.transports.linger import duplicate, linger
 from centripy.transports.origins import origin_allowed
 
 # Centrifugo gives each streamed write (and the response head) one second.
@@ -128,6 +130,8 @@ class LimitedBodyHandler(tornado.web.RequestHandler):
     ctx: ConnContext
     body_limit: int = 65536
 
+    _lingering: socket.socket | None = None
+
     def prepare(self) -> None:
         self._set_cors_headers()
         self._chunks: list[bytes] = []
@@ -136,7 +140,10 @@ class LimitedBodyHandler(tornado.web.RequestHandler):
         length = self.request.headers.get("Content-Length")
         if self.request.method == "POST" and content_length_exceeds(length, self.body_limit):
             self._too_large = True
-            self.send_error(413)  # the body is never read; Tornado closes the connection
+            # The body is never read: Tornado closes its stream, and a duplicate of the
+            # socket lingers once the answer is flushed (see `write_error`).
+            self._lingering = duplicate(self.request.connection.stream)  # type: ignore[union-attr]
+            self.send_error(413)
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
@@ -165,7 +172,8 @@ class LimitedBodyHandler(tornado.web.RequestHandler):
         headers: the CORS ones are set again)."""
         self.clear_header("Content-Type")
         self._set_cors_headers()
-        self.finish()
+        sock, self._lingering = self._lingering, None
+        self.finish().add_done_callback(lambda _: linger(sock))
 
     def _set_cors_headers(self) -> None:
         headers = self.request.headers

@@ -143,6 +143,37 @@ def test_announced_body_over_the_limit_gets_413_unread(server: ServerProcess, pa
     assert response.startswith(b"HTTP/1.1 413"), response
 
 
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/api/publish", ""),
+        ("/connection/http_stream", ""),
+        ("/connection/http_stream", "Expect: 100-continue\r\n"),  # Tornado's handler
+        ("/emulation", "Expect: 100-continue\r\n"),
+    ],
+)
+def test_a_refused_sender_reads_413_not_a_reset(
+    server: ServerProcess, path: str, extra: str
+) -> None:
+    """The answer comes before the body is read; a client that goes on sending its body
+    (as HTTP clients do) still reads it whole, then the server's FIN (`linger.py`)."""
+    sock = _connect(server)
+    sock.sendall(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n%sContent-Length: 5000000\r\n\r\n"
+        % (path.encode(), TEST_API_KEY.encode(), extra.encode())
+    )
+    head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    for _ in range(20):
+        sock.sendall(b"x" * 8192)  # a reset would raise here
+        time.sleep(0.002)
+    rest = b""
+    while chunk := sock.recv(65536):  # up to the FIN; a reset would raise here too
+        rest += chunk
+    assert (head + rest).count(b"HTTP/1.1 ") == 1
+    sock.close()
+
+
 def test_sockjs_send_over_its_own_limit_gets_413_unread(server_factory: ServerFactory) -> None:
     server = server_factory({**HOSTILE, "api_max_request_body_size": 50_000_000})
     sock = _connect(server)
