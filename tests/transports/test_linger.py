@@ -18,9 +18,7 @@ BODY = b'{"channel": "c", "data": {}}' + b" " * 40_000
 
 
 def _head(key: str, framing: str) -> bytes:
-    return (
-        f"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n{framing}\r\n"
-    ).encode()
+    return (f"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n{framing}\r\n").encode()
 
 
 async def _refused_then_send(number: int, head: bytes, body: bytes) -> tuple[Response, bytes]:
