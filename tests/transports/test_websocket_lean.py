@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import struct
@@ -330,6 +331,30 @@ async def test_a_slow_reader_is_disconnected_with_3008(serve: Callable[..., obje
         if opcode == 0x8:
             break
     assert struct.unpack("!H", data[:2])[0] == 3008
+
+
+async def test_a_stalled_reader_is_dropped_after_the_write_timeout(
+    serve: Callable[..., object],
+) -> None:
+    """A client that stops reading is dropped once a write has waited
+    `websocket_write_timeout` (Centrifugo's per-write deadline), long before its queue would
+    reach client_queue_max_size: the TCP connection just ends, without a 3008 close."""
+    server: Server = await serve(  # type: ignore[misc]
+        client_queue_max_size=512 << 20, websocket_write_timeout=0.3
+    )
+    client = await connected(server.port)
+    payload = b'{"pad":"' + b"x" * 60_000 + b'"}'
+    for _ in range(100):  # 6 MB: more than loopback's socket buffers, far under the queue
+        await server.node.publish("news", payload)
+        await asyncio.sleep(0)
+    await asyncio.sleep(1.0)  # read nothing for longer than the write timeout
+    received = 0
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionResetError):
+        while True:
+            opcode, _ = await asyncio.wait_for(client.recv(), 5)
+            assert opcode != 0x8, "dropped without a close frame"
+            received += 1
+    assert received < 100  # cut off: not everything was delivered
 
 
 @pytest.mark.parametrize(
