@@ -9,7 +9,10 @@ reads the request head itself and parses it once (`http11.parse_request_head`), 
 
 * a POST to an API route that `http11.lean_post` accepts (Content-Length body, no
   Transfer-Encoding, Expect or Upgrade, HTTP/1.0 or 1.1) is answered with the same
-  `ApiEndpoint` the Tornado handlers use, and the next request is read;
+  `ApiEndpoint` the Tornado handlers use, and the next request is read; on a plain TCP
+  stream, a keep-alive one moves the socket to an asyncio transport driving an
+  `api_protocol.ApiConnection`, which answers it and the next ones (and hands the
+  connection back to Tornado when a request it does not answer comes);
 * a WebSocket handshake to the client WebSocket route (`ws_protocol.accept_upgrade`, and
   `websocket.lean_websocket`: no compression, an allowed Origin) on a plain TCP stream gets
   its socket moved to an asyncio transport driving a `websocket.LeanWebSocket`;
@@ -33,6 +36,7 @@ import asyncio
 import email.utils
 import http
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -51,7 +55,14 @@ from centripy.transports.api_http import (
     ApiLegacyHandler,
     ApiMethodHandler,
 )
-from centripy.transports.http11 import HEAD_END, RequestHead, lean_post, parse_request_head
+from centripy.transports.api_protocol import ApiConnection, peer_ip
+from centripy.transports.http11 import (
+    HEAD_END,
+    MAX_HEAD,
+    RequestHead,
+    lean_post,
+    parse_request_head,
+)
 from centripy.transports.linger import duplicate, linger
 from centripy.transports.tornado_compat import detach, unread
 from centripy.transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket
@@ -60,12 +71,12 @@ from centripy.transports.ws_protocol import accept_upgrade
 log = logging.getLogger("centripy.api")
 access_log = logging.getLogger("tornado.access")
 
-MAX_HEAD: Final = 65536  # Tornado's default max_header_size
-
 # The endpoint of the route and the API method (None for the legacy `POST <prefix>`).
 Route = tuple[ApiEndpoint, str | None]
 # The handler class a path routes to, its keyword arguments and its path arguments.
 Match = tuple[type, dict[str, Any], list[bytes]]
+# What to answer, before reading it, to a request announcing a body: status, body, type.
+Refusal = tuple[int, bytes, str]
 _ANY_HOST: Final = ".*$"  # HostMatches(".*")
 
 
@@ -164,6 +175,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         self._rules_key = (-1, -1)
         self._rules: list[tornado.routing.Rule] | None = None
         self._lean: set[tornado.iostream.IOStream] = set()
+        self._api_connections: set[ApiConnection] = set()
         self._websockets: set[LeanWebSocket] = set()
         self._date = _DateHeader()
 
@@ -175,9 +187,15 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
     async def close_all_connections(self) -> None:
         for stream in list(self._lean):
             stream.close()
+        for connection in list(self._api_connections):
+            connection.close()
         for ws in list(self._websockets):
             ws.abort()
         await super().close_all_connections()
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     def lean_rules(self) -> list[tornado.routing.Rule] | None:
         """The application's path rules, in the order Tornado tries them, when routing does
@@ -227,6 +245,16 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                 return min(limit, self._limits.max_body)
         return self._limits.max_body
 
+    def triage(self, request: RequestHead | None) -> tuple[Route | None, Refusal | None]:
+        """What the lean path does with a request head: (the API route it answers the
+        request on, or None when Tornado must answer it: no head `parse_request_head`
+        accepts, not a `lean_post`, another route; what to answer before reading the body
+        the request announces, or None: see `refusal`, which applies to every route)."""
+        if request is None or not lean_post(request):
+            return None, None
+        route = self.route(request.path)
+        return route, self.refusal(request, route) if request.content_length else None
+
     def route(self, path: str) -> Route | None:
         """The API route a POST to `path` takes, or None when the application routes `path`
         to another handler (or nowhere)."""
@@ -264,21 +292,21 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                     if await self._upgrade(stream, request):
                         return
                     request = None
-                elif request is not None and not lean_post(request):
-                    request = None
-                route = None if request is None else self.route(request.path)
-                if request is not None and request.content_length:
-                    refusal = self._refusal(request, route)
-                    if refusal is not None:
-                        await self._refuse(stream, *refusal)
-                        self._log(refusal[0], request, stream, time.monotonic())
-                        return
+                route, refusal = self.triage(request)
+                if request is not None and refusal is not None:
+                    await self._refuse(stream, refusal)
+                    self.log_request(refusal[0], request, peer_ip(address), time.monotonic())
+                    return
                 if request is None or route is None:
                     unread(stream, head)
                     self._lean.discard(stream)
                     super().handle_stream(stream, address)
                     return
-                if not await self._answer(stream, request, *route):
+                if request.keep_alive and type(stream) is tornado.iostream.IOStream:
+                    self._lean.discard(stream)
+                    await self._to_protocol(stream, head, address)
+                    return
+                if not await self._answer(stream, request, *route, peer_ip(address)):
                     stream.close()
                     return
         except StreamClosedError:
@@ -288,6 +316,27 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             stream.close()
         finally:
             self._lean.discard(stream)
+
+    async def _to_protocol(
+        self, stream: tornado.iostream.IOStream, head: bytes, address: Any
+    ) -> None:
+        """Move the connection to an asyncio transport with an `ApiConnection`, which
+        answers the request in `head` first."""
+        sock, early = detach(stream)
+        protocol = ApiConnection(self, address, head + early, self._api_connections)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
+        except OSError:
+            sock.close()
+
+    def hand_over(self, sock: socket.socket, data: bytes, address: Any) -> None:
+        """Give a connection an `ApiConnection` served back to Tornado: a new stream on
+        `sock`, `data` (bytes received, not consumed) in front of its read buffer."""
+        stream = tornado.iostream.IOStream(
+            sock, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
+        )
+        unread(stream, data)
+        super().handle_stream(stream, address)
 
     async def _upgrade(self, stream: tornado.iostream.IOStream, request: RequestHead) -> bool:
         """Take a WebSocket upgrade to the client WebSocket route on the lean path: the
@@ -305,7 +354,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         if protocol is None:
             return False
         if not ctx.admission.admit():  # client_connection_limit / _rate_limit: 503
-            await self._refuse(stream, 503, b"", "")
+            await self._refuse(stream, (503, b"", ""))
             return True
         self._lean.discard(stream)
         sock, protocol.early = detach(stream)
@@ -321,6 +370,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         request: RequestHead,
         endpoint: ApiEndpoint,
         method: str | None,
+        ip: str,
     ) -> bool:
         """Answer one request; True when the connection stays open for the next one."""
         started = time.monotonic()
@@ -332,6 +382,19 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                 body = await stream.read_bytes(request.content_length)
             finally:
                 timer.cancel()
+        await stream.write(await self.respond(request, body, endpoint, method, ip, started))
+        return request.keep_alive
+
+    async def respond(
+        self,
+        request: RequestHead,
+        body: bytes,
+        endpoint: ApiEndpoint,
+        method: str | None,
+        ip: str,
+        started: float,
+    ) -> bytes:
+        """The response to `request` (`endpoint.answer`; 500 when it fails), logged."""
         try:
             status, out, content_type = await endpoint.answer(
                 method, body, request.header, request.query
@@ -339,40 +402,40 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         except Exception:
             log.exception("server API request to %s failed", request.path)
             status, out, content_type = 500, b"Internal Server Error\n", "text/plain; charset=utf-8"
-        keep_10 = request.keep_alive and request.http10
-        await stream.write(response_bytes(status, out, content_type, self._date.value(), keep_10))
         if status >= 400 or access_log.isEnabledFor(logging.DEBUG):
-            self._log(status, request, stream, started)
-        return request.keep_alive
+            self.log_request(status, request, ip, started)
+        keep_10 = request.keep_alive and request.http10
+        return response_bytes(status, out, content_type, self._date.value(), keep_10)
 
-    def _refusal(self, request: RequestHead, route: Route | None) -> tuple[int, bytes, str] | None:
+    def refusal(self, request: RequestHead, route: Route | None) -> Refusal | None:
         """What to answer, before reading it, to a request announcing a body: 401 to an API
-        caller without the key, 413 beyond the route's body limit; None to go on."""
+        caller without the key, 413 beyond the body limit of the route (any route: Tornado
+        would answer 400); None to go on."""
         if route is not None and not route[0].authorized(request.header, request.query):
             return 401, b"", ""
         if request.content_length > self.body_limit(request.path):
             return 413, TOO_LARGE, JSON_TYPE
         return None
 
-    async def _refuse(
-        self, stream: tornado.iostream.IOStream, status: int, body: bytes, content_type: str
-    ) -> None:
-        """Answer `status` without reading the request body, and close the connection (a
+    def refusal_bytes(self, refusal: Refusal) -> bytes:
+        """The answer of a refusal; the connection then closes (with a linger)."""
+        status, body, content_type = refusal
+        return response_bytes(status, body, content_type, self._date.value(), close=True)
+
+    async def _refuse(self, stream: tornado.iostream.IOStream, refusal: Refusal) -> None:
+        """Answer `refusal` without reading the request body, and close the connection (a
         refused caller never makes us buffer its body) with a linger, so that a caller still
         sending its body reads the answer rather than a reset."""
-        data = response_bytes(status, body, content_type, self._date.value(), close=True)
         sock = None
         try:
-            await stream.write(data)
+            await stream.write(self.refusal_bytes(refusal))
             sock = duplicate(stream)
         finally:
             stream.close()
         linger(sock)
 
     @staticmethod
-    def _log(
-        status: int, request: RequestHead, stream: tornado.iostream.IOStream, started: float
-    ) -> None:
+    def log_request(status: int, request: RequestHead, ip: str, started: float) -> None:
         """Access log of a request, as Tornado's path logs it (centripy/server.py): failures
         at warning (error for 5xx), the others at debug; the path only, never the query or
         the headers (they may hold the API key)."""
@@ -380,11 +443,4 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.DEBUG
         )
         millis = 1000.0 * (time.monotonic() - started)
-        access_log.log(level, "%d POST %s (%s) %.2fms", status, request.path, _ip(stream), millis)
-
-
-def _ip(stream: tornado.iostream.IOStream) -> str:
-    try:
-        return str(stream.socket.getpeername()[0])
-    except (OSError, AttributeError, IndexError):
-        return "-"
+        access_log.log(level, "%d POST %s (%s) %.2fms", status, request.path, ip, millis)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Final
 
 HEAD_END: Final = b"\r\n\r\n"
+MAX_HEAD: Final = 65536  # the largest head read, end included (Tornado's max_header_size)
 MAX_CONTENT_LENGTH_DIGITS: Final = 18  # below 2**63: never an overflow anywhere
 
 # The grammar (RFC 9110 / 9112, as Tornado's `httputil._ABNF` checks it), on the head

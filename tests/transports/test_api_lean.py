@@ -6,8 +6,10 @@ carry `Server: TornadoServer/..`; the lean path's do not, which tells the two ap
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pytest
@@ -21,7 +23,7 @@ from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter
 from centripy.transports.api_http import api_routes
-from centripy.transports.api_lean import LeanHTTPServer, response_bytes
+from centripy.transports.api_lean import LeanHTTPServer, Limits, response_bytes
 from centripy.transports.http11 import RequestHead, lean_post, parse_request_head
 from tests.engine.test_api import RecordingSessions
 
@@ -70,8 +72,13 @@ def post(path: str, body: bytes, extra: str = "", version: str = "HTTP/1.1") -> 
     return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
-@pytest.fixture
-async def port() -> AsyncIterator[int]:
+@contextlib.asynccontextmanager
+async def lean_server(
+    limits: Limits | None = None, extra_routes: Sequence[Any] = ()
+) -> AsyncIterator[tuple[LeanHTTPServer, int]]:
+    """A `LeanHTTPServer` on a free port (the server API, `/echo` and `extra_routes`; a
+    keyword argument `endpoint_class` of theirs is replaced by an endpoint of that class)
+    and its port; stopped, its connections closed, on exit."""
     config = Config(api_key=KEY)
     log = MemoryEventLog()
     await log.start()
@@ -80,14 +87,29 @@ async def port() -> AsyncIterator[int]:
     node = Node(config, log, writer.submit_many, MemoryPresence())
     sessions = RecordingSessions()
     sessions.node = node
-    routes = [(r"/echo", Echo), *api_routes(Executor(node, sessions), config)]
-    server = LeanHTTPServer(tornado.web.Application(routes), lean_api=True)
+    executor = Executor(node, sessions)
+    extra = [
+        (path, handler, {"endpoint": kwargs["endpoint_class"](executor, config)})
+        if "endpoint_class" in kwargs
+        else (path, handler, kwargs)
+        for path, handler, kwargs in extra_routes
+    ]
+    routes = [(r"/echo", Echo), *extra, *api_routes(executor, config)]
+    server = LeanHTTPServer(tornado.web.Application(routes), lean_api=True, limits=limits)
     sock, number = bind_unused_port()
     server.add_sockets([sock])
-    yield number
-    server.stop()
-    await server.close_all_connections()
-    await writer.close()
+    try:
+        yield server, number
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        await writer.close()
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    async with lean_server() as (_, number):
+        yield number
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
