@@ -23,7 +23,10 @@ always does (malformed requests included). The policy is explicit, in two steps:
      implements those; we do not), answered by the API fast path;
    - `ws_protocol.accept_upgrade(request)`: a WebSocket handshake.
 
-Both see the same `RequestHead`: a head is parsed once.
+Both see the same `RequestHead`: a head is parsed once. And a head seen recently is not
+parsed again: an API client sends the same head over and over (the same headers, often the
+same Content-Length), so the `RequestHead`s of up to `REMEMBERED` short heads are kept, and
+shared (read-only: a frozen dataclass).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Final
 HEAD_END: Final = b"\r\n\r\n"
 MAX_HEAD: Final = 65536  # the largest head read, end included (Tornado's max_header_size)
 MAX_CONTENT_LENGTH_DIGITS: Final = 18  # below 2**63: never an overflow anywhere
+REMEMBERED: Final = 512  # heads whose parse is kept (all forgotten when full)
+REMEMBERED_SIZE: Final = 2048  # longer heads are parsed each time
 
 # The grammar (RFC 9110 / 9112, as Tornado's `httputil._ABNF` checks it), on the head
 # decoded as latin-1 (one character per byte). A field line is `token ":" OWS value OWS`
@@ -53,10 +58,10 @@ _HOST: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+;=\[\]:]*(?::[0-9]*)?")  # no
 _HANDED_OVER: Final = ("transfer-encoding", "expect", "upgrade")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestHead:
-    """A request head `parse_request_head` accepted; read-only by convention (not a frozen
-    dataclass, whose `__init__` costs five times as much, once per request)."""
+    """A request head `parse_request_head` accepted (shared by the requests with the same
+    head: never change its `headers`)."""
 
     method: str
     path: str  # the target before `?`
@@ -84,10 +89,26 @@ class RequestHead:
         return "keep-alive" in connection if self.http10 else "close" not in connection
 
 
+_remembered: dict[bytes, RequestHead | None] = {}
+
+
 def parse_request_head(head: bytes) -> RequestHead | None:
     """The request in `head` (request line and header lines, ending with an empty line, as
     read up to the first `\\r\\n\\r\\n`) when it passes the policy in the module docstring;
     None otherwise (the caller then leaves the bytes to Tornado). Never raises."""
+    if len(head) > REMEMBERED_SIZE:
+        return _parse(head)
+    try:
+        return _remembered[head]
+    except KeyError:
+        pass
+    if len(_remembered) >= REMEMBERED:
+        _remembered.clear()
+    request = _remembered[head] = _parse(head)
+    return request
+
+
+def _parse(head: bytes) -> RequestHead | None:
     match = _HEAD.fullmatch(head.decode("latin-1"))
     if match is None:
         return None

@@ -12,6 +12,7 @@ import tornado.httputil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from centripy.transports import http11
 from centripy.transports.http11 import RequestHead, lean_post, parse_request_head
 from centripy.transports.ws_protocol import accept_upgrade
 from tests.transports.test_fuzz_transports import ANY_HEAD
@@ -95,3 +96,24 @@ def test_keep_alive(version: bytes, connection: str) -> None:
         assert request.keep_alive == (connection == "keep-alive")
     else:
         assert request.keep_alive == (connection != "close")
+
+
+def test_a_head_seen_again_is_not_parsed_again() -> None:
+    head = b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n"
+    first = parse_request_head(head)
+    assert first is not None and first.content_length == 12
+    assert parse_request_head(bytes(bytearray(head))) is first  # the same bytes: remembered
+    other = parse_request_head(head.replace(b"12", b"13"))
+    assert other is not None and other.content_length == 13
+    assert parse_request_head(b"POST /a HTTP/1.1\r\nX: \x00\r\n\r\n") is None  # refusals too
+    assert parse_request_head(b"POST /a HTTP/1.1\r\nX: \x00\r\n\r\n") is None
+
+
+def test_what_is_remembered_is_bounded() -> None:
+    for i in range(3 * http11.REMEMBERED):
+        assert parse_request_head(b"POST /%d HTTP/1.1\r\n\r\n" % i) is not None
+        assert len(http11._remembered) <= http11.REMEMBERED
+    long = b"POST /a HTTP/1.1\r\nX: " + b"a" * http11.REMEMBERED_SIZE + b"\r\n\r\n"
+    request = parse_request_head(long)
+    assert request is not None and request.headers["x"] == "a" * http11.REMEMBERED_SIZE
+    assert long not in http11._remembered and parse_request_head(long) is not request
