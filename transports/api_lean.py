@@ -104,16 +104,31 @@ def response_bytes(
     close: bool = False,
 ) -> bytes:
     """A complete HTTP/1.1 response with a Content-Length."""
-    head = [b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode())]
-    if content_type:
-        head.append(b"Content-Type: " + content_type.encode())
-    head.append(b"Content-Length: %d" % len(body))
-    head.append(b"Date: " + date)
-    if close:
-        head.append(b"Connection: close")
-    elif keep_alive_10:
-        head.append(b"Connection: keep-alive")
-    return b"\r\n".join(head) + HEAD_END + body
+    connection = b"Connection: close\r\n" if close else _KEEP_ALIVE if keep_alive_10 else b""
+    return b"%sContent-Length: %d\r\nDate: %s\r\n%s\r\n%s" % (
+        _status_head(status, content_type),
+        len(body),
+        date,
+        connection,
+        body,
+    )
+
+
+_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+_status_heads: dict[tuple[int, str], bytes] = {}
+
+
+def _status_head(status: int, content_type: str) -> bytes:
+    """The status line and Content-Type of a response (remembered)."""
+    key = (status, content_type)
+    head = _status_heads.get(key)
+    if head is None:
+        head = b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())
+        if content_type:
+            head += b"Content-Type: " + content_type.encode() + b"\r\n"
+        if len(_status_heads) < 256:
+            _status_heads[key] = head
+    return head
 
 
 @dataclass(frozen=True, slots=True)
