@@ -163,6 +163,10 @@ class SqlEventLog(EventLog):
     on the raw driver connection). Every public method runs on the server's event loop."""
 
     driver_errors: tuple[type[BaseException], ...] = (sa.exc.SQLAlchemyError, OSError)
+    # Publications go in as multi-row INSERTs (one statement per MAX_ROWS_PER_STATEMENT)
+    # rather than one executemany: SQLite's driver takes the GIL back after every row of
+    # an executemany, which behind a busy event loop costs a switch interval (5 ms) each.
+    insert_in_one = False
 
     def __init__(
         self,
@@ -200,6 +204,12 @@ class SqlEventLog(EventLog):
     async def _lock_schema(self, conn: AsyncConnection) -> None:
         """Serialise concurrent migrations (PostgreSQL: advisory lock). Default: nothing."""
 
+    async def _opened(self) -> None:
+        """After the schema is in place (start). Default: nothing."""
+
+    async def _closing(self) -> None:
+        """Before the engine is disposed (close, or a failed start). Default: nothing."""
+
     # --- lifecycle --------------------------------------------------------------------------------
 
     @property
@@ -220,7 +230,9 @@ class SqlEventLog(EventLog):
                     await conn.run_sync(migrate_sync, self.tables)
                     self._salt = await conn.run_sync(load_salt_sync, self.tables)
                 self._sql = Statements(self.tables, self._insert, self._engine.dialect)
+            await self._opened()
         except BaseException:
+            await self._closing()
             engine, self._engine = self._engine, None
             await engine.dispose()
             raise
@@ -237,6 +249,7 @@ class SqlEventLog(EventLog):
             self._gc_task = None
         await self._idle.wait()
         if self._engine is not None:
+            await self._closing()
             await self._engine.dispose()
             self._engine = None
 
@@ -413,7 +426,11 @@ class SqlEventLog(EventLog):
             assert leader is not None  # a follower comes after its leader
             offset, epoch = leader.publication.offset, leader.epoch
             results[i] = AppendResult(publication_of(requests[i], offset, now), epoch, True)
-        if rows:
+        if rows and self.insert_in_one:
+            for part in chunks(rows):
+                values = [value for row in part for value in row]
+                yield ("execute", sql.insert_rows(len(part)), values)
+        elif rows:
             yield ("executemany", sql.insert_pubs, rows)
         keyed = [i for i in leaders.values() if i in positions]  # claimed, with history
         if keyed:

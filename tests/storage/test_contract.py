@@ -24,6 +24,7 @@ from centripy.storage.memory import MemoryEventLog
 from centripy.storage.postgres import PostgresEventLog
 from centripy.storage.sql import SqlEventLog
 from centripy.storage.sql_schema import SCHEMA_VERSION
+from centripy.storage.sql_statements import Sql
 from centripy.storage.sqlite import SqliteEventLog
 from tests.storage.conftest import FakeClock, LogFactory
 
@@ -496,10 +497,13 @@ async def test_failed_batch_applies_nothing(
     sql = log._sql
     assert sql is not None
     name = log.tables.publications.name
-    broken = dataclasses.replace(
-        sql.insert_pubs, text=sql.insert_pubs.text.replace(name, name + "_x")
-    )
-    monkeypatch.setattr(sql, "insert_pubs", broken)
+
+    def broken(stmt: Sql) -> Sql:
+        return dataclasses.replace(stmt, text=stmt.text.replace(name, name + "_x"))
+
+    insert_rows = sql.insert_rows  # SQLite's multi-row insert, PostgreSQL's executemany
+    monkeypatch.setattr(sql, "insert_rows", lambda n: broken(insert_rows(n)))
+    monkeypatch.setattr(sql, "insert_pubs", broken(sql.insert_pubs))
     with pytest.raises(StorageError) as info:
         await log.append_many([req(n=2, idempotency_key="k"), req("other", 1)])
     assert info.value.__cause__ is not None
