@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
@@ -428,7 +429,7 @@ class SqlEventLog(EventLog):
             results[i] = AppendResult(publication_of(requests[i], offset, now), epoch, True)
         if rows and self.insert_in_one:
             for part in chunks(rows):
-                values = [value for row in part for value in row]
+                values = list(itertools.chain.from_iterable(part))
                 yield ("execute", sql.insert_rows(len(part)), values)
         elif rows:
             yield ("executemany", sql.insert_pubs, rows)
