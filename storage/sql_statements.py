@@ -190,22 +190,18 @@ class Statements:
         self.delete_channel = self._sql(
             sa.delete(t.publications).where(p.channel == b("b_channel"))
         )
-        self.read = self._sql(
+        # touch: refresh a live stream's meta expiry; read: the same, returning its position
+        touch = (
             sa.update(t.streams)
             .where(
                 s.channel == b("b_channel"),
                 sa.or_(s.meta_expires_at.is_(None), s.meta_expires_at >= b("b_now")),
             )
             .values(meta_touched_at=b("b_now"), meta_expires_at=b("b_expires"))
-            .returning(s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
         )
-        self.touch = self._sql(
-            sa.update(t.streams)
-            .where(
-                s.channel == b("b_channel"),
-                sa.or_(s.meta_expires_at.is_(None), s.meta_expires_at >= b("b_now")),
-            )
-            .values(meta_touched_at=b("b_now"), meta_expires_at=b("b_expires"))
+        self.touch = self._sql(touch)
+        self.read = self._sql(
+            touch.returning(s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
         )
         self.forget_keys = self._sql(sa.delete(t.idempotency).where(k.expires_at < b("b_now")))
         self.forget_streams = self._sql(
