@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from pykka import ActorDeadError, ActorRef
@@ -40,6 +40,17 @@ from centripy.engine.sessions import (
 from centripy.engine.types import ClientInfo, Publication
 
 log = logging.getLogger("centripy.hub")
+
+
+class Coalescing(NamedTuple):
+    """When the fan-out of a saturated channel is held (`Hub.deliver`), in seconds."""
+
+    after: float = 0.002  # a publication this soon after its channel's last write: saturated
+    gap: float = 0.002  # a hold ends once no publication came for this long...
+    limit: float = 0.020  # ...or this long after it began
+
+
+COALESCING = Coalescing()
 
 # -- messages to connection actors (defined here so the hub needs no connection import) ----
 
@@ -79,7 +90,12 @@ class Hub:
     broker while they have local subscribers, and their actors sequence publications from
     every node (reading the node's log to fill gaps)."""
 
-    def __init__(self, node: Node | None = None, broker: Broker | None = None) -> None:
+    def __init__(
+        self,
+        node: Node | None = None,
+        broker: Broker | None = None,
+        coalescing: Coalescing = COALESCING,
+    ) -> None:
         self._node = node
         self._broker = broker
         self._broker_locks: dict[str, asyncio.Lock] = {}
@@ -91,6 +107,13 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self._fanout: InlineFanOut | None = None  # made on the loop thread (first deliver)
         self._release_pending = False
+        self._fanned: list[str] = []  # channels published to since the last release
+        self._coalescing = coalescing
+        self._hot: InlineFanOut | None = None  # holds saturated channels (see deliver)
+        self._hot_channels: set[str] = set()
+        self._hot_first = self._hot_last = 0.0
+        self._hot_timer: asyncio.TimerHandle | None = None
+        self._written: dict[str, float] = {}  # channel -> when its last fan-out was written
 
     # -- connections ----------------------------------------------------------------------
 
@@ -198,6 +221,7 @@ class Hub:
             return
         del self._channels[channel]
         del self._channel_subs[channel]
+        self._written.pop(channel, None)
         ref.stop(block=False)
         if self._broker is not None:
             task = asyncio.get_running_loop().create_task(self._sync_broker(channel))
@@ -207,9 +231,27 @@ class Hub:
     # -- Fanout ---------------------------------------------------------------------------
 
     def deliver(self, channel: str, pub: Publication, epoch: str) -> None:
+        """Fan a publication out. Its subscribers write in the next loop iteration, all the
+        publications of this iteration in one frame (`_tell_channel`); unless the channel is
+        saturated: a publication that comes within `coalescing.after` of the channel's
+        last write was waiting behind it (a publisher that publishes as fast as it is
+        acknowledged, a busy chat room). The fan-out of a saturated channel is then held
+        until no publication came for `coalescing.gap`, at most `coalescing.limit`
+        (`_hold`), so that each subscriber writes once for all of them: a write (a system
+        call per connection) costs far more than the message it carries. That trades up to
+        `gap` of latency for throughput only where publications queue anyway."""
         ref = self._live(channel)
-        if ref is not None:
-            self._tell_channel(ref, Deliver(channel, pub, epoch))
+        if ref is None:
+            return
+        message = Deliver(channel, pub, epoch)
+        now = time.monotonic()
+        if channel in self._hot_channels or now - self._written.get(channel, -1.0) < (
+            self._coalescing.after
+        ):
+            self._hold(channel, ref, message, now)
+            return
+        self._fanned.append(channel)
+        self._tell_channel(ref, message)
 
     def join(self, channel: str, info: ClientInfo) -> None:
         ref = self._live(channel)
@@ -236,7 +278,7 @@ class Hub:
             fanout.tell(ref, message)
         except ActorDeadError:
             return  # stopped between _live and here: nobody to deliver to
-        if not self._release_pending and fanout.holding:
+        if not self._release_pending and (fanout.holding or self._fanned):
             self._release_pending = True
             asyncio.get_running_loop().call_soon(self._release)
 
@@ -245,6 +287,54 @@ class Hub:
         self._release_pending = False
         if self._fanout is not None:
             self._fanout.release()
+        self._mark_written(self._fanned)
+        self._fanned = []
+
+    def _mark_written(self, channels: Iterable[str]) -> None:
+        """When the channels' subscribers have written: a publication to one of them soon
+        after this was waiting behind the writes."""
+        now = time.monotonic()
+        written = self._written
+        for channel in channels:
+            if channel in self._channels:
+                written[channel] = now
+
+    def _hold(self, channel: str, ref: ActorRef[Any], message: Deliver, now: float) -> None:
+        """`_tell_channel` for a saturated channel: held until `_release_hot`."""
+        fanout = self._hot
+        if fanout is None:
+            fanout = self._hot = InlineFanOut()
+        try:
+            fanout.tell(ref, message)
+        except ActorDeadError:
+            return
+        self._hot_channels.add(channel)
+        self._hot_last = time.monotonic()  # the gap counts from the end of this fan-out
+        if self._hot_timer is None:
+            self._hot_first = now
+            loop = asyncio.get_running_loop()
+            wait = min(self._coalescing.gap, self._coalescing.limit)
+            self._hot_timer = loop.call_later(wait, self._release_hot)
+
+    def _release_hot(self) -> None:
+        """The hold's timer: release once no publication came for `gap`, or at `limit`."""
+        coalescing = self._coalescing
+        due = min(self._hot_last + coalescing.gap, self._hot_first + coalescing.limit)
+        wait = due - time.monotonic()
+        if wait > 0.0:
+            self._hot_timer = asyncio.get_running_loop().call_later(wait, self._release_hot)
+            return
+        self._hot_timer = None
+        self._end_hold()
+
+    def _end_hold(self) -> None:
+        if self._hot_timer is not None:
+            self._hot_timer.cancel()
+            self._hot_timer = None
+        if self._hot is not None:
+            self._hot.release()
+        self._mark_written(self._hot_channels)
+        self._hot_channels.clear()
 
     def resync(self) -> None:
         """Messages from other nodes may have been lost: every channel re-reads its log."""
@@ -284,6 +374,7 @@ class Hub:
 
     async def shutdown(self, grace: float) -> None:
         """Tell every connection to disconnect with 3001 and wait (bounded) until gone."""
+        self._end_hold()
         self.tell(list(self._conns.values()), Shutdown())
         deadline = asyncio.get_running_loop().time() + grace
         while self._conns and asyncio.get_running_loop().time() < deadline:

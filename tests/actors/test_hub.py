@@ -5,13 +5,14 @@ channel actor that stopped, and shutdown. Connections are recording loop-driven 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
 import pytest
 
 from centripy.actors.channel import ChannelActor, Deliver, JoinLeave
-from centripy.actors.hub import Hub, ServerDisconnectMsg, SessionsAdapter, Shutdown
+from centripy.actors.hub import Coalescing, Hub, ServerDisconnectMsg, SessionsAdapter, Shutdown
 from centripy.engine.sessions import DisconnectCommand, NodeStats
 from centripy.engine.types import ClientInfo, Publication
 from tests.actors.harness import Harness, Recorder, make_config
@@ -111,6 +112,124 @@ async def test_publications_of_one_loop_turn_reach_each_subscriber_in_one_run() 
 
     hub.deliver("news", Publication(b"{}", 4), "ep")  # a later turn: a run of its own
     await eventually(lambda: a.runs == [[1, 2, 3], [4]], 5, "the next run")
+
+
+async def publish_paced(hub: Hub, channel: str, offsets: range, pause: float) -> None:
+    for offset in offsets:
+        hub.deliver(channel, Publication(b"{}", offset), "ep")
+        await asyncio.sleep(pause)
+
+
+async def test_a_saturated_channel_writes_once_its_publications_pause() -> None:
+    """A publication that comes soon (`after`) after its channel's subscribers wrote was
+    waiting behind that write: the channel's fan-out is held, and later publications join
+    it, until none came for `gap`; then each subscriber writes them all at once."""
+    hub = Hub(coalescing=Coalescing(after=5.0, gap=0.4, limit=30.0))
+    a_ref, a = start_writer()
+    b_ref, b = start_writer()
+    await hub.subscribe("news", "a", a_ref, False)
+    await hub.subscribe("news", "b", b_ref, False)
+    await hub.subscribe("sport", "b", b_ref, False)
+    await asyncio.sleep(0)
+    hub.deliver("news", Publication(b"{}", 1), "ep")  # never written before: at once
+    await eventually(lambda: a.runs == [[1]], 5, "the first run")
+
+    hub.deliver("sport", Publication(b"{}", 9), "ep")  # not saturated: not held
+    await publish_paced(hub, "news", range(2, 6), 0.05)  # each within the gap
+    paused = time.monotonic()
+    assert a.runs == [[1]]  # news is held
+    assert [9] in b.runs
+    await eventually(lambda: len(a.runs) == 2, 5, "news's held run")
+    assert time.monotonic() - paused >= 0.2  # the gap, from the last publication
+    assert a.runs == [[1], [2, 3, 4, 5]]
+    # b, held by sport's fan-out when 2 came, wrote 2 after 9, alone: same order
+    assert [m.pub.offset for m in b.got] == [1, 9, 2, 3, 4, 5]
+
+
+async def test_a_channel_not_saturated_writes_in_the_next_loop_iteration() -> None:
+    """A publication long (`after`) after its channel's last write is not held."""
+    hub = Hub(coalescing=Coalescing(after=0.2, gap=20.0, limit=30.0))
+    a_ref, a = start_writer()
+    await hub.subscribe("news", "a", a_ref, False)
+    await asyncio.sleep(0)
+    for offset in (1, 2, 3):
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        hub.deliver("news", Publication(b"{}", offset), "ep")
+        await eventually(lambda o=offset: len(a.runs) == o, 5, "a run of its own")
+        assert time.monotonic() - started < 5.0  # not held for the 20 s gap
+    assert a.runs == [[1], [2], [3]]
+
+
+async def test_a_hold_ends_at_its_limit_while_publications_keep_coming() -> None:
+    hub = Hub(coalescing=Coalescing(after=5.0, gap=2.0, limit=0.3))
+    a_ref, a = start_writer()
+    await hub.subscribe("news", "a", a_ref, False)
+    await asyncio.sleep(0)
+    hub.deliver("news", Publication(b"{}", 0), "ep")
+    await eventually(lambda: a.runs == [[0]], 5, "the first run")
+    started = time.monotonic()
+    await publish_paced(hub, "news", range(1, 25), 0.05)  # 1.2 s, never a 2 s pause
+    assert len(a.runs) >= 3  # cut at the 0.3 s limit, not held for the whole burst
+    await eventually(lambda: sum(map(len, a.runs)) == 25, 10, "everything written")
+    assert [o for run in a.runs for o in run] == list(range(25))
+    assert time.monotonic() - started < 1.2 + 2.0 + 5.0
+
+
+async def test_held_and_not_held_fan_outs_keep_each_channel_in_order() -> None:
+    """Publications, join/leave and new subscribers to two channels at random paces, some
+    held and some not: each subscriber gets each channel's publications in order, once."""
+    rng = random.Random(20)
+    hub = Hub(coalescing=Coalescing(after=0.004, gap=0.003, limit=0.02))
+    writers = [start_writer() for _ in range(4)]
+    channels = ("a", "b")
+    for ref, _ in writers[:2]:
+        for channel in channels:
+            await hub.subscribe(channel, str(id(ref)), ref, True)
+    await asyncio.sleep(0)
+    offsets = dict.fromkeys(channels, 0)
+    for step in range(400):
+        channel = rng.choice(channels)
+        offsets[channel] += 1
+        hub.deliver(channel, Publication(channel.encode(), offsets[channel]), "ep")
+        if step % 97 == 0:
+            hub.join(channel, INFO)
+        if step == 200:
+            late = (channel, offsets[channel])
+            for ref, _ in writers[2:]:
+                await hub.subscribe(channel, str(id(ref)), ref, False)
+        pause = rng.choice((0, 0, 0.0005, 0.002, 0.006))
+        await asyncio.sleep(pause)
+
+    def got(writer: Writer, channel: str) -> list[int]:
+        return [m.pub.offset for m in writer.of(Deliver) if m.channel == channel]
+
+    await eventually(
+        lambda: all(got(w, c)[-1:] == [offsets[c]] for _, w in writers[:2] for c in channels),
+        10,
+        "every publication written",
+    )
+    for _, writer in writers[:2]:
+        for channel in channels:
+            assert got(writer, channel) == list(range(1, offsets[channel] + 1))
+    channel, before = late
+    for _, writer in writers[2:]:
+        assert got(writer, channel) == list(range(before + 1, offsets[channel] + 1))
+    await hub.shutdown(0.1)
+
+
+async def test_shutdown_writes_a_held_fan_out_at_once() -> None:
+    hub = Hub(coalescing=Coalescing(after=5.0, gap=30.0, limit=60.0))
+    a_ref, a = start_writer()
+    await hub.subscribe("news", "a", a_ref, False)
+    await asyncio.sleep(0)
+    hub.deliver("news", Publication(b"{}", 1), "ep")
+    await eventually(lambda: a.runs == [[1]], 5, "the first run")
+    hub.deliver("news", Publication(b"{}", 2), "ep")  # held for the 30 s gap
+    await asyncio.sleep(0.05)
+    assert a.runs == [[1]]
+    await hub.shutdown(0.1)
+    await eventually(lambda: a.runs == [[1], [2]], 5, "the held run, at shutdown")
 
 
 async def test_a_subscriber_added_between_two_deliveries_gets_only_the_second() -> None:
