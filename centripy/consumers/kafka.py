@@ -21,8 +21,10 @@ connect error closes the client and re-creates it after a backoff. `stop` commit
 closes the client (leaving the group) and ends the thread. A new group starts from the
 earliest offset. Client timings that are not Centrifugo config keys may be set through the
 environment: CENTRIPY_KAFKA_SESSION_TIMEOUT_MS (10000), CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS
-(3000; tests use 2000/500 for Tansu) and CENTRIPY_KAFKA_FETCH_MAX_WAIT_MS (500; Tansu holds
-a fetch for its wait even when records arrive, so latency there is about half of it).
+(3000; tests use 2000/500 for Tansu), CENTRIPY_KAFKA_FETCH_MAX_WAIT_MS (500; Tansu holds
+a fetch for its wait even when records arrive, so latency there is about half of it) and
+CENTRIPY_KAFKA_REQUEST_TIMEOUT_MS (30000: how long a request lost in a broker restart, e.g. a
+group sync, stalls the consumer; tests use 6000).
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ log = logging.getLogger("centripy.consumers")
 
 CLIENT_ID: Final = "centripy"
 STOP_TIMEOUT: Final = 15.0  # seconds for commit + leave group + close
-ENV_TUNABLE: Final = ("session_timeout_ms", "heartbeat_interval_ms", "fetch_max_wait_ms")
+ENV_TUNABLE: Final = (
+    "session_timeout_ms",
+    "heartbeat_interval_ms",
+    "fetch_max_wait_ms",
+    "request_timeout_ms",
+)
 _CONNECT: Final = "connect"
 _POLL: Final = "poll"
 
@@ -72,6 +79,7 @@ class KafkaTuning:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     fetch_max_wait_ms: int = 500  # Kafka answers a fetch as soon as data arrives; Tansu not
+    request_timeout_ms: int = 30_000  # kafka-python's; a request lost in a broker restart
     bootstrap_timeout_ms: int = 5_000  # the start-up ping, as Centrifugo's 5 s
     commit_timeout_ms: int = 5_000
     poll_timeout: float = 0.2  # seconds; also bounds the reaction time to stop()
@@ -80,8 +88,9 @@ class KafkaTuning:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KafkaTuning:
         """Defaults, overridden by CENTRIPY_KAFKA_SESSION_TIMEOUT_MS,
-        CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS and CENTRIPY_KAFKA_FETCH_MAX_WAIT_MS (positive
-        integers)."""
+        CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS, CENTRIPY_KAFKA_FETCH_MAX_WAIT_MS and
+        CENTRIPY_KAFKA_REQUEST_TIMEOUT_MS (positive integers; the request timeout above the
+        fetch wait, as kafka-python requires)."""
         values: dict[str, int] = {}
         for field_name in ENV_TUNABLE:
             raw = env.get(f"CENTRIPY_KAFKA_{field_name.upper()}", "")
@@ -91,7 +100,13 @@ class KafkaTuning:
                         f"CENTRIPY_KAFKA_{field_name.upper()} must be a positive integer"
                     )
                 values[field_name] = int(raw)
-        return cls(**values)
+        tuning = cls(**values)
+        if tuning.request_timeout_ms <= tuning.fetch_max_wait_ms:
+            raise ConsumerStartError(
+                "CENTRIPY_KAFKA_REQUEST_TIMEOUT_MS must be above CENTRIPY_KAFKA_FETCH_MAX_WAIT_MS"
+                f" ({tuning.request_timeout_ms} <= {tuning.fetch_max_wait_ms})"
+            )
+        return tuning
 
 
 def tls_context(config: KafkaConsumerConfig) -> ssl.SSLContext | None:
@@ -124,6 +139,7 @@ def client_options(config: KafkaConsumerConfig, tuning: KafkaTuning) -> dict[str
         "session_timeout_ms": tuning.session_timeout_ms,
         "heartbeat_interval_ms": tuning.heartbeat_interval_ms,
         "fetch_max_wait_ms": tuning.fetch_max_wait_ms,
+        "request_timeout_ms": tuning.request_timeout_ms,
         "bootstrap_timeout_ms": tuning.bootstrap_timeout_ms,
         # A consumer never creates the topics it reads (as Centrifugo's franz-go consumer):
         # metadata requests for a missing topic would create it with the broker's defaults.

@@ -323,6 +323,16 @@ def test_kafka_tuning_from_env() -> None:
     assert (tuning.session_timeout_ms, tuning.heartbeat_interval_ms) == (2000, 3000)
     with pytest.raises(ConsumerStartError):
         KafkaTuning.from_env({"CENTRIPY_KAFKA_HEARTBEAT_INTERVAL_MS": "soon"})
+    tuning = KafkaTuning.from_env({"CENTRIPY_KAFKA_REQUEST_TIMEOUT_MS": "6000"})
+    assert tuning.request_timeout_ms == 6000 and KafkaTuning().request_timeout_ms == 30_000
+    assert (
+        client_options(
+            KafkaConsumerConfig(brokers=("b:9092",), topics=("t",), consumer_group="g"), tuning
+        )["request_timeout_ms"]
+        == 6000
+    )
+    with pytest.raises(ConsumerStartError, match="CENTRIPY_KAFKA_REQUEST_TIMEOUT_MS"):
+        KafkaTuning.from_env({"CENTRIPY_KAFKA_REQUEST_TIMEOUT_MS": "400"})  # <= the fetch wait
 
 
 # --- the outbox loop with a fake store ---------------------------------------------------
