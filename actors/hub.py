@@ -47,7 +47,7 @@ class Coalescing(NamedTuple):
 
     after: float = 0.002  # a publication this soon after its channel's last write: saturated
     gap: float = 0.002  # a hold ends once no publication came for this long...
-    limit: float = 0.020  # ...or this long after it began
+    limit: float = 0.020  # ...or this long after it began, or as long as the last write took
 
 
 COALESCING = Coalescing()
@@ -112,6 +112,8 @@ class Hub:
         self._hot: InlineFanOut | None = None  # holds saturated channels (see deliver)
         self._hot_channels: set[str] = set()
         self._hot_first = self._hot_last = 0.0
+        self._hot_limit = coalescing.limit
+        self._write_took = 0.0  # how long the last release's writes took
         self._hot_timer: asyncio.TimerHandle | None = None
         self._written: dict[str, float] = {}  # channel -> when its last fan-out was written
 
@@ -236,10 +238,11 @@ class Hub:
         saturated: a publication that comes within `coalescing.after` of the channel's
         last write was waiting behind it (a publisher that publishes as fast as it is
         acknowledged, a busy chat room). The fan-out of a saturated channel is then held
-        until no publication came for `coalescing.gap`, at most `coalescing.limit`
-        (`_hold`), so that each subscriber writes once for all of them: a write (a system
-        call per connection) costs far more than the message it carries. That trades up to
-        `gap` of latency for throughput only where publications queue anyway."""
+        until no publication came for `coalescing.gap`, at most `coalescing.limit` or as
+        long as the last write round took (`_hold`), so that each subscriber writes once for
+        all of them: a write (a system call per connection) costs far more than the message
+        it carries. That trades up to `gap` of latency for throughput only where
+        publications queue anyway."""
         ref = self._live(channel)
         if ref is None:
             return
@@ -285,15 +288,17 @@ class Hub:
     def _release(self) -> None:
         """The next loop iteration after a fan-out: the held channels' subscribers write."""
         self._release_pending = False
+        started = time.monotonic()
         if self._fanout is not None:
             self._fanout.release()
-        self._mark_written(self._fanned)
+        self._mark_written(self._fanned, started)
         self._fanned = []
 
-    def _mark_written(self, channels: Iterable[str]) -> None:
-        """When the channels' subscribers have written: a publication to one of them soon
-        after this was waiting behind the writes."""
+    def _mark_written(self, channels: Iterable[str], started: float) -> None:
+        """When the channels' subscribers have written (they began at `started`): a
+        publication to one of them soon after this was waiting behind the writes."""
         now = time.monotonic()
+        self._write_took = now - started
         written = self._written
         for channel in channels:
             if channel in self._channels:
@@ -312,14 +317,17 @@ class Hub:
         self._hot_last = time.monotonic()  # the gap counts from the end of this fan-out
         if self._hot_timer is None:
             self._hot_first = now
+            # A write round that took longer than the limit (thousands of subscribers) is
+            # what a held publication would have waited behind anyway.
+            self._hot_limit = max(self._coalescing.limit, self._write_took)
             loop = asyncio.get_running_loop()
-            wait = min(self._coalescing.gap, self._coalescing.limit)
+            wait = min(self._coalescing.gap, self._hot_limit)
             self._hot_timer = loop.call_later(wait, self._release_hot)
 
     def _release_hot(self) -> None:
         """The hold's timer: release once no publication came for `gap`, or at `limit`."""
         coalescing = self._coalescing
-        due = min(self._hot_last + coalescing.gap, self._hot_first + coalescing.limit)
+        due = min(self._hot_last + coalescing.gap, self._hot_first + self._hot_limit)
         wait = due - time.monotonic()
         if wait > 0.0:
             self._hot_timer = asyncio.get_running_loop().call_later(wait, self._release_hot)
@@ -331,9 +339,10 @@ class Hub:
         if self._hot_timer is not None:
             self._hot_timer.cancel()
             self._hot_timer = None
+        started = time.monotonic()
         if self._hot is not None:
             self._hot.release()
-        self._mark_written(self._hot_channels)
+        self._mark_written(self._hot_channels, started)
         self._hot_channels.clear()
 
     def resync(self) -> None:

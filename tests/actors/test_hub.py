@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from centripy.actors.base import actor_of
 from centripy.actors.channel import ChannelActor, Deliver, JoinLeave
 from centripy.actors.hub import Coalescing, Hub, ServerDisconnectMsg, SessionsAdapter, Shutdown
 from centripy.engine.sessions import DisconnectCommand, NodeStats
@@ -181,6 +182,36 @@ async def test_a_hold_ends_at_its_limit_while_publications_keep_coming() -> None
     await eventually(lambda: sum(map(len, a.runs)) == 25, 10, "everything written")
     assert [o for run in a.runs for o in run] == list(range(25))
     assert time.monotonic() - started < 1.2 + 2.0 + 5.0
+
+
+class SlowWriter(Writer):
+    """A writer whose every write costs `cost` seconds of the loop (thousands of sockets)."""
+
+    cost = 0.0
+
+    def on_drained(self) -> None:
+        super().on_drained()
+        until = time.monotonic() + self.cost
+        while time.monotonic() < until:
+            pass
+
+
+async def test_a_hold_lasts_as_long_as_the_last_write_when_that_took_longer() -> None:
+    """Writing a channel's fan-out took longer than the limit: holding the next ones as long
+    adds no more than that write did, and each subscriber writes several at once."""
+    hub = Hub(coalescing=Coalescing(after=5.0, gap=2.0, limit=0.02))
+    ref = SlowWriter.start()
+    slow = actor_of(ref)
+    assert isinstance(slow, SlowWriter)
+    slow.cost = 0.3
+    await hub.subscribe("news", "a", ref, False)
+    await asyncio.sleep(0)
+    hub.deliver("news", Publication(b"{}", 0), "ep")
+    await eventually(lambda: slow.runs == [[0]], 5, "the first run")
+    await publish_paced(hub, "news", range(1, 13), 0.05)  # 0.6 s
+    await eventually(lambda: sum(map(len, slow.runs)) == 13, 10, "everything written")
+    assert [o for run in slow.runs for o in run] == list(range(13))
+    assert max(map(len, slow.runs[1:])) >= 4, slow.runs  # not cut at the 20 ms limit
 
 
 async def test_held_and_not_held_fan_outs_keep_each_channel_in_order() -> None:
