@@ -47,10 +47,11 @@ class Coalescing(NamedTuple):
 
     after: float = 0.002  # a publication this soon after its channel's last write: saturated
     gap: float = 0.002  # a hold ends once no publication came for this long...
-    limit: float = 0.020  # ...or this long after it began, or as long as the last write took
+    limit: float = 0.020  # ...or this long after it began (or its channels' last write took)
 
 
 COALESCING = Coalescing()
+_NEVER = (-1.0, 0.0)  # (written at, took) of a channel not written yet
 
 # -- messages to connection actors (defined here so the hub needs no connection import) ----
 
@@ -113,9 +114,9 @@ class Hub:
         self._hot_channels: set[str] = set()
         self._hot_first = self._hot_last = 0.0
         self._hot_limit = coalescing.limit
-        self._write_took = 0.0  # how long the last release's writes took
         self._hot_timer: asyncio.TimerHandle | None = None
-        self._written: dict[str, float] = {}  # channel -> when its last fan-out was written
+        # channel -> when its last fan-out was written, and how long that write round took
+        self._written: dict[str, tuple[float, float]] = {}
 
     # -- connections ----------------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class Hub:
         last write was waiting behind it (a publisher that publishes as fast as it is
         acknowledged, a busy chat room). The fan-out of a saturated channel is then held
         until no publication came for `coalescing.gap`, at most `coalescing.limit` or as
-        long as the last write round took (`_hold`), so that each subscriber writes once for
+        long as its last write round took (`_hold`), so that each subscriber writes once for
         all of them: a write (a system call per connection) costs far more than the message
         it carries. That trades up to `gap` of latency for throughput only where
         publications queue anyway."""
@@ -248,10 +249,9 @@ class Hub:
             return
         message = Deliver(channel, pub, epoch)
         now = time.monotonic()
-        if channel in self._hot_channels or now - self._written.get(channel, -1.0) < (
-            self._coalescing.after
-        ):
-            self._hold(channel, ref, message, now)
+        written, took = self._written.get(channel, _NEVER)
+        if channel in self._hot_channels or now - written < self._coalescing.after:
+            self._hold(channel, ref, message, now, took)
             return
         self._fanned.append(channel)
         self._tell_channel(ref, message)
@@ -298,14 +298,18 @@ class Hub:
         """When the channels' subscribers have written (they began at `started`): a
         publication to one of them soon after this was waiting behind the writes."""
         now = time.monotonic()
-        self._write_took = now - started
+        mark = (now, now - started)
         written = self._written
         for channel in channels:
             if channel in self._channels:
-                written[channel] = now
+                written[channel] = mark
 
-    def _hold(self, channel: str, ref: ActorRef[Any], message: Deliver, now: float) -> None:
-        """`_tell_channel` for a saturated channel: held until `_release_hot`."""
+    def _hold(
+        self, channel: str, ref: ActorRef[Any], message: Deliver, now: float, took: float
+    ) -> None:
+        """`_tell_channel` for a saturated channel: held until `_release_hot`. A channel
+        whose last write round took longer than the limit (thousands of subscribers) may be
+        held as long: its publications waited that long behind that write anyway."""
         fanout = self._hot
         if fanout is None:
             fanout = self._hot = InlineFanOut()
@@ -317,12 +321,12 @@ class Hub:
         self._hot_last = time.monotonic()  # the gap counts from the end of this fan-out
         if self._hot_timer is None:
             self._hot_first = now
-            # A write round that took longer than the limit (thousands of subscribers) is
-            # what a held publication would have waited behind anyway.
-            self._hot_limit = max(self._coalescing.limit, self._write_took)
+            self._hot_limit = max(self._coalescing.limit, took)
             loop = asyncio.get_running_loop()
             wait = min(self._coalescing.gap, self._hot_limit)
             self._hot_timer = loop.call_later(wait, self._release_hot)
+        elif took > self._hot_limit:
+            self._hot_limit = took
 
     def _release_hot(self) -> None:
         """The hold's timer: release once no publication came for `gap`, or at `limit`."""

@@ -214,6 +214,22 @@ async def test_a_hold_lasts_as_long_as_the_last_write_when_that_took_longer() ->
     assert max(map(len, slow.runs[1:])) >= 4, slow.runs  # not cut at the 20 ms limit
 
 
+async def test_a_slow_write_of_another_channel_does_not_lengthen_a_hold() -> None:
+    hub, a = await written_once(Coalescing(after=5.0, gap=2.0, limit=0.05))
+    ref = SlowWriter.start()
+    slow = actor_of(ref)
+    assert isinstance(slow, SlowWriter)
+    slow.cost = 0.5
+    await hub.subscribe("big", "s", ref, False)
+    await asyncio.sleep(0)
+    hub.deliver("big", Publication(b"{}", 0), "ep")  # one write round of 0.5 s
+    await eventually(lambda: slow.runs == [[0]], 5, "the big channel's run")
+    await publish_paced(hub, "news", range(1, 21), 0.02)  # 0.4 s
+    await eventually(lambda: sum(map(len, a.runs)) == 21, 10, "everything written")
+    assert [o for run in a.runs for o in run] == list(range(21))
+    assert len(a.runs) >= 5  # cut at news's own 50 ms limit, not held for 0.5 s
+
+
 async def test_held_and_not_held_fan_outs_keep_each_channel_in_order() -> None:
     """Publications, join/leave and new subscribers to two channels at random paces, some
     held and some not: each subscriber gets each channel's publications in order, once."""
