@@ -121,14 +121,31 @@ async def publish_paced(hub: Hub, channel: str, offsets: range, pause: float) ->
         await asyncio.sleep(pause)
 
 
-async def written_once(coalescing: Coalescing) -> tuple[Hub, Writer]:
-    """A hub with one subscriber to "news" that has just written publication 0 (a channel
-    never written before is not held), so that the next publication finds it saturated."""
-    hub = Hub(coalescing=coalescing)
-    ref, writer = start_writer()
-    await hub.subscribe("news", "a", ref, False)
+class SlowWriter(Writer):
+    """A writer whose every write costs `cost` seconds of the loop (thousands of sockets)."""
+
+    cost = 0.0
+
+    def on_drained(self) -> None:
+        super().on_drained()
+        until = time.monotonic() + self.cost
+        while time.monotonic() < until:
+            pass
+
+
+async def written_once(
+    hub: Hub, channel: str = "news", cost: float = 0.0
+) -> tuple[Hub, SlowWriter]:
+    """`hub` with one subscriber to `channel` (whose writes cost `cost` s) that has just
+    written publication 0 (a channel never written before is not held), so that the next
+    publication finds it saturated."""
+    ref = SlowWriter.start()
+    writer = actor_of(ref)
+    assert isinstance(writer, SlowWriter)
+    writer.cost = cost
+    await hub.subscribe(channel, f"{channel}-subscriber", ref, False)
     await asyncio.sleep(0)
-    hub.deliver("news", Publication(b"{}", 0), "ep")
+    hub.deliver(channel, Publication(b"{}", 0), "ep")
     await eventually(lambda: writer.runs == [[0]], 5, "the first run")
     return hub, writer
 
@@ -175,7 +192,7 @@ async def test_a_channel_not_saturated_writes_in_the_next_loop_iteration() -> No
 
 
 async def test_a_hold_ends_at_its_limit_while_publications_keep_coming() -> None:
-    hub, a = await written_once(Coalescing(after=5.0, gap=2.0, limit=0.3))
+    hub, a = await written_once(Hub(coalescing=Coalescing(after=5.0, gap=2.0, limit=0.3)))
     started = time.monotonic()
     await publish_paced(hub, "news", range(1, 25), 0.05)  # 1.2 s, never a 2 s pause
     assert len(a.runs) >= 3  # cut at the 0.3 s limit, not held for the whole burst
@@ -184,30 +201,10 @@ async def test_a_hold_ends_at_its_limit_while_publications_keep_coming() -> None
     assert time.monotonic() - started < 1.2 + 2.0 + 5.0
 
 
-class SlowWriter(Writer):
-    """A writer whose every write costs `cost` seconds of the loop (thousands of sockets)."""
-
-    cost = 0.0
-
-    def on_drained(self) -> None:
-        super().on_drained()
-        until = time.monotonic() + self.cost
-        while time.monotonic() < until:
-            pass
-
-
 async def test_a_hold_lasts_as_long_as_the_last_write_when_that_took_longer() -> None:
     """Writing a channel's fan-out took longer than the limit: holding the next ones as long
     adds no more than that write did, and each subscriber writes several at once."""
-    hub = Hub(coalescing=Coalescing(after=5.0, gap=2.0, limit=0.02))
-    ref = SlowWriter.start()
-    slow = actor_of(ref)
-    assert isinstance(slow, SlowWriter)
-    slow.cost = 0.3
-    await hub.subscribe("news", "a", ref, False)
-    await asyncio.sleep(0)
-    hub.deliver("news", Publication(b"{}", 0), "ep")
-    await eventually(lambda: slow.runs == [[0]], 5, "the first run")
+    hub, slow = await written_once(Hub(coalescing=Coalescing(5.0, 2.0, 0.02)), cost=0.3)
     await publish_paced(hub, "news", range(1, 13), 0.05)  # 0.6 s
     await eventually(lambda: sum(map(len, slow.runs)) == 13, 10, "everything written")
     assert [o for run in slow.runs for o in run] == list(range(13))
@@ -215,15 +212,8 @@ async def test_a_hold_lasts_as_long_as_the_last_write_when_that_took_longer() ->
 
 
 async def test_a_slow_write_of_another_channel_does_not_lengthen_a_hold() -> None:
-    hub, a = await written_once(Coalescing(after=5.0, gap=2.0, limit=0.05))
-    ref = SlowWriter.start()
-    slow = actor_of(ref)
-    assert isinstance(slow, SlowWriter)
-    slow.cost = 0.5
-    await hub.subscribe("big", "s", ref, False)
-    await asyncio.sleep(0)
-    hub.deliver("big", Publication(b"{}", 0), "ep")  # one write round of 0.5 s
-    await eventually(lambda: slow.runs == [[0]], 5, "the big channel's run")
+    hub, a = await written_once(Hub(coalescing=Coalescing(after=5.0, gap=2.0, limit=0.05)))
+    await written_once(hub, "big", cost=0.5)  # one write round of 0.5 s
     await publish_paced(hub, "news", range(1, 21), 0.02)  # 0.4 s
     await eventually(lambda: sum(map(len, a.runs)) == 21, 10, "everything written")
     assert [o for run in a.runs for o in run] == list(range(21))
@@ -273,7 +263,7 @@ async def test_held_and_not_held_fan_outs_keep_each_channel_in_order() -> None:
 
 
 async def test_shutdown_writes_a_held_fan_out_at_once() -> None:
-    hub, a = await written_once(Coalescing(after=5.0, gap=30.0, limit=60.0))
+    hub, a = await written_once(Hub(coalescing=Coalescing(after=5.0, gap=30.0, limit=60.0)))
     hub.deliver("news", Publication(b"{}", 1), "ep")  # held for the 30 s gap
     await asyncio.sleep(0.05)
     assert a.runs == [[0]]
