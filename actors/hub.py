@@ -51,6 +51,7 @@ class Coalescing(NamedTuple):
 
 
 COALESCING = Coalescing()
+NO_HOLD = Coalescing(after=0.0)  # no channel is ever saturated: nothing is held
 _NEVER = (-1.0, 0.0)  # (written at, took) of a channel not written yet
 
 # -- messages to connection actors (defined here so the hub needs no connection import) ----
@@ -109,7 +110,9 @@ class Hub:
         self._fanout: InlineFanOut | None = None  # made on the loop thread (first deliver)
         self._release_pending = False
         self._fanned: list[str] = []  # channels published to since the last release
-        self._coalescing = coalescing
+        # On several nodes nothing is held (yet): a multi-node test failed once after the
+        # hold came in (not reproduced in 24 runs); until that is understood, no hold there.
+        self._coalescing = coalescing if broker is None else NO_HOLD
         self._hot: InlineFanOut | None = None  # holds saturated channels (see deliver)
         self._hot_channels: set[str] = set()
         self._hot_first = self._hot_last = 0.0

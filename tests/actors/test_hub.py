@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from centripy.actors.base import actor_of
-from centripy.actors.channel import ChannelActor, Deliver, JoinLeave
+from centripy.actors.channel import AddSubscriber, ChannelActor, Deliver, JoinLeave
 from centripy.actors.hub import Coalescing, Hub, ServerDisconnectMsg, SessionsAdapter, Shutdown
+from centripy.engine.contracts import Broker
 from centripy.engine.sessions import DisconnectCommand, NodeStats
 from centripy.engine.types import ClientInfo, Publication
 from tests.actors.harness import Harness, Recorder, make_config
@@ -218,6 +219,21 @@ async def test_a_slow_write_of_another_channel_does_not_lengthen_a_hold() -> Non
     await eventually(lambda: sum(map(len, a.runs)) == 21, 10, "everything written")
     assert [o for run in a.runs for o in run] == list(range(21))
     assert len(a.runs) >= 5  # cut at news's own 50 ms limit, not held for 0.5 s
+
+
+async def test_nothing_is_held_on_several_nodes() -> None:
+    """With a broker the hub holds nothing (see Hub.__init__): each publication is written
+    in its own run however soon it follows the last write."""
+    hub = Hub(broker=cast(Broker, object()), coalescing=Coalescing(5.0, 30.0, 60.0))
+    ref, writer = start_writer()
+    channel = ChannelActor.start("news")  # as subscribe makes it, without the broker's part
+    hub._channels["news"], hub._channel_subs["news"] = channel, 1
+    channel.tell(AddSubscriber("a", ref, False))
+    await asyncio.sleep(0)
+    for offset in range(3):
+        hub.deliver("news", Publication(b"{}", offset), "ep")
+        await eventually(lambda o=offset: len(writer.runs) == o + 1, 5, "a run of its own")
+    assert writer.runs == [[0], [1], [2]]
 
 
 async def test_held_and_not_held_fan_outs_keep_each_channel_in_order() -> None:
