@@ -111,7 +111,7 @@ class Hub:
         self._release_pending = False
         self._fanned: list[str] = []  # channels published to since the last release
         # On several nodes nothing is held (yet): a multi-node test failed once after the
-        # hold came in (not reproduced in 24 runs); until that is understood, no hold there.
+        # hold came in (not reproduced in 36 runs); until that is understood, no hold there.
         self._coalescing = coalescing if broker is None else NO_HOLD
         self._hot: InlineFanOut | None = None  # holds saturated channels (see deliver)
         self._hot_channels: set[str] = set()
