@@ -217,31 +217,36 @@ class Statements:
     def _sql(self, stmt: sa.ClauseElement) -> Sql:
         return compile_sql(stmt, self._dialect)
 
-    def _cached(self, kind: str, n: int, build: Callable[[int], sa.ClauseElement]) -> Sql:
+    def _cached(
+        self,
+        kind: str,
+        n: int,
+        build: Callable[[int], sa.ClauseElement],
+        *,
+        rows: bool = False,
+    ) -> Sql:
+        """`build(n)` compiled, once per (kind, n). `rows`: a multi-row VALUES statement,
+        built from its `RowsTemplate` when there is one (`_template`)."""
         sql = self._multi.get((kind, n))
         if sql is None:
-            sql = self._multi[(kind, n)] = self._sql(build(n))
-        return sql
-
-    def _values(self, kind: str, n: int, build: Callable[[int], sa.ClauseElement]) -> Sql:
-        """`_cached` for a multi-row VALUES statement: built from its `RowsTemplate`,
-        which is trusted once its two-row text and slots equal SQLAlchemy's own (else
-        every row count is compiled)."""
-        sql = self._multi.get((kind, n))
-        if sql is None:
-            if kind not in self._templates:
-                template = RowsTemplate.of(self._sql(build(1)))
-                if template is not None and template.build(2) != self._sql(build(2)):
-                    template = None
-                self._templates[kind] = template
-            template = self._templates[kind]
+            template = self._template(kind, build) if rows else None
             sql = template.build(n) if template is not None else self._sql(build(n))
             self._multi[(kind, n)] = sql
         return sql
 
+    def _template(self, kind: str, build: Callable[[int], sa.ClauseElement]) -> RowsTemplate | None:
+        """The `RowsTemplate` of `kind`, trusted once its two-row text and slots equal
+        SQLAlchemy's own (else None: every row count is compiled)."""
+        if kind not in self._templates:
+            template = RowsTemplate.of(self._sql(build(1)))
+            if template is not None and template.build(2) != self._sql(build(2)):
+                template = None
+            self._templates[kind] = template
+        return self._templates[kind]
+
     def insert_rows(self, n: int) -> Sql:
         """Insert n publications in one statement (rows r<i>_<PUB_COLUMNS>, row by row)."""
-        return self._values("pubs", n, self._insert_rows)
+        return self._cached("pubs", n, self._insert_rows, rows=True)
 
     def _insert_rows(self, n: int) -> sa.ClauseElement:
         pubs = self._t.publications
@@ -264,11 +269,11 @@ class Statements:
 
     def advance(self, n: int) -> Sql:
         """Upsert n streams, each advanced by its row's top_offset (= number of appends)."""
-        return self._values("advance", n, self._advance)
+        return self._cached("advance", n, self._advance, rows=True)
 
     def claim(self, n: int) -> Sql:
         """Insert n idempotency keys; take over expired ones; RETURNING the claimed keys."""
-        return self._values("claim", n, self._claim)
+        return self._cached("claim", n, self._claim, rows=True)
 
     def known(self, n: int) -> Sql:
         """Positions stored for n keys (rows r<i>_channel, r<i>_key)."""
