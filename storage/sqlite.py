@@ -31,6 +31,7 @@ from centripy.engine.contracts import StorageError
 from centripy.storage.rules import DEFAULT_GC_INTERVAL
 from centripy.storage.sql import Plan, SqlEventLog
 from centripy.storage.sql_statements import json_dumps
+from centripy.storage.sqlite_wal import BACKSTOP_PAGES, WalCheckpointer
 
 T = TypeVar("T")
 
@@ -118,6 +119,7 @@ class SqliteEventLog(SqlEventLog):
         self._busy_ms = int(busy_timeout * 1000)
         self._conn: AsyncConnection | None = None  # checked out from start to close
         self._raw: aiosqlite.Connection | None = None  # its driver connection
+        self._wal: WalCheckpointer | None = None  # for a file in WAL mode
 
     def _make_engine(self) -> AsyncEngine:
         create_private_file(self.url)  # before SQLite creates it with the umask's mode
@@ -150,9 +152,16 @@ class SqliteEventLog(SqlEventLog):
         raw = (await self._conn.get_raw_connection()).driver_connection
         assert isinstance(raw, aiosqlite.Connection)
         self._raw = raw
+        path = await in_worker(raw, _wal_file)
+        if path:
+            self._wal = WalCheckpointer(path)
+            self._wal.start()
 
     async def _closing(self) -> None:
         conn, self._conn, self._raw = self._conn, None, None
+        wal, self._wal = self._wal, None
+        if wal is not None:
+            await wal.close()
         if conn is not None:
             await conn.close()
 
@@ -162,7 +171,22 @@ class SqliteEventLog(SqlEventLog):
         interleave on the one connection."""
         if self._raw is None:
             raise StorageError("event log not started")
-        return await in_worker(self._raw, functools.partial(run_transaction, plan=plan))
+        try:
+            return await in_worker(self._raw, functools.partial(run_transaction, plan=plan))
+        finally:
+            if self._wal is not None:
+                self._wal.written()
+
+
+def _wal_file(db: sqlite3.Connection) -> str:
+    """The database file's path when it is in WAL mode, after handing its checkpoints to a
+    `WalCheckpointer` (the automatic one stays as a backstop); "" for other databases."""
+    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        return ""
+    path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if path:
+        db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+    return str(path)
 
 
 def _begin_immediate(conn: sa.Connection) -> None:
