@@ -107,7 +107,7 @@ class PostgresEventLog(SqlEventLog):
         if stale or dbapi_conn.driver_connection.is_closed():
             raise sa.exc.InvalidatePoolError("connection lost")
 
-    async def _transact(self, plan: Plan[T]) -> T:
+    async def _transact(self, plan: Plan[T], *, small: bool = True) -> T:
         async with self._session() as session:
             return await run_plan(plan, session)
 

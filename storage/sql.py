@@ -80,6 +80,7 @@ Step = tuple[str, Sql, Any]
 Plan = Generator[Step, Any, T]
 MAX_ROWS_PER_STATEMENT = 500  # multi-row upserts are split above this (bind limits)
 PURGE_ALL = 2**62  # "offset < PURGE_ALL" matches every row of a stream
+SMALL_ROWS = 64  # appends of at most this many rows are "small" transactions (`_transact`)
 
 
 # --- batch helpers --------------------------------------------------------------------------------
@@ -198,9 +199,10 @@ class SqlEventLog(EventLog):
     def _make_engine(self) -> AsyncEngine: ...
 
     @abc.abstractmethod
-    async def _transact(self, plan: Plan[T]) -> T:
+    async def _transact(self, plan: Plan[T], *, small: bool = True) -> T:
         """Run `plan` in one transaction on one connection (committed when the plan
-        returns, rolled back when a step raises) and return the plan's result."""
+        returns, rolled back when a step raises) and return the plan's result. `small`:
+        the plan writes at most `SMALL_ROWS` rows (SQLite runs those on the loop's thread)."""
 
     async def _lock_schema(self, conn: AsyncConnection) -> None:
         """Serialise concurrent migrations (PostgreSQL: advisory lock). Default: nothing."""
@@ -281,7 +283,8 @@ class SqlEventLog(EventLog):
         if not requests:
             return []
         async with self._guard() as sql:
-            return await self._transact(self._append_plan(sql, requests, self._now()))
+            plan = self._append_plan(sql, requests, self._now())
+            return await self._transact(plan, small=len(requests) <= SMALL_ROWS)
 
     async def history(self, query: HistoryQuery) -> HistoryResult:
         """Read a stream, touching its meta when stale (`needs_touch`). A channel without a
@@ -326,7 +329,7 @@ class SqlEventLog(EventLog):
     async def gc(self) -> None:
         """Delete expired idempotency keys, forgotten streams and expired publications."""
         async with self._guard() as sql:
-            await self._transact(self._gc_plan(sql, self._now()))
+            await self._transact(self._gc_plan(sql, self._now()), small=False)
 
     async def _gc_loop(self) -> None:
         assert self._gc_interval
