@@ -212,6 +212,15 @@ async def test_a_hold_lasts_as_long_as_the_last_write_when_that_took_longer() ->
     assert max(map(len, slow.runs[1:])) >= 4, slow.runs  # not cut at the 20 ms limit
 
 
+async def test_the_gap_of_a_slow_channels_hold_is_a_share_of_its_write_round() -> None:
+    """Publications 60 ms apart, well past the 2 ms gap: after a write round of 1 s, the gap
+    is 10% of that round (100 ms), so they are held together, not written one per round."""
+    hub, slow = await written_once(Hub(coalescing=Coalescing(5.0, 0.002, 0.02, 0.1)), cost=1.0)
+    await publish_paced(hub, "news", range(1, 6), 0.06)
+    await eventually(lambda: sum(map(len, slow.runs)) == 6, 10, "everything written")
+    assert slow.runs == [[0], [1, 2, 3, 4, 5]]
+
+
 async def test_a_slow_write_of_another_channel_does_not_lengthen_a_hold() -> None:
     hub, a = await written_once(Hub(coalescing=Coalescing(after=5.0, gap=2.0, limit=0.05)))
     await written_once(hub, "big", cost=0.5)  # one write round of 0.5 s
