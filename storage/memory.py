@@ -24,7 +24,7 @@ from centripy.engine.contracts import (
 from centripy.engine.types import Publication, StreamPosition
 from centripy.storage.rules import (
     DEFAULT_GC_INTERVAL,
-    check_append,
+    check_all,
     check_epoch,
     check_query,
     history_enabled,
@@ -81,8 +81,7 @@ class MemoryEventLog(EventLog):
 
     async def append_many(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
         """Validate all requests, then apply them in order (as sequential calls)."""
-        for req in requests:
-            check_append(req)
+        check_all(requests)
         now = self._now()
         if self._gc_interval is not None and now - self._last_gc >= self._gc_interval:
             self._sweep()

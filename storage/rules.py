@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import string
+from collections.abc import Sequence
 
 from centripy.engine.contracts import AppendRequest, HistoryQuery, UnrecoverablePosition
 from centripy.engine.types import EMPTY_TAGS, Publication
@@ -84,11 +85,26 @@ def _plain_append(req: AppendRequest) -> bool:
         and 0 <= req.meta_ttl < math.inf
         and 0 < req.idempotent_ttl < math.inf
         and type(req.idempotency_key) is str
-        and all(
-            type(p) is tuple and len(p) == 2 and type(p[0]) is str and type(p[1]) is str
-            for p in req.tags
+        and (
+            not req.tags
+            or all(
+                type(p) is tuple and len(p) == 2 and type(p[0]) is str and type(p[1]) is str
+                for p in req.tags
+            )
         )
     )
+
+
+class Checked(list[AppendRequest]):
+    """Append requests that already passed `check_append` (the group-commit writer's
+    batches): the logs' `append_many` does not check them again."""
+
+
+def check_all(requests: Sequence[AppendRequest]) -> None:
+    """`check_append` for each request, unless they come `Checked`."""
+    if type(requests) is not Checked:
+        for req in requests:
+            check_append(req)
 
 
 def check_append(req: AppendRequest) -> None:

@@ -50,7 +50,7 @@ from centripy.engine.contracts import (
 from centripy.engine.types import Publication, StreamPosition
 from centripy.storage.rules import (
     DEFAULT_GC_INTERVAL,
-    check_append,
+    check_all,
     check_epoch,
     check_query,
     history_enabled,
@@ -278,8 +278,7 @@ class SqlEventLog(EventLog):
 
     async def append_many(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
         """One transaction for the whole batch; results in request order."""
-        for req in requests:
-            check_append(req)
+        check_all(requests)
         if not requests:
             return []
         async with self._guard() as sql:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
 from centripy.engine.metrics import Metrics
-from centripy.storage.rules import check_append
+from centripy.storage.rules import Checked, check_append
 
 log = logging.getLogger("centripy.storage.writer")
 
@@ -159,7 +159,7 @@ class GroupCommitWriter:
         return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        requests = [request for item in batch for request in item.requests]
+        requests = Checked(request for item in batch for request in item.requests)
         started = time.perf_counter()
         try:
             results = await self._log.append_many(requests)

@@ -16,6 +16,7 @@ from centripy.engine.contracts import (
     StorageError,
 )
 from centripy.storage.memory import MemoryEventLog
+from centripy.storage.rules import Checked, check_all
 from centripy.storage.writer import GroupCommitWriter
 from tests.storage.conftest import LogFactory
 
@@ -154,6 +155,26 @@ async def test_invalid_request_fails_only_its_caller(spy: SpyLog) -> None:
         await writer.submit(AppendRequest("", b"x"))
     assert (await good).publication.offset == 1
     await writer.close()
+
+
+async def test_batches_reach_the_log_marked_checked(spy: SpyLog) -> None:
+    """The writer checked every request: the log does not check them again (`Checked`),
+    while a plain list given to `append_many` is still checked."""
+    seen: list[type] = []
+    inner = spy.inner.append_many
+
+    async def record(requests: Sequence[AppendRequest]) -> list[AppendResult]:
+        seen.append(type(requests))
+        return await inner(requests)
+
+    spy.inner.append_many = record  # type: ignore[method-assign]
+    writer = await started(spy)
+    await writer.submit(req())
+    await writer.close()
+    assert seen == [Checked]
+    with pytest.raises(ValueError, match="channel"):
+        await spy.inner.append_many([AppendRequest("", b"x")])
+    check_all(Checked([AppendRequest("", b"x")]))  # trusted as checked
 
 
 async def test_same_key_in_one_batch_behaves_sequentially(spy: SpyLog) -> None:
