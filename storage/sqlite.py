@@ -24,6 +24,7 @@ it, and SQLite gives its `-wal` and `-shm` files the mode of the database file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import functools
@@ -233,14 +234,20 @@ class SqliteEventLog(SqlEventLog):
                     return result
             self._queued += 1
             self.worker_transactions += 1
-            try:
-                run = functools.partial(run_transaction, plan=plan, wait_ms=self._busy_ms)
-                return await in_worker(self._raw, run)
-            finally:
-                self._queued -= 1
+            run = functools.partial(run_transaction, plan=plan, wait_ms=self._busy_ms)
+            work = asyncio.ensure_future(in_worker(self._raw, run))
+            work.add_done_callback(self._worker_done)
+            # A cancelled caller leaves the transaction running on the worker thread: the
+            # connection is the loop's again only when the worker has finished it.
+            return await asyncio.shield(work)
         finally:
             if self._wal is not None:
                 self._wal.written()
+
+    def _worker_done(self, work: asyncio.Future[Any]) -> None:
+        self._queued -= 1
+        if not work.cancelled():
+            work.exception()  # retrieved: its caller may have been cancelled
 
 
 def _wal_file(db: sqlite3.Connection) -> str:

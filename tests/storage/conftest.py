@@ -44,6 +44,22 @@ def pg_url() -> str:
     return postgres_url()
 
 
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
+
+
+@pytest.fixture
+async def sqlite_log(db_path: Path) -> AsyncIterator[SqliteEventLog]:
+    """A started SQLite log in the file `db_path` (no GC task), closed afterwards."""
+    log = SqliteEventLog(f"sqlite+aiosqlite:///{db_path}", gc_interval=None)
+    await log.start()
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
 def new_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}_"
 

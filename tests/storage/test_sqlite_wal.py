@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from centripy.engine.contracts import AppendRequest
 from centripy.storage.sqlite import SqliteEventLog, in_worker
 from centripy.storage.sqlite_wal import BACKSTOP_PAGES, WalCheckpointer
-
-
-@pytest.fixture
-async def log(tmp_path: Path) -> AsyncIterator[SqliteEventLog]:
-    log = SqliteEventLog(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", gc_interval=None)
-    await log.start()
-    try:
-        yield log
-    finally:
-        await log.close()
 
 
 def checkpointer(log: SqliteEventLog) -> WalCheckpointer:
@@ -44,32 +32,32 @@ async def append(log: SqliteEventLog, n: int) -> None:
         )
 
 
-async def test_the_writer_keeps_only_a_backstop_checkpoint(log: SqliteEventLog) -> None:
-    assert log._raw is not None
+async def test_the_writer_keeps_only_a_backstop_checkpoint(sqlite_log: SqliteEventLog) -> None:
+    assert sqlite_log._raw is not None
 
     def pragma(db: sqlite3.Connection) -> int:
         return int(db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
 
-    assert await in_worker(log._raw, pragma) == BACKSTOP_PAGES
+    assert await in_worker(sqlite_log._raw, pragma) == BACKSTOP_PAGES
 
 
 async def test_written_frames_are_checkpointed_and_the_wal_starts_over(
-    log: SqliteEventLog,
+    sqlite_log: SqliteEventLog,
 ) -> None:
-    wal = checkpointer(log)
-    await append(log, 60)
+    wal = checkpointer(sqlite_log)
+    await append(sqlite_log, 60)
     await until(lambda: wal.last is not None and wal.last[2] == wal.last[1] >= 60)
     frames = wal.last[1] if wal.last else 0
     done = wal.checkpoints
-    await append(log, 1)  # the WAL was fully copied: this transaction starts it over
+    await append(sqlite_log, 1)  # the WAL was fully copied: this transaction starts it over
     await until(lambda: wal.checkpoints > done)
     assert wal.last is not None and wal.last[0] == 0
     assert wal.last[2] == wal.last[1] < frames
 
 
-async def test_an_idle_log_runs_no_checkpoints(log: SqliteEventLog) -> None:
-    wal = checkpointer(log)
-    await append(log, 1)
+async def test_an_idle_log_runs_no_checkpoints(sqlite_log: SqliteEventLog) -> None:
+    wal = checkpointer(sqlite_log)
+    await append(sqlite_log, 1)
     await until(lambda: wal.checkpoints == 1)
     await asyncio.sleep(0.3)  # six intervals without a transaction
     assert wal.checkpoints == 1
