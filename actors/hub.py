@@ -253,12 +253,13 @@ class Hub:
         if ref is None:
             return
         message = Deliver(channel, pub, epoch)
-        now = time.monotonic()
-        written, took = self._written.get(channel, _NEVER)
-        if channel in self._hot_channels or now - written < self._coalescing.after:
-            self._hold(channel, ref, message, now, took)
-            return
-        self._fanned.append(channel)
+        if self._coalescing.after:  # NO_HOLD: no clock, no record of writes
+            now = time.monotonic()
+            written, took = self._written.get(channel, _NEVER)
+            if channel in self._hot_channels or now - written < self._coalescing.after:
+                self._hold(channel, ref, message, now, took)
+                return
+            self._fanned.append(channel)
         self._tell_channel(ref, message)
 
     def join(self, channel: str, info: ClientInfo) -> None:
