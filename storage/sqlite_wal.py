@@ -2,13 +2,14 @@
 
 SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL past
 `wal_autocheckpoint` pages (1,000 by default). With one publication per commit that is every
-~170 commits, and that COMMIT took 4-6 ms instead of ~0.2 ms on the log's one writer thread,
-so every publication queued behind it waited too. As SQLite's documentation suggests for
-writers that care about latency, the log's connection keeps the automatic checkpoint only as
-a backstop (`BACKSTOP_PAGES`), and a thread of this module runs PASSIVE checkpoints on a
-connection of its own, `interval` seconds after a transaction. A PASSIVE checkpoint never
-waits for or blocks the writer; once it has copied every frame, the writer's next transaction
-starts the WAL over from its beginning, so the file stays small.
+~170 commits, and that COMMIT took 4-6 ms instead of ~0.2 ms, so every publication queued
+behind it waited too (small transactions run on the event loop's thread: see sqlite.py). As
+SQLite's documentation suggests for writers that care about latency, the log's connection
+keeps the automatic checkpoint only as a backstop (`BACKSTOP_PAGES`), and a thread of this
+module runs PASSIVE checkpoints on a connection of its own, `interval` seconds after a
+transaction. A PASSIVE checkpoint never waits for or blocks the writer; once it has copied
+every frame, the writer's next transaction starts the WAL over from its beginning, so the
+file stays small.
 """
 
 from __future__ import annotations
