@@ -68,6 +68,8 @@ class Tally:
         self.messages = messages
         self.channels = channels
         self.lat = array.array("q")  # ns, one per first delivery
+        self.seqs = array.array("q")  # the seq of each `lat` entry (with --dump-latencies)
+        self.keep_seqs = False
         self.uniq = array.array("i", bytes(4 * messages))  # seq -> distinct receivers
         self.dup = self.reordered = self.misrouted = 0
         self.complete = self.nsubs = self.disconnects = 0
@@ -96,6 +98,8 @@ class Tally:
         sub.seen[k] = 1
         self.uniq[seq] += 1
         self.lat.append(latency_ns)
+        if self.keep_seqs:
+            self.seqs.append(seq)
         if seq < sub.last:
             self.reordered += 1
         else:
@@ -151,6 +155,7 @@ async def child_main(idx: int, args: argparse.Namespace, conn: Connection) -> No
     deadline = time.monotonic() + args.max_seconds
     adapter = make_adapter(args.proto, args.token)
     tally = Tally(args.messages, args.channels)
+    tally.keep_seqs = bool(args.dump_latencies)
     source = args.source[idx % len(args.source)] if args.source else None
     connector = aiohttp.TCPConnector(limit=0, local_addr=(source, 0) if source else None)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
@@ -208,7 +213,8 @@ async def child_main(idx: int, args: argparse.Namespace, conn: Connection) -> No
         "cpu_run_s": cpu1 - cpu0,
         "errors": tally.errors,
     }
-    conn.send(("result", result, tally.lat.tobytes(), tally.uniq.tobytes()))
+    blobs = (tally.lat.tobytes(), tally.uniq.tobytes(), tally.seqs.tobytes())
+    conn.send(("result", result, *blobs))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(10):
             await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
@@ -324,6 +330,19 @@ def merge_uniq(blobs: Sequence[bytes], messages: int) -> list[int]:
     return total
 
 
+def dump_latencies(path: str, results: Sequence[Any]) -> None:
+    """--dump-latencies: 'seq latency_ms' per first delivery of every client process, by seq."""
+    rows: list[tuple[int, int]] = []
+    for result in results:
+        lat, seqs = array.array("q"), array.array("q")
+        lat.frombytes(result[2])
+        seqs.frombytes(result[4])
+        rows.extend(zip(seqs, lat, strict=True))
+    rows.sort()
+    with open(path, "w") as out:
+        out.writelines(f"{seq} {ns / 1e6:.3f}\n" for seq, ns in rows)
+
+
 def latency_summary(blobs: Sequence[bytes]) -> dict[str, float | None]:
     """p50/p90/p99/p99.9/max of all first deliveries, in ms."""
     lat = array.array("q")
@@ -404,6 +423,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--label", default="")
     ap.add_argument("--out", help="also append the JSON line to this file")
+    ap.add_argument(
+        "--dump-latencies",
+        metavar="FILE",
+        help="write 'seq latency_ms' per first delivery to FILE, by seq (where in a run the "
+        "slow deliveries were: seq / rate is the publish time)",
+    )
     ap.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     args = ap.parse_args(argv)
     args.ws_url = args.ws_url or ["ws://127.0.0.1:8000"]
@@ -474,6 +499,8 @@ def orchestrate(
     srv1 = procs.pids_cpu_s(pids)
     mach1 = procs.machine_cpu_s()
     stats = [r[1] for r in results]
+    if args.dump_latencies:
+        dump_latencies(args.dump_latencies, results)
     uniq = merge_uniq([r[3] for r in results], args.messages)
     counts = delivery_counts(pub.acked, uniq, per_chan, args.channels)
     last_recv = max(s["last_recv"] for s in stats)
