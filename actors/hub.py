@@ -117,7 +117,6 @@ class Hub:
         self._hot: InlineFanOut | None = None  # holds saturated channels (see deliver)
         self._hot_channels: set[str] = set()
         self._hot_first = self._hot_last = 0.0
-        self._hot_limit = coalescing.limit
         self._hot_took = 0.0  # the longest last write round of the held channels
         self._hot_timer: asyncio.TimerHandle | None = None
         # channel -> when its last fan-out was written, and how long that write round took
@@ -328,23 +327,25 @@ class Hub:
         if self._hot_timer is None:
             self._hot_first = now
             self._hot_took = took
-            self._hot_limit = max(self._coalescing.limit, took)
             loop = asyncio.get_running_loop()
-            wait = min(self._hot_gap(), self._hot_limit)
+            wait = min(self._hot_gap(), self._hot_limit())
             self._hot_timer = loop.call_later(wait, self._release_hot)
         elif took > self._hot_took:
             self._hot_took = took
-            self._hot_limit = max(self._hot_limit, took)
 
     def _release_hot(self) -> None:
         """The hold's timer: release once no publication came for `gap`, or at `limit`."""
-        due = min(self._hot_last + self._hot_gap(), self._hot_first + self._hot_limit)
+        due = min(self._hot_last + self._hot_gap(), self._hot_first + self._hot_limit())
         wait = due - time.monotonic()
         if wait > 0.0:
             self._hot_timer = asyncio.get_running_loop().call_later(wait, self._release_hot)
             return
         self._hot_timer = None
         self._end_hold()
+
+    def _hot_limit(self) -> float:
+        """How long the hold may last: the limit, or its channels' longest last write round."""
+        return max(self._coalescing.limit, self._hot_took)
 
     def _hot_gap(self) -> float:
         """The gap that ends the hold: longer for channels whose write rounds are long. The

@@ -209,7 +209,8 @@ class SqliteEventLog(SqlEventLog):
         self._db = db = cast(Any, raw)._conn
         db.execute("PRAGMA busy_timeout=0")  # locks are waited for on the worker thread
         path = _wal_file(db)
-        if path:
+        if path:  # the thread checkpoints; SQLite's own checkpoint is the backstop
+            db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             self._wal = WalCheckpointer(path)
             self._wal.start()
 
@@ -251,14 +252,10 @@ class SqliteEventLog(SqlEventLog):
 
 
 def _wal_file(db: sqlite3.Connection) -> str:
-    """The database file's path when it is in WAL mode, after handing its checkpoints to a
-    `WalCheckpointer` (the automatic one stays as a backstop); "" for other databases."""
+    """The database file's path when it is in WAL mode; "" for other databases."""
     if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         return ""
-    path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
-    if path:
-        db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
-    return str(path)
+    return str(next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), ""))
 
 
 def _begin_immediate(conn: sa.Connection) -> None:
