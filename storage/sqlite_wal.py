@@ -47,11 +47,17 @@ class WalCheckpointer:
     def written(self) -> None:
         self._dirty = True
 
-    async def close(self) -> None:
-        """Stop the thread; it finishes a checkpoint it is running first."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; it finishes a checkpoint it is running first. Waits at most
+        `timeout` seconds (a stuck disk): the thread is a daemon and its connection only
+        reads and copies committed frames, so leaving it behind loses nothing."""
         self._stop.set()
         if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, timeout)
+            if self._thread.is_alive():
+                log.warning(
+                    "WAL checkpoint thread still busy after %.0f s; not waited for", timeout
+                )
 
     def _run(self) -> None:
         try:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from centripy.engine.contracts import AppendRequest
 from centripy.storage.sqlite import SqliteEventLog, in_worker
@@ -71,6 +74,22 @@ async def test_close_stops_the_thread(tmp_path: Path) -> None:
     await log.close()
     assert not wal._thread.is_alive()
     assert log._wal is None
+
+
+async def test_close_waits_for_a_stuck_checkpoint_only_so_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stuck = threading.Event()  # a checkpoint that does not return (a stuck disk)
+    wal = WalCheckpointer(str(tmp_path / "events.db"))
+    wal._thread = threading.Thread(target=stuck.wait, args=(10,), daemon=True)
+    wal.start()
+    try:
+        async with asyncio.timeout(2):
+            await wal.close(timeout=0.2)
+        assert wal._thread.is_alive()
+        assert "not waited for" in caplog.text
+    finally:
+        stuck.set()
 
 
 async def test_a_memory_database_has_no_checkpointer() -> None:
