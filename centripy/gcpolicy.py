@@ -23,15 +23,13 @@ objects (closed connections) is always reclaimed:
 
 After a burst of long-lived objects (`freeze_after` young passes or more since the last middle
 pass: a mass connect or reconnect), the idle middle pass would traverse them all to find next
-to no garbage: 0.15 s for 10,000 fresh connections, in one piece, at the first idle second,
-which is often when traffic resumes. Instead the young generation is collected and everything
-is frozen
-(`gc.freeze()`, constant time). Frozen objects are never traversed, but they are only frozen
-until the next full collection, which unfreezes everything, collects, and freezes what
-survived. So a frozen object that becomes cyclic garbage (a connection closed later) is
-reclaimed by the next full collection, as it would have been in the old generation, where a
-middle pass would have put it anyway. Start-up's objects (configuration, modules, routes) are
-frozen at start.
+to no garbage: 0.15-0.3 s for 10,000 fresh connections, in one piece, at the first idle
+second, which is often when traffic resumes. Instead everything is frozen (`gc.freeze()`,
+constant time). Frozen objects are never traversed, but they are only frozen until the next
+full collection, which unfreezes everything, collects, and freezes what survived. So a frozen
+object that becomes cyclic garbage (a connection closed later) is reclaimed by the next full
+collection, as it would have been in the old generation, where a middle pass would have put
+it anyway. Start-up's objects (configuration, modules, routes) are frozen at start.
 """
 
 from __future__ import annotations
@@ -130,7 +128,6 @@ class GcPolicy:
         ):
             generation = 1
             if idle and young_passes >= s.freeze_after:
-                gc.collect(0)
                 gc.freeze()
                 self.freezes += 1
             else:

@@ -97,10 +97,10 @@ def test_a_burst_is_frozen_at_an_idle_check_and_thawed_by_the_next_full_one() ->
     for _ in range(4):
         gc.collect(0)
     frozen = gc.get_freeze_count()
-    assert collections_during(lambda: policy.check(idle=True)) == [0]  # no middle pass
+    assert collections_during(lambda: policy.check(idle=True)) == []  # no pass at all
     assert policy.freezes == 1 and policy.passes == {1: 1, 2: 0}
     assert gc.get_freeze_count() >= frozen + 50 * 8  # each Conn: itself, its dict, 7 lists
-    assert gc.get_count() == (0, 0, 0)
+    assert gc.get_count()[1:] == (0, 0)
     del burst  # closed later: cyclic garbage that sits frozen ...
     gc.collect(1)
     assert Conn.live == 50
