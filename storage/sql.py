@@ -33,7 +33,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -78,6 +78,7 @@ T = TypeVar("T")
 # "fetch" sends back the rows, the others None. A plan returns its result at the end.
 Step = tuple[str, Sql, Any]
 Plan = Generator[Step, Any, T]
+Rows = Sequence[Sequence[Any]]
 MAX_ROWS_PER_STATEMENT = 500  # multi-row upserts are split above this (bind limits)
 PURGE_ALL = 2**62  # "offset < PURGE_ALL" matches every row of a stream
 SMALL_ROWS = 64  # appends of at most this many rows are "small" transactions (`_transact`)
@@ -139,6 +140,17 @@ def advance_row(
         "meta_touched_at": now,
         "meta_expires_at": meta_expiry(now, reqs[-1].meta_ttl),
     }
+
+
+class Window(NamedTuple):
+    """The publications of one history read: offsets lo..hi of `channel`, at most `limit`
+    of them, from the newest when `reverse`."""
+
+    channel: str
+    lo: int
+    hi: int
+    limit: int
+    reverse: bool
 
 
 def chunks(items: Sequence[Any], size: int = MAX_ROWS_PER_STATEMENT) -> list[Sequence[Any]]:
@@ -362,6 +374,8 @@ class SqlEventLog(EventLog):
         if stale:
             yield ("executemany", sql.touch, stale)
         out: list[tuple[str, int, list[Publication]]] = []
+        windows: list[Window] = []
+        read: list[int] = []  # the index in `out` of each window's query
         for query in queries:
             row = live.get(query.channel)
             if row is None:
@@ -370,18 +384,30 @@ class SqlEventLog(EventLog):
                 continue
             _, epoch, top, first, pubs_expire_at, _ = row
             top = int(top)
+            out.append((epoch, top, []))
             if pubs_expire_at is None or pubs_expire_at < now:
                 first = top + 1
             rng = history_range(int(first), top, query)
             if rng is None or (query.since is not None and query.since.epoch not in ("", epoch)):
-                out.append((epoch, top, []))
                 continue
             count = rng[1] - rng[0] + 1
             limit = min(query.limit, count) if query.limit > 0 else count
-            stmt = sql.backward if query.reverse else sql.forward
-            read = {"b_channel": query.channel, "b_lo": rng[0], "b_hi": rng[1], "b_limit": limit}
-            rows = yield ("fetch", stmt, stmt.args(read))
-            out.append((epoch, top, [row_to_publication(r) for r in rows]))
+            read.append(len(out) - 1)
+            windows.append(Window(query.channel, rng[0], rng[1], limit, query.reverse))
+        if windows:
+            rows = yield from self._read_windows(sql, windows)
+            for i, part in zip(read, rows, strict=True):
+                out[i][2].extend(row_to_publication(r) for r in part)
+        return out
+
+    def _read_windows(self, sql: Statements, windows: Sequence[Window]) -> Plan[Sequence[Rows]]:
+        """The rows of each window (`Statements.forward`/`backward` columns), one statement
+        per window; a back end with round trips may read them all at once."""
+        out: list[Rows] = []
+        for w in windows:
+            stmt = sql.backward if w.reverse else sql.forward
+            read = {"b_channel": w.channel, "b_lo": w.lo, "b_hi": w.hi, "b_limit": w.limit}
+            out.append((yield ("fetch", stmt, stmt.args(read))))
         return out
 
     @staticmethod

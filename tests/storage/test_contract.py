@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -15,13 +17,14 @@ from centripy.engine.contracts import (
     AppendRequest,
     EventLog,
     HistoryQuery,
+    HistoryResult,
     StorageError,
     UnrecoverablePosition,
 )
 from centripy.engine.types import ClientInfo, StreamPosition
 from centripy.storage.factory import migrate, open_event_log
 from centripy.storage.memory import MemoryEventLog
-from centripy.storage.postgres import PostgresEventLog
+from centripy.storage.postgres import PostgresEventLog, PostgresSession
 from centripy.storage.sql import SqlEventLog
 from centripy.storage.sql_schema import SCHEMA_VERSION
 from centripy.storage.sql_statements import Sql
@@ -708,6 +711,50 @@ async def test_history_many_equals_one_history_per_query(log: EventLog, clock: F
     assert many[9].position.offset == 0 and many[10].publications == []  # type: ignore[union-attr]
     assert many[10].position.offset == 2  # type: ignore[union-attr]
     assert await log.history_many([]) == []
+
+
+async def test_history_many_reads_every_window_exactly(logs: LogFactory) -> None:
+    """Many windows in one call (one statement per direction on PostgreSQL): each gets its
+    own channel's publications, info and tags intact, in its own order and limit."""
+    log = await logs.open()
+    info = ClientInfo("user-ü", "client-1", b'{"a":1}', b"[1]")
+    for ch in ("a", "b", "c"):
+        await log.append_many(
+            [AppendRequest(ch, b'"%s%d"' % (ch.encode(), i), info, (("k", ch),), 10, 60.0)
+             for i in range(1, 6)]
+        )  # fmt: skip
+    queries = [
+        HistoryQuery("a", -1),
+        HistoryQuery("b", 2, reverse=True),
+        HistoryQuery("a", 2, StreamPosition(1, "")),
+        HistoryQuery("c", -1, reverse=True),
+        HistoryQuery("b", -1, StreamPosition(4, "")),
+        HistoryQuery("c", 1, StreamPosition(2, ""), reverse=True),
+    ]
+    expected = [("a", [1, 2, 3, 4, 5]), ("b", [5, 4]), ("a", [2, 3]), ("c", [5, 4, 3, 2, 1]),
+                ("b", [5]), ("c", [1])]  # fmt: skip
+    results = await log.history_many(queries)
+    for result, (ch, offsets) in zip(results, expected, strict=True):
+        assert isinstance(result, HistoryResult)
+        assert [p.offset for p in result.publications] == offsets
+        data = [b'"%s%d"' % (ch.encode(), i) for i in offsets]
+        assert [p.data for p in result.publications] == data
+        assert all(p.info == info and dict(p.tags) == {"k": ch} for p in result.publications)
+    if isinstance(log, PostgresEventLog):  # and in how many statements
+        fetched: list[str] = []
+        real = PostgresSession.fetch
+
+        async def counted(self: PostgresSession, sql: Sql, args: Sequence[object] = ()) -> Any:
+            fetched.append(sql.text)
+            return await real(self, sql, args)
+
+        PostgresSession.fetch = counted  # type: ignore[method-assign]
+        try:
+            again = await log.history_many(queries)
+        finally:
+            PostgresSession.fetch = real  # type: ignore[method-assign]
+        assert [shape(r) for r in again] == [shape(r) for r in results]
+        assert len(fetched) == 3, fetched  # the peek, then one read per direction
 
 
 async def test_history_many_keeps_stream_meta_alive(log: EventLog, clock: FakeClock) -> None:
