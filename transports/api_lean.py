@@ -4,27 +4,34 @@ outside Tornado's HTTP/1 stack.
 Tornado's HTTP/1 stack (`HTTP1Connection`, `HTTPHeaders`, routing, `RequestHandler`) costs
 ~200 µs of CPU per request on the 2-core machines here: a bare `RequestHandler` answers
 ~5.1k requests/s, below what a backend publishing over single `POST /api/publish` calls
-needs. `LeanHTTPServer` is Tornado's `HTTPServer` with one addition: on each connection it
-reads the request head itself and parses it once (`http11.parse_request_head`), then
+needs. `LeanHTTPServer` is Tornado's `HTTPServer` with one addition. On a plain TCP port
+asyncio accepts the connections (`add_sockets`), and each starts as an
+`api_protocol.ApiConnection`, which reads and parses each request head itself
+(`http11.parse_request_head`):
 
 * a POST to an API route that `http11.lean_post` accepts (Content-Length body, no
   Transfer-Encoding, Expect or Upgrade, HTTP/1.0 or 1.1) is answered with the same
-  `ApiEndpoint` the Tornado handlers use, and the next request is read; on a plain TCP
-  stream, a keep-alive one moves the socket to an asyncio transport driving an
-  `api_protocol.ApiConnection`, which answers it and the next ones (and hands the
-  connection back to Tornado when a request it does not answer comes);
-* a WebSocket handshake to the client WebSocket route (`ws_protocol.accept_upgrade`, and
-  `websocket.lean_websocket`: no compression, an allowed Origin) on a plain TCP stream gets
-  its socket moved to an asyncio transport driving a `websocket.LeanWebSocket`;
+  `ApiEndpoint` the Tornado handlers use, and the next request is read;
+* a WebSocket handshake to the client WebSocket route (`take_upgrade`:
+  `ws_protocol.accept_upgrade` and `websocket.lean_websocket`: no compression, an allowed
+  Origin) hands the transport to a `websocket.LeanWebSocket`;
 * anything else (SSE, GET, a chunked body, a route another handler owns, a handshake the
-  lean path leaves to Tornado, anything unusual) is put back in front of the stream's read
-  buffer and the connection is handed to Tornado's `HTTP1ServerConnection` for the rest of
-  its life, so every other transport is untouched.
+  lean path leaves to Tornado, anything unusual) goes to a new `IOStream` on the socket,
+  with the bytes read put in front of its read buffer, and to Tornado's
+  `HTTP1ServerConnection` for the rest of the connection's life, so every other transport
+  is untouched.
+
+With TLS, Tornado accepts, and `_serve` reads the heads from the `SSLIOStream`: API POSTs
+are answered there, the rest goes to Tornado.
+
+Accepting with asyncio spares every WebSocket connection an `IOStream`, a Tornado coroutine
+reading its head, and a second transport after taking the socket from the stream (a
+reconnect storm of 19,000 clients is mostly connects).
 
 Routing follows the application's own rules (`match`). An application with host-specific
 rules (`add_handlers` with a host pattern other than `.*`, or a `default_host`) is served by
-Tornado alone: the lean router does not look at Host. The Tornado internals this needs
-(`unread`, `detach`) live in `tornado_compat`.
+Tornado alone: the lean router does not look at Host. The Tornado internal this needs
+(`unread`) lives in `tornado_compat`.
 
 Measured with wrk (64 connections, same machine): the lean path answers ~12.8k requests/s
 where Tornado's stack answers ~5.1k.
@@ -38,6 +45,7 @@ import http
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -64,7 +72,7 @@ from centripy.transports.http11 import (
     parse_request_head,
 )
 from centripy.transports.linger import duplicate, linger
-from centripy.transports.tornado_compat import detach, unread
+from centripy.transports.tornado_compat import unread
 from centripy.transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket
 from centripy.transports.ws_protocol import accept_upgrade
 
@@ -73,6 +81,9 @@ access_log = logging.getLogger("tornado.access")
 
 # The endpoint of the route and the API method (None for the legacy `POST <prefix>`).
 Route = tuple[ApiEndpoint, str | None]
+# The listen backlog of a port asyncio accepts on (asyncio's create_server calls listen()
+# again): the same as centripy.server's, for a reconnect storm's thousands of SYNs at once.
+LISTEN_BACKLOG: Final = 4096
 # The handler class a path routes to, its keyword arguments and its path arguments.
 Match = tuple[type, dict[str, Any], list[bytes]]
 # What to answer, before reading it, to a request announcing a body: status, body, type.
@@ -193,6 +204,31 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         self._api_connections: set[ApiConnection] = set()
         self._websockets: set[LeanWebSocket] = set()
         self._date = _DateHeader()
+        self._accepting: list[tuple[socket.socket, asyncio.Task[asyncio.Server]]] = []
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """With the lean path on a plain TCP port, asyncio accepts: each connection starts
+        as an `ApiConnection` (see the module docstring). With TLS, Tornado accepts."""
+        if self._app is None or self.ssl_options is not None:
+            return super().add_sockets(sockets)
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            serving = loop.create_server(self._accepted, sock=sock, backlog=LISTEN_BACKLOG)
+            self._accepting.append((sock, loop.create_task(serving)))
+        return None
+
+    def _accepted(self) -> ApiConnection:
+        return ApiConnection(self, None, b"", self._api_connections)
+
+    def stop(self) -> None:
+        accepting, self._accepting = self._accepting, []
+        for sock, task in accepting:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close()
+            else:
+                task.cancel()
+            sock.close()
+        super().stop()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> Any:
         if self._app is None or self.lean_rules() is None:
@@ -303,10 +339,6 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                     timer.cancel()
                 wait = self._limits.idle_timeout
                 request = parse_request_head(head)
-                if request is not None and request.method == "GET":
-                    if await self._upgrade(stream, request):
-                        return
-                    request = None
                 route, refusal = self.triage(request)
                 if request is not None and refusal is not None:
                     await self._refuse(stream, refusal)
@@ -316,10 +348,6 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
                     unread(stream, head)
                     self._lean.discard(stream)
                     super().handle_stream(stream, address)
-                    return
-                if request.keep_alive and type(stream) is tornado.iostream.IOStream:
-                    self._lean.discard(stream)
-                    await self._to_protocol(stream, head, address)
                     return
                 if not await self._answer(stream, request, *route, peer_ip(address)):
                     stream.close()
@@ -332,18 +360,6 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         finally:
             self._lean.discard(stream)
 
-    async def _to_protocol(
-        self, stream: tornado.iostream.IOStream, head: bytes, address: Any
-    ) -> None:
-        """Move the connection to an asyncio transport with an `ApiConnection`, which
-        answers the request in `head` first."""
-        sock, early = detach(stream)
-        protocol = ApiConnection(self, address, head + early, self._api_connections)
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
-        except OSError:
-            sock.close()
-
     def hand_over(self, sock: socket.socket, data: bytes, address: Any) -> None:
         """Give a connection an `ApiConnection` served back to Tornado: a new stream on
         `sock`, `data` (bytes received, not consumed) in front of its read buffer."""
@@ -353,31 +369,22 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         unread(stream, data)
         super().handle_stream(stream, address)
 
-    async def _upgrade(self, stream: tornado.iostream.IOStream, request: RequestHead) -> bool:
-        """Take a WebSocket upgrade to the client WebSocket route on the lean path: the
-        socket leaves `stream` for an asyncio transport with a `LeanWebSocket`. False when
-        Tornado must answer it (TLS, another route, compression, a refused Origin, a
-        handshake `accept_upgrade` does not accept)."""
-        if type(stream) is not tornado.iostream.IOStream:
-            return False
+    def take_upgrade(self, request: RequestHead) -> LeanWebSocket | Refusal | None:
+        """The `LeanWebSocket` for a WebSocket upgrade to the client WebSocket route, or the
+        refusal to answer (503: client_connection_limit / _rate_limit); None when Tornado
+        must answer it (another route, compression, a refused Origin, a handshake
+        `accept_upgrade` does not accept)."""
         upgrade = accept_upgrade(request)
         found = None if upgrade is None else self.match(request.path)
         if upgrade is None or found is None or found[0] is not WebSocketHandler:
-            return False
+            return None
         ctx = found[1]["ctx"]
         protocol = lean_websocket(ctx, upgrade, self._websockets)
         if protocol is None:
-            return False
-        if not ctx.admission.admit():  # client_connection_limit / _rate_limit: 503
-            await self._refuse(stream, (503, b"", ""))
-            return True
-        self._lean.discard(stream)
-        sock, protocol.early = detach(stream)
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
-        except OSError:
-            sock.close()
-        return True
+            return None
+        if not ctx.admission.admit():
+            return 503, b"", ""
+        return protocol
 
     async def _answer(
         self,

@@ -1,11 +1,11 @@
-"""Keep-alive server API connections on an asyncio transport: the lean path's second stage.
+"""Connections of the lean path on an asyncio transport (plain TCP; see `api_lean`).
 
-`LeanHTTPServer` reads the first request head of a connection from Tornado's `IOStream`.
-When it is a keep-alive POST the lean path answers, on a plain TCP stream (TLS stays on
-the stream), the socket leaves the stream for an asyncio transport driving an
-`ApiConnection`, which serves that request and the next ones with none of the stream's
-per-request costs (a read re-armed and an epoll (un)registration per read, a write future,
-a `call_later` timer per wait).
+Every connection `LeanHTTPServer` accepts starts as an `ApiConnection`, which serves the
+server API's requests with none of a Tornado `IOStream`'s per-request costs (a read
+re-armed and an epoll (un)registration per read, a write future, a `call_later` timer per
+wait). A WebSocket upgrade to the client route (`LeanHTTPServer.take_upgrade`) hands the
+transport to a `LeanWebSocket`, with the bytes after the head; a refused one (503) is
+answered and closed with a linger.
 
 An `ApiConnection` buffers what it receives and answers requests strictly in order: it
 parses a head (`http11.parse_request_head`), waits for its Content-Length body, answers
@@ -19,8 +19,9 @@ not yet consumed put back in front, goes to Tornado's `HTTPServer.handle_stream`
 rest of the connection's life.
 
 Bounds, as on the stream: a partial head of more than `MAX_HEAD` bytes closes the
-connection; the next head must arrive within `idle_timeout` of the previous answer, a body
-within `body_timeout` of its head. One timer per connection keeps them: each wait stores
+connection; the first head must arrive within `header_timeout` of the accept, the next
+within `idle_timeout` of the previous answer, a body within `body_timeout` of its head.
+One timer per connection keeps them: each wait stores
 a deadline, and the timer, when it fires, closes the connection or re-arms itself for the
 later deadline. A 401 or 413 is answered before the body, then the connection is closed
 with a linger (`linger.py`). Reading pauses while the transport holds more than
@@ -44,6 +45,7 @@ from centripy.transports.linger import linger
 
 if TYPE_CHECKING:
     from centripy.transports.api_lean import LeanHTTPServer, Route
+    from centripy.transports.websocket import LeanWebSocket
 
 log = logging.getLogger("centripy.api")
 
@@ -88,6 +90,8 @@ class ApiConnection(asyncio.Protocol):
         data: bytes,
         conns: set[ApiConnection],
     ) -> None:
+        """`address` None: a connection just accepted (its peer's address is read from the
+        transport, and its first head must come within `header_timeout`)."""
         self._server = server
         self.address = address
         self._ip = peer_ip(address)
@@ -114,6 +118,13 @@ class ApiConnection(asyncio.Protocol):
         self._transport = transport
         self._conns.add(self)
         transport.set_write_buffer_limits(high=HIGH_WATER)
+        if self.address is None:
+            self.address = transport.get_extra_info("peername")
+            self._ip = peer_ip(self.address)
+            if self._server.lean_rules() is None:  # host rules: Tornado serves it all
+                self._release_socket(self._to_tornado)
+                return
+            self._wait_until(self._loop.time() + self._server.limits.header_timeout)
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -182,6 +193,17 @@ class ApiConnection(asyncio.Protocol):
                     transport.close()
                     return
                 request = parse_request_head(bytes(buffer[:end]))
+                if request is not None and request.method == "GET":
+                    upgrade = server.take_upgrade(request)
+                    if isinstance(upgrade, tuple):  # refused
+                        del buffer[:end]
+                        transport.write(server.refusal_bytes(upgrade))
+                        self._release_socket(_linger)
+                        return
+                    if upgrade is not None:
+                        del buffer[:end]
+                        self._hand_to(upgrade)
+                        return
                 route, refusal = server.triage(request)
                 if request is not None and refusal is not None:
                     del buffer[:end]
@@ -211,6 +233,23 @@ class ApiConnection(asyncio.Protocol):
             self._deadline = 0.0  # no wait while answering
             self._task = self._loop.create_task(self._answer(request, route, body))
         self._flow()
+
+    def _hand_to(self, websocket: LeanWebSocket) -> None:
+        """The connection becomes `websocket`'s, with the bytes after the upgrade's head."""
+        transport = self._transport
+        assert transport is not None
+        self._conns.discard(self)
+        self._transport = None
+        self._deadline = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        websocket.early = bytes(self._buffer)
+        self._buffer.clear()
+        if not self._reading:
+            transport.resume_reading()
+        transport.set_protocol(websocket)
+        websocket.connection_made(transport)
 
     async def _answer(self, request: RequestHead, route: Route, body: bytes) -> None:
         try:

@@ -1,11 +1,11 @@
 """The only module allowed to touch Tornado's private names.
 
-The lean path (`api_lean.py`, `websocket.py`) shares a port with Tornado: it reads a request
-head from an `IOStream` and then either puts the bytes back for Tornado's HTTP/1 parser
-(`unread`) or takes the socket away from the stream for an asyncio transport (`detach`).
-Tornado has no public API for either, so both use `IOStream`'s private read buffer (a
-`bytearray` and its size, Tornado 6). The WebSocket unmasking function is Tornado's C
-speedup (`tornado.util._websocket_mask`, with a pure-Python fallback inside Tornado).
+The lean path (`api_lean.py`, `api_protocol.py`) shares a port with Tornado: a connection it
+does not answer goes to Tornado's HTTP/1 parser with the bytes already read put in front of
+a new `IOStream`'s read buffer (`unread`). Tornado has no public API for that, so it uses
+`IOStream`'s private read buffer (a `bytearray` and its size, Tornado 6). The WebSocket
+unmasking function is Tornado's C speedup (`tornado.util._websocket_mask`, with a
+pure-Python fallback inside Tornado).
 
 At import this module checks that these private names exist in the installed Tornado, and
 raises ImportError naming the version otherwise, so that a Tornado upgrade that moves them
@@ -15,7 +15,6 @@ Tornado name (grep for `_read_buffer` and `_websocket_mask`).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -59,17 +58,3 @@ def unread(stream: tornado.iostream.IOStream, data: bytes) -> None:
     two reads of `stream` (none pending)."""
     _buffer(stream)[:0] = data
     stream._read_buffer_size += len(data)
-
-
-def detach(stream: tornado.iostream.IOStream) -> tuple[socket.socket, bytes]:
-    """Take the socket away from an idle `stream` (no read or write pending), as Tornado's
-    own `start_tls` does: (the socket, the bytes already read from it beyond the last read,
-    which the new owner must handle first). The stream is left without a socket; the
-    caller owns the socket from now on and must close it."""
-    early = bytes(_buffer(stream))
-    sock = stream.socket
-    stream.io_loop.remove_handler(sock)
-    stream.socket = None  # type: ignore[assignment]
-    stream._read_buffer = bytearray()
-    stream._read_buffer_size = 0
-    return sock, early
