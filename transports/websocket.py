@@ -36,7 +36,6 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
-from centripy.engine.metrics import TransportCounts
 from centripy.transports.http_common import refuse_over_admission, send_to_stream
 from centripy.transports.origins import origin_allowed
 from centripy.transports.ws_protocol import (
@@ -256,7 +255,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._paused = False  # reading paused: the actor has _max_pending frames waiting
         self.write_timeout = ctx.config.websocket_write_timeout
         self.proxy_headers: dict[str, str] = {}  # of the upgrade request (lean_websocket)
-        self._counts = TransportCounts()  # the node's, from connection_made
+        self._counts = ctx.node.metrics.transport(self.name)
 
     @property
     def state(self) -> State:
@@ -267,7 +266,6 @@ class LeanWebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._counts = self._ctx.node.metrics.transport(self.name)
         self._conns.add(self)
         # Pause (`pause_writing`) as soon as the socket leaves anything unsent, as the
         # Tornado transports' writes do: the actor then waits and joins what comes
