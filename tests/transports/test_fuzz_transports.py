@@ -27,6 +27,7 @@ from centripy.actors.connection_core import Frame
 from centripy.actors.transport import Format
 from centripy.engine.api_requests import DecodeError
 from centripy.engine.config import Config
+from centripy.engine.metrics import Metrics
 from centripy.engine.protocol import client_pb2
 from centripy.transports.api_http import LegacyCommand, decode_legacy
 from centripy.transports.emulation import (
@@ -96,7 +97,10 @@ def feed(
     loop: asyncio.AbstractEventLoop, chunks: list[bytes], max_size: int
 ) -> tuple[list[bytes], list[tuple[int, bytes]], FakeTransport]:
     """Feed `chunks` to a fresh LeanWebSocket; (messages told, frames written, transport)."""
-    ctx: Any = SimpleNamespace(config=Config(websocket_message_size_limit=max_size))
+    ctx: Any = SimpleNamespace(
+        config=Config(websocket_message_size_limit=max_size),
+        node=SimpleNamespace(metrics=Metrics()),
+    )
     ws = LeanWebSocket(ctx, Format.JSON, b"", set())
     transport, actor = FakeTransport(), FakeActor()
     ws._transport = transport  # type: ignore[assignment]  # connection_made, without an actor
