@@ -172,6 +172,11 @@ def _path_rules(app: tornado.web.Application) -> list[tornado.routing.Rule] | No
     return rules
 
 
+def _report_failure(serving: asyncio.Task[asyncio.Server]) -> None:
+    if not serving.cancelled() and serving.exception() is not None:
+        log.error("cannot accept connections", exc_info=serving.exception())
+
+
 def _expire(stream: tornado.iostream.IOStream) -> None:
     """A read deadline passed: drop the connection (the pending read then fails)."""
     stream.close()
@@ -213,8 +218,11 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
             return super().add_sockets(sockets)
         loop = asyncio.get_running_loop()
         for sock in sockets:
-            serving = loop.create_server(self._accepted, sock=sock, backlog=LISTEN_BACKLOG)
-            self._accepting.append((sock, loop.create_task(serving)))
+            serving = loop.create_task(
+                loop.create_server(self._accepted, sock=sock, backlog=LISTEN_BACKLOG)
+            )
+            serving.add_done_callback(_report_failure)
+            self._accepting.append((sock, serving))
         return None
 
     def _accepted(self) -> ApiConnection:

@@ -305,3 +305,22 @@ async def test_any_host_rules_are_followed_in_order() -> None:
     finally:
         server.stop()
         await server.close_all_connections()
+
+
+async def test_asyncio_accepts_the_port_until_stop() -> None:
+    """A plain TCP port is accepted by asyncio (`add_sockets`): it serves at once, and stop()
+    closes it, even before the accepting task ran."""
+    for wait in (True, False):
+        server = LeanHTTPServer(tornado.web.Application([(r"/echo", Echo)]), lean_api=True)
+        sock, number = bind_unused_port()
+        server.add_sockets([sock])
+        if wait:
+            reader, writer = await asyncio.open_connection("127.0.0.1", number)
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")  # given to Tornado
+            writer.close()
+        server.stop()
+        await server.close_all_connections()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", number)
+        assert sock.fileno() == -1
