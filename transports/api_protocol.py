@@ -21,13 +21,12 @@ rest of the connection's life.
 Bounds, as on the stream: a partial head of more than `MAX_HEAD` bytes closes the
 connection; the first head must arrive within `header_timeout` of the accept, the next
 within `idle_timeout` of the previous answer, a body within `body_timeout` of its head.
-One timer per connection keeps them: each wait stores
-a deadline, and the timer, when it fires, closes the connection or re-arms itself for the
-later deadline. A 401 or 413 is answered before the body, then the connection is closed
-with a linger (`linger.py`). Reading pauses while the transport holds more than
-`HIGH_WATER` bytes not yet sent (a caller pipelining requests without reading the
-answers) and while more than `INPUT_LIMIT` bytes wait unparsed behind a request being
-answered.
+One timer per connection keeps them: each wait stores a deadline, and the timer, when it
+fires, closes the connection or re-arms itself for the later deadline. A 401 or 413 is
+answered before the body, then the connection is closed with a linger (`linger.py`).
+Reading pauses while the transport holds more than `HIGH_WATER` bytes not yet sent (a
+caller pipelining requests without reading the answers) and while more than `INPUT_LIMIT`
+bytes wait unparsed behind a request being answered.
 """
 
 from __future__ import annotations
