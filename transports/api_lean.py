@@ -226,7 +226,7 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         return None
 
     def _accepted(self) -> ApiConnection:
-        return ApiConnection(self, None, b"", self._api_connections)
+        return ApiConnection(self, self._api_connections)
 
     def stop(self) -> None:
         accepting, self._accepting = self._accepting, []

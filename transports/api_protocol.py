@@ -57,9 +57,8 @@ Release = Callable[[socket.socket | None, bytes], None]
 
 
 class ApiConnection(asyncio.Protocol):
-    """One keep-alive server API connection (see the module docstring). Called on the
-    event loop; `data` is what the stream had read (the first request head, and what
-    followed it)."""
+    """One connection `LeanHTTPServer` accepted (see the module docstring). Called on the
+    event loop."""
 
     __slots__ = (
         "_body_wait",
@@ -82,20 +81,12 @@ class ApiConnection(asyncio.Protocol):
         "address",
     )
 
-    def __init__(
-        self,
-        server: LeanHTTPServer,
-        address: Any,
-        data: bytes,
-        conns: set[ApiConnection],
-    ) -> None:
-        """`address` None: a connection just accepted (its peer's address is read from the
-        transport, and its first head must come within `header_timeout`)."""
+    def __init__(self, server: LeanHTTPServer, conns: set[ApiConnection]) -> None:
         self._server = server
-        self.address = address
-        self._ip = peer_ip(address)
+        self.address: Any = None  # the peer's, from the transport
+        self._ip = "-"
         self._conns = conns
-        self._buffer = bytearray(data)
+        self._buffer = bytearray()
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._request: RequestHead | None = None  # its head read, its body awaited
@@ -117,14 +108,12 @@ class ApiConnection(asyncio.Protocol):
         self._transport = transport
         self._conns.add(self)
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        if self.address is None:
-            self.address = transport.get_extra_info("peername")
-            self._ip = peer_ip(self.address)
-            if self._server.lean_rules() is None:  # host rules: Tornado serves it all
-                self._release_socket(self._to_tornado)
-                return
-            self._wait_until(self._loop.time() + self._server.limits.header_timeout)
-        self._process()
+        self.address = transport.get_extra_info("peername")
+        self._ip = peer_ip(self.address)
+        if self._server.lean_rules() is None:  # host rules: Tornado serves it all
+            self._release_socket(self._to_tornado)
+            return
+        self._wait_until(self._loop.time() + self._server.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._conns.discard(self)
