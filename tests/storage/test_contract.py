@@ -713,7 +713,9 @@ async def test_history_many_equals_one_history_per_query(log: EventLog, clock: F
     assert await log.history_many([]) == []
 
 
-async def test_history_many_reads_every_window_exactly(logs: LogFactory) -> None:
+async def test_history_many_reads_every_window_exactly(
+    logs: LogFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Many windows in one call (one statement per direction on PostgreSQL): each gets its
     own channel's publications, info and tags intact, in its own order and limit."""
     log = await logs.open()
@@ -748,11 +750,8 @@ async def test_history_many_reads_every_window_exactly(logs: LogFactory) -> None
             fetched.append(sql.text)
             return await real(self, sql, args)
 
-        PostgresSession.fetch = counted  # type: ignore[method-assign]
-        try:
-            again = await log.history_many(queries)
-        finally:
-            PostgresSession.fetch = real  # type: ignore[method-assign]
+        monkeypatch.setattr(PostgresSession, "fetch", counted)
+        again = await log.history_many(queries)
         assert [shape(r) for r in again] == [shape(r) for r in results]
         assert len(fetched) == 3, fetched  # the peek, then one read per direction
 
