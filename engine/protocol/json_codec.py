@@ -18,7 +18,6 @@ per channel (`encode_pub_push`), never once per subscriber.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,8 +91,11 @@ def is_valid_json(data: bytes) -> bool:
     return True
 
 
-# A run of 20 digits may be an integer beyond 64 bits, which orjson reads as a float.
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+# A run of 20 digits may be an integer beyond 64 bits, which orjson reads as a float. It is
+# found by mapping every digit to "0" and searching for 20 of them: a tenth of the cost of
+# the regular expression [0-9]{20} (which tries every position) on a batch of commands.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"0" * 9)
+_LONG_NUMBER = b"0" * 20
 
 
 def loads_exact(data: bytes) -> Any:
@@ -102,7 +104,7 @@ def loads_exact(data: bytes) -> Any:
     than a float (Centrifugo passes payload bytes through). Raises ValueError (orjson's
     JSONDecodeError included) for what is not JSON or cannot be held."""
     value = orjson.loads(data)
-    if _LONG_NUMBER.search(data) is None:
+    if _LONG_NUMBER not in data.translate(_DIGITS_TO_ZERO):
         return value
     try:
         return json.loads(data)  # valid JSON (orjson said so): only the numbers differ
