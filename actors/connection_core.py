@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextvars
 import enum
 import logging
 import random
@@ -47,6 +46,7 @@ from centripy.actors.outbound import (
     Outbound,
 )
 from centripy.actors.transport import Format, Transport
+from centripy.actors.wheel import WheelTimer, wheel
 from centripy.engine import recovery
 from centripy.engine.channels import ChannelName
 from centripy.engine.config import Config
@@ -110,12 +110,6 @@ class Timer(enum.IntEnum):
     TICK = 4  # presence update, subscription expiry and position check
 
 
-# One context for every timer callback (asyncio copies the current context for each
-# TimerHandle otherwise): thousands of connections each keep two or three timers, and every
-# object they hold is one more for the cyclic GC to scan.
-_TIMER_CONTEXT = contextvars.Context()
-
-
 @dataclass(slots=True)
 class Subscription:
     """State of one subscription of this connection."""
@@ -157,7 +151,7 @@ class ConnectionCore(Outbound):
         self.subs: dict[str, Subscription] = {}
         self._loop = asyncio.get_running_loop()
         self._closing: tuple[int, str] | None = None
-        self._timers: dict[Timer, asyncio.TimerHandle] = {}
+        self._timers: dict[Timer, WheelTimer] = {}
         self._pong_pending = False
         self._ping_at = 0.0  # monotonic time of the ping awaiting its pong (metrics)
         self._last_position_check = time.monotonic()
@@ -402,9 +396,7 @@ class ConnectionCore(Outbound):
         if old is not None:
             old.cancel()
         ref = self.actor_ref
-        self._timers[kind] = asyncio.get_running_loop().call_later(
-            max(delay, 0.0), tell_if_alive, ref, kind, context=_TIMER_CONTEXT
-        )
+        self._timers[kind] = wheel().call_later(max(delay, 0.0), tell_if_alive, ref, kind)
 
     def _start_timers(self) -> None:
         stale = self._timers.pop(Timer.STALE, None)

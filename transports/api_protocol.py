@@ -21,9 +21,10 @@ rest of the connection's life.
 Bounds, as on the stream: a partial head of more than `MAX_HEAD` bytes closes the
 connection; the first head must arrive within `header_timeout` of the accept, the next
 within `idle_timeout` of the previous answer, a body within `body_timeout` of its head.
-One timer per connection keeps them: each wait stores a deadline, and the timer, when it
-fires, closes the connection or re-arms itself for the later deadline. A 401 or 413 is
-answered before the body, then the connection is closed with a linger (`linger.py`).
+One timer per connection (on the timer wheel, `actors/wheel.py`) keeps them: each wait
+stores a deadline, and the timer, when it fires, closes the connection or re-arms itself
+for the later deadline. A 401 or 413 is answered before the body, then the connection is
+closed with a linger (`linger.py`).
 Reading pauses while the transport holds more than `HIGH_WATER` bytes not yet sent (a
 caller pipelining requests without reading the answers) and while more than `INPUT_LIMIT`
 bytes wait unparsed behind a request being answered.
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from centripy.actors.wheel import WheelTimer, wheel
 from centripy.transports.http11 import HEAD_END, MAX_HEAD, RequestHead, parse_request_head
 from centripy.transports.linger import linger
 
@@ -95,7 +97,7 @@ class ApiConnection(asyncio.Protocol):
         self._body_wait = False  # the body deadline of `_request` is set
         self._task: asyncio.Task[None] | None = None  # the request being answered
         self._deadline = 0.0  # loop time when the wait in progress fails; 0: no wait
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: WheelTimer | None = None
         self._reading = True
         self._write_paused = False
         self._eof = False
@@ -283,7 +285,7 @@ class ApiConnection(asyncio.Protocol):
         if timer is None or timer.when() > deadline:
             if timer is not None:
                 timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+            self._timer = wheel().call_at(deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -293,7 +295,7 @@ class ApiConnection(asyncio.Protocol):
         if self._loop.time() >= deadline:
             self.abort()
         else:
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+            self._timer = wheel().call_at(deadline, self._check_deadline)
 
     def _release_socket(self, release: Release) -> None:
         """Stop reading requests; once the transport has sent all it holds, give the
