@@ -286,3 +286,61 @@ async def test_submit_many_checks_every_request_first(spy: SpyLog) -> None:
         await writer.submit_many([req(n=1), AppendRequest("", b"x")])
     await writer.close()
     assert spy.batches == []
+
+
+async def test_on_commit_runs_in_commit_order_before_the_caller_resumes(spy: SpyLog) -> None:
+    writer = await started(spy, max_batch=10, max_delay=0.05)
+    spy.gate = asyncio.Event()
+    seen: list[tuple[str, list[int]]] = []
+    resumed: list[str] = []
+
+    async def unit(name: str, n: int) -> None:
+        def on_commit(results: list[AppendResult]) -> None:
+            seen.append((name, [r.publication.offset for r in results]))
+            assert name not in resumed  # before its caller's coroutine resumes
+
+        await writer.submit_many([req(n=i) for i in range(n)], on_commit)
+        resumed.append(name)
+
+    a = asyncio.ensure_future(unit("a", 2))
+    await asyncio.wait_for(spy.entered.wait(), 5)
+    b = asyncio.ensure_future(unit("b", 1))
+    c = asyncio.ensure_future(unit("c", 3))
+    await asyncio.sleep(0)
+    spy.gate.set()
+    await asyncio.gather(a, b, c)
+    await writer.close()
+    assert seen == [("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6])]
+
+
+async def test_on_commit_runs_for_a_cancelled_caller_and_not_for_a_failed_batch(
+    spy: SpyLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = await started(spy, max_batch=10, max_delay=0.05)
+    spy.gate = asyncio.Event()
+    seen: list[list[int]] = []
+
+    def on_commit(results: list[AppendResult]) -> None:
+        seen.append([r.publication.offset for r in results])
+
+    taken = asyncio.ensure_future(writer.submit_many([req(n=0)], on_commit))
+    await asyncio.wait_for(spy.entered.wait(), 5)
+    taken.cancel()  # its batch is committing: the publication is stored
+    spy.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await taken
+    await asyncio.sleep(0.01)
+    assert seen == [[1]]
+
+    def broken(results: list[AppendResult]) -> None:
+        raise RuntimeError("callback bug")
+
+    result = await writer.submit_many([req(n=1)], broken)
+    assert result[0].publication.offset == 2  # the results still come back
+    assert "on_commit callback failed" in caplog.text
+
+    spy.fail_with = StorageError("down")
+    with pytest.raises(StorageError):
+        await writer.submit_many([req(n=2)], on_commit)
+    await writer.close()
+    assert seen == [[1]]
