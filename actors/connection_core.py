@@ -459,10 +459,28 @@ class ConnectionCore(Outbound):
         if old is not None:
             old.cancel()
 
-    async def _periodic(self) -> None:
-        """Every client_presence_update_interval: refresh presence, expire subscriptions."""
+    def _periodic(self) -> Any:
+        """Every client_presence_update_interval: refresh presence, expire subscriptions,
+        check positions when due. A coroutine (a task) only when a subscription has such
+        work this tick: ten thousand connections tick together after a burst of connects."""
         self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
         now = time.time()
+        close_delay = self.config.client_expired_sub_close_delay
+        due = time.monotonic() - self._last_position_check >= (
+            self.config.client_channel_position_check_delay
+        )
+        for sub in self.subs.values():
+            if sub.presence or (due and sub.positioned):
+                break
+            if sub.expire_at and sub.expire_at + close_delay <= now:
+                break
+        else:
+            if due:
+                self._last_position_check = time.monotonic()
+            return None
+        return self._periodic_work(now)
+
+    async def _periodic_work(self, now: float) -> None:
         for channel, sub in list(self.subs.items()):
             if sub.expire_at and sub.expire_at + self.config.client_expired_sub_close_delay <= now:
                 refreshed = await self._refresh_sub(channel, sub)

@@ -405,6 +405,25 @@ async def test_position_check_passes_when_delivery_keeps_up() -> None:
         assert not any("unsubscribe" in m.get("push", {}) for m in client.transport.messages)
 
 
+async def test_a_tick_with_nothing_to_do_starts_no_coroutine() -> None:
+    config = make_config(
+        client_presence_update_interval=0.02, client_channel_position_check_delay=0.0
+    )
+    async with Harness(config) as h:
+        client = await h.client()
+        await client.call("subscribe", {"channel": "news"})  # no presence, not positioned
+        actor = client.ref.actor_inbox._actor  # type: ignore[attr-defined]
+        work: list[float] = []
+        original = actor._periodic_work
+        actor._periodic_work = lambda now: work.append(now) or original(now)
+        checked = actor._last_position_check
+        await eventually(lambda: actor._last_position_check > checked, 3, "a tick")
+        assert work == []  # ticked (the position check is marked done), with no coroutine
+        await client.call("subscribe", {"channel": "h:pos", "positioned": True})
+        await eventually(lambda: len(work) >= 2, 3, "ticks with a positioned subscription")
+        assert client.transport.closed is None
+
+
 async def test_binary_publication_disconnects_json_client_with_3506() -> None:
     async with Harness(make_config()) as h:
         client = await h.client()
