@@ -288,22 +288,10 @@ class Hub:
             return  # stopped between _live and here: nobody to deliver to
         if not self._release_pending and (fanout.holding or self._fanned):
             self._release_pending = True
-            asyncio.get_running_loop().call_soon(self._release_soon)
-
-    def flush(self) -> None:
-        """Write out now what was fanned out since the last release: the event log's writer
-        calls it once the publications of a commit were all delivered (one write per
-        subscriber for them, a loop iteration sooner than the scheduled release)."""
-        if self._release_pending:
-            self._release()
-
-    def _release_soon(self) -> None:
-        if self._release_pending:  # else a flush came first
-            self._release()
+            asyncio.get_running_loop().call_soon(self._release)
 
     def _release(self) -> None:
-        """The next loop iteration after a fan-out (or a flush): the held channels'
-        subscribers write."""
+        """The next loop iteration after a fan-out: the held channels' subscribers write."""
         self._release_pending = False
         started = time.monotonic()
         if self._fanout is not None:

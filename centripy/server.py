@@ -298,7 +298,6 @@ async def start(config: Config) -> Services:
     node = Node(config, event_log, writer.submit_many, presence)
     hub = Hub(node, broker)
     node.attach_fanout(hub)
-    writer.after_commit = hub.flush
     sessions: Sessions = SessionsAdapter(hub, node)
     link = None
     if broker is not None:

@@ -77,9 +77,6 @@ class GroupCommitWriter:
         # The node's metrics (set by the composition root): per batch, its size, its
         # transaction's duration and whether it failed.
         self.metrics: Metrics | None = None
-        # Called once after a committed batch's on_commit callbacks (set by the composition
-        # root: the hub writes out what they delivered, rather than a loop iteration later).
-        self.after_commit: Callable[[], None] | None = None
 
     async def start(self) -> None:
         """Start the batching task on the running loop (idempotent)."""
@@ -208,11 +205,6 @@ class GroupCommitWriter:
             if not item.future.done():
                 item.future.set_result(mine)
             start = end
-        if self.after_commit is not None:
-            try:
-                self.after_commit()
-            except Exception:
-                log.exception("event log after_commit callback failed")
 
     def _observe(self, rows: int, started: float, failed: bool) -> None:
         if self.metrics is not None:

@@ -142,7 +142,6 @@ class Harness:
         self.node = Node(config, self.log, self.writer.submit_many, MemoryPresence())
         self.hub = Hub()
         self.node.attach_fanout(self.hub)
-        self.writer.after_commit = self.hub.flush
         self.ctx = ConnContext(config, self.node, self.hub, TokenVerifier(config))
 
     async def __aenter__(self) -> Harness:

@@ -82,7 +82,6 @@ async def setup() -> AsyncIterator[Setup]:
     broker = RedisBroker([url], prefix=f"t{uuid.uuid4().hex[:12]}", io_timeout=2.0)
     hub = Hub(node, broker)
     node.attach_fanout(hub)
-    writer.after_commit = hub.flush
     node.attach_broker(broker)
     await broker.start(node.uid, _NoHandler())
     yield Setup(log, node, hub, ConnContext(config, node, hub, TokenVerifier(config)))

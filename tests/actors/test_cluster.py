@@ -58,7 +58,6 @@ async def cluster() -> AsyncIterator[tuple[Member, Member]]:
         broker = RedisBroker([url], prefix=prefix, io_timeout=2.0)
         hub = Hub(node, broker)
         node.attach_fanout(hub)
-        writer.after_commit = hub.flush
         node.attach_broker(broker)
         link = ClusterLink(node, hub, broker)
         await link.start()

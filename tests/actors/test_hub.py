@@ -116,25 +116,6 @@ async def test_publications_of_one_loop_turn_reach_each_subscriber_in_one_run() 
     await eventually(lambda: a.runs == [[1, 2, 3], [4]], 5, "the next run")
 
 
-async def test_flush_writes_what_a_commit_fanned_out_at_once_in_one_run() -> None:
-    """The writer's flush after a commit: each subscriber writes its publications in one
-    run right away; the release scheduled for the next iteration then writes nothing."""
-    hub = Hub()
-    a_ref, a = start_writer()
-    await hub.subscribe("news", "a", a_ref, False)
-    await asyncio.sleep(0)
-    for offset in (1, 2):
-        hub.deliver("news", Publication(b"{}", offset), "ep")
-    assert a.runs == []  # held until the release
-    hub.flush()
-    assert a.runs == [[1, 2]]  # no loop iteration in between
-    hub.flush()  # nothing pending: a no-op
-    await asyncio.sleep(0.05)
-    assert a.runs == [[1, 2]]
-    hub.deliver("news", Publication(b"{}", 3), "ep")  # without a flush: the next iteration
-    await eventually(lambda: a.runs == [[1, 2], [3]], 5, "the scheduled release")
-
-
 async def publish_paced(hub: Hub, channel: str, offsets: range, pause: float) -> None:
     for offset in offsets:
         hub.deliver(channel, Publication(b"{}", offset), "ep")

@@ -65,7 +65,6 @@ async def serve() -> AsyncIterator[Callable[..., object]]:
         node = Node(config, log, writer.submit_many, MemoryPresence())
         hub = Hub()
         node.attach_fanout(hub)
-        writer.after_commit = hub.flush
         ctx = ConnContext(config, node, hub, TokenVerifier(config))
         app = tornado.web.Application(
             client_routes(config, ctx),
