@@ -51,10 +51,8 @@ class Fanout(Protocol):
     def leave(self, channel: str, info: ClientInfo) -> None: ...
 
 
-# Commit several append requests in one transaction (the group-commit writer's submit_many);
-# the callback gets their results right after the commit, before the awaitable resolves.
-OnCommit = Callable[[list[AppendResult]], None]
-SubmitMany = Callable[[Sequence[AppendRequest], OnCommit], Awaitable[list[AppendResult]]]
+# Commit several append requests in one transaction (the group-commit writer's submit_many).
+SubmitMany = Callable[[Sequence[AppendRequest]], Awaitable[list[AppendResult]]]
 
 
 # Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
@@ -182,24 +180,19 @@ class Node:
                 logged.append(i)
         if not requests:
             return results
-
-        def deliver(appended: list[AppendResult]) -> None:
-            """Fan out right after the commit, in commit order (the writer calls it)."""
-            for i, result in zip(logged, appended, strict=True):
-                if not result.suppressed:
-                    self._deliver(items[i].name.channel, result.publication, result.epoch)
-
         try:
-            appended = await self._submit_many(requests, deliver)
+            appended = await self._submit_many(requests)
         except StorageError as exc:
             log.error("publish to %r failed: %s", requests[0].channel, exc)
             for i in logged:
                 results[i] = Error.of(ErrorCode.INTERNAL)
             return results
         for i, result in zip(logged, appended, strict=True):
-            if not result.suppressed and self._broker is not None:
-                # no coroutine per publication on one node
-                await self._broadcast(items[i].name.channel, result.publication, result.epoch)
+            if not result.suppressed:
+                channel = items[i].name.channel
+                self._deliver(channel, result.publication, result.epoch)
+                if self._broker is not None:  # no coroutine per publication on one node
+                    await self._broadcast(channel, result.publication, result.epoch)
             results[i] = PublishResult(result.publication.offset, result.epoch, result.suppressed)
         return results
 

@@ -9,10 +9,7 @@ next batch. Before committing, the writer yields to the loop while new requests 
 arriving (callers woken by the previous batch resubmit within an iteration or two), but no
 longer than `max_delay` after the oldest request and never beyond `max_batch` requests.
 `submit_many` queues several requests as one unit: they share a batch (one transaction),
-however many they are. Its `on_commit` runs with the unit's results right after the commit,
-in commit order, inside the writer's task: the node fans publications out there, a loop
-iteration before the caller's coroutine resumes (and even when that caller was cancelled
-after its batch was taken: the publication is stored, so it is delivered).
+however many they are.
 A failed batch fails every waiter of that batch with StorageError (the log's transaction
 applied none of it). Duplicate idempotency keys inside one batch behave as sequential
 calls: the log's `append_many` handles them.
@@ -25,7 +22,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
@@ -35,16 +32,11 @@ from centripy.storage.rules import Checked, check_append
 log = logging.getLogger("centripy.storage.writer")
 
 
-# Runs with a unit's results right after its batch commits (see the module doc).
-OnCommit = Callable[[list[AppendResult]], None]
-
-
 @dataclass(slots=True)
 class _Pending:
     requests: Sequence[AppendRequest]  # committed in one batch
     future: asyncio.Future[list[AppendResult]]
     at: float  # loop.time() when submitted
-    on_commit: OnCommit | None
 
 
 def batch_error(exc: BaseException) -> StorageError:
@@ -92,13 +84,9 @@ class GroupCommitWriter:
         taken still has its publication stored (the transaction is not undone)."""
         return (await self.submit_many((request,)))[0]
 
-    async def submit_many(
-        self, requests: Sequence[AppendRequest], on_commit: OnCommit | None = None
-    ) -> list[AppendResult]:
+    async def submit_many(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
         """`submit` for several requests at once: they are committed in one batch, in
-        order (as `append_many` would), and their results come back in the same order.
-        `on_commit(results)` runs first, right after the commit (an error it raises is
-        logged: the results still come back)."""
+        order (as `append_many` would), and their results come back in the same order."""
         for request in requests:
             check_append(request)
         if self._closing:
@@ -109,7 +97,7 @@ class GroupCommitWriter:
         if not requests:
             return []
         future: asyncio.Future[list[AppendResult]] = loop.create_future()
-        self._pending.append(_Pending(requests, future, loop.time(), on_commit))
+        self._pending.append(_Pending(requests, future, loop.time()))
         self._queued += len(requests)
         if len(self._pending) == 1:
             self._wake.set()
@@ -196,14 +184,8 @@ class GroupCommitWriter:
         start = 0
         for item in batch:
             end = start + len(item.requests)
-            mine = results[start:end]
-            if item.on_commit is not None:
-                try:
-                    item.on_commit(mine)
-                except Exception:
-                    log.exception("event log on_commit callback failed")
             if not item.future.done():
-                item.future.set_result(mine)
+                item.future.set_result(results[start:end])
             start = end
 
     def _observe(self, rows: int, started: float, failed: bool) -> None:
