@@ -560,6 +560,51 @@ def test_api_decode_request_returns_a_request_or_decode_error(
     check_api_value(method, request)
 
 
+JSONISH = st.recursive(
+    SCALARS | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+PUBLISH_KEYS = ["channel", "data", "Channel", "DATA", "tags", "b64data", "idempotency_key"]
+
+
+def generic_publish(value: object) -> object:
+    """The field-by-field reader's publish request, or its DecodeError's message."""
+    try:
+        return api._DECODERS["publish"](api._Obj(value, ("publish",)))
+    except api.DecodeError as exc:
+        return str(exc)
+
+
+@MANY
+@given(st.dictionaries(st.sampled_from(PUBLISH_KEYS), JSONISH, max_size=4) | JSONISH)
+def test_api_plain_publish_fast_path_decodes_as_the_generic_reader(value: object) -> None:
+    """`{"channel", "data"}` takes a fast path (alone and in a batch); whatever takes it
+    decodes exactly as the generic reader does, and everything else goes that way."""
+    expected = generic_publish(value)
+    fast = api._plain_publish(value)
+    if fast is not None:
+        assert fast == expected
+    try:
+        single: object = api.decode_request("publish", value)
+    except api.DecodeError as exc:
+        single = str(exc)
+    assert single == expected
+    if isinstance(expected, api.PublishRequest) and value is not None:  # null: no command
+        batch = api.decode_request("batch", {"commands": [{"publish": value}]})
+        assert isinstance(batch, api.BatchRequest)
+        assert batch.commands == (("publish", expected),)
+
+
+def test_api_plain_publish_fast_path_is_taken_for_the_common_shape() -> None:
+    value = {"channel": "news", "data": {"text": "hi", "n": 2**70}}
+    fast = api._plain_publish(value)
+    assert fast == generic_publish(value)
+    assert fast is not None and fast.body.data == b'{"text":"hi","n":1180591620717411303424}'
+    assert api._plain_publish({"channel": "news"}) == generic_publish({"channel": "news"})
+    assert api._plain_publish({"Channel": "news", "data": 1}) is None  # the generic reader's
+
+
 @FAST
 @given(st.binary(max_size=120), st.sampled_from(sorted(api.METHODS)))
 def test_api_bodies_parsed_by_orjson(body: bytes, method: str) -> None:
