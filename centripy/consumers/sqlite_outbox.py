@@ -91,7 +91,14 @@ class SqliteOutboxStore:
     async def _connect(self) -> aiosqlite.Connection:
         # mode=rw: a missing file is an error, not a new empty database.
         uri = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
-        return await aiosqlite.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+        conn = aiosqlite.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+        try:
+            return await conn
+        except BaseException:
+            # aiosqlite stops the worker thread of a failed connect without waiting for it;
+            # the thread then posts to this loop, possibly after it closed: wait for it.
+            await asyncio.to_thread(conn._thread.join, CLOSE_TIMEOUT)
+            raise
 
     async def start(self) -> None:
         try:

@@ -504,6 +504,8 @@ async def test_sqlite_store_refuses_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConsumerStartError):
         await store.start()
     assert not (tmp_path / "missing.db").exists()
+    # the failed connection's worker thread is gone (else it posts to this loop once closed)
+    assert not [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
 
 
 # --- start_consumers ---------------------------------------------------------------------
