@@ -46,7 +46,7 @@ from centripy.actors.outbound import (
     Outbound,
 )
 from centripy.actors.transport import Format, Transport
-from centripy.actors.wheel import WheelTimer, wheel
+from centripy.actors.wheel import WheelTimer, wheel_of
 from centripy.engine import recovery
 from centripy.engine.channels import ChannelName
 from centripy.engine.config import Config
@@ -396,7 +396,8 @@ class ConnectionCore(Outbound):
         if old is not None:
             old.cancel()
         ref = self.actor_ref
-        self._timers[kind] = wheel().call_later(max(delay, 0.0), tell_if_alive, ref, kind)
+        timers = wheel_of(self._loop)
+        self._timers[kind] = timers.call_later(max(delay, 0.0), tell_if_alive, ref, kind)
 
     def _start_timers(self) -> None:
         stale = self._timers.pop(Timer.STALE, None)

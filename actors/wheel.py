@@ -103,9 +103,9 @@ _WHEELS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimerWheel] = (
 )
 
 
-def wheel() -> TimerWheel:
-    """The running loop's wheel (made on first use)."""
-    loop = asyncio.get_running_loop()
+def wheel_of(loop: asyncio.AbstractEventLoop) -> TimerWheel:
+    """`loop`'s wheel (made on first use). Callers pass the loop they hold:
+    `asyncio.get_running_loop()` costs a getpid() system call per call on Python 3.11."""
     found = _WHEELS.get(loop)
     if found is None:
         found = _WHEELS[loop] = TimerWheel(loop)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from centripy.actors.wheel import WheelTimer, wheel
+from centripy.actors.wheel import WheelTimer, wheel_of
 from centripy.transports.http11 import HEAD_END, MAX_HEAD, RequestHead, parse_request_head
 from centripy.transports.linger import linger
 
@@ -285,7 +285,7 @@ class ApiConnection(asyncio.Protocol):
         if timer is None or timer.when() > deadline:
             if timer is not None:
                 timer.cancel()
-            self._timer = wheel().call_at(deadline, self._check_deadline)
+            self._timer = wheel_of(self._loop).call_at(deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -295,7 +295,7 @@ class ApiConnection(asyncio.Protocol):
         if self._loop.time() >= deadline:
             self.abort()
         else:
-            self._timer = wheel().call_at(deadline, self._check_deadline)
+            self._timer = wheel_of(self._loop).call_at(deadline, self._check_deadline)
 
     def _release_socket(self, release: Release) -> None:
         """Stop reading requests; once the transport has sent all it holds, give the

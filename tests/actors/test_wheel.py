@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from centripy.actors.wheel import RESOLUTION, TimerWheel, wheel
+from centripy.actors.wheel import RESOLUTION, TimerWheel, wheel_of
 
 
 async def test_timers_fire_in_order_never_early_and_at_most_one_slot_late() -> None:
@@ -84,12 +84,13 @@ async def test_a_timer_set_from_a_firing_slot_for_now_runs_on_the_next_pass() ->
     assert fired == ["second"]
 
 
-async def test_each_running_loop_has_one_wheel() -> None:
-    assert wheel() is wheel()
+async def test_each_loop_has_one_wheel() -> None:
+    loop = asyncio.get_running_loop()
+    assert wheel_of(loop) is wheel_of(loop)
     other: list[TimerWheel] = []
 
     async def grab() -> None:
-        other.append(wheel())
+        other.append(wheel_of(asyncio.get_running_loop()))
 
     await asyncio.to_thread(asyncio.run, grab())
-    assert other[0] is not wheel()
+    assert other[0] is not wheel_of(loop)
