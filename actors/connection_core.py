@@ -466,14 +466,9 @@ class ConnectionCore(Outbound):
         work this tick: ten thousand connections tick together after a burst of connects."""
         self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
         now = time.time()
-        close_delay = self.config.client_expired_sub_close_delay
-        due = time.monotonic() - self._last_position_check >= (
-            self.config.client_channel_position_check_delay
-        )
+        due = self._position_check_due()
         for sub in self.subs.values():
-            if sub.presence or (due and sub.positioned):
-                break
-            if sub.expire_at and sub.expire_at + close_delay <= now:
+            if sub.presence or (due and sub.positioned) or self._sub_expired(sub, now):
                 break
         else:
             if due:
@@ -481,9 +476,18 @@ class ConnectionCore(Outbound):
             return None
         return self._periodic_work(now)
 
+    def _sub_expired(self, sub: Subscription, now: float) -> bool:
+        return bool(sub.expire_at) and (
+            sub.expire_at + self.config.client_expired_sub_close_delay <= now
+        )
+
+    def _position_check_due(self) -> bool:
+        elapsed = time.monotonic() - self._last_position_check
+        return elapsed >= self.config.client_channel_position_check_delay
+
     async def _periodic_work(self, now: float) -> None:
         for channel, sub in list(self.subs.items()):
-            if sub.expire_at and sub.expire_at + self.config.client_expired_sub_close_delay <= now:
+            if self._sub_expired(sub, now):
                 refreshed = await self._refresh_sub(channel, sub)
                 if self.state is not CONNECTED:
                     return
@@ -500,8 +504,7 @@ class ConnectionCore(Outbound):
                     )
                 except Exception as exc:  # storage down: keep the connection, try next tick
                     log.warning("connection %s: presence update failed: %r", self.client_id, exc)
-        delay = self.config.client_channel_position_check_delay
-        if time.monotonic() - self._last_position_check >= delay:
+        if self._position_check_due():
             self._last_position_check = time.monotonic()
             await self._check_positions()
 
