@@ -181,6 +181,7 @@ class SqlEventLog(EventLog):
     # rather than one executemany: SQLite's driver takes the GIL back after every row of
     # an executemany, which behind a busy event loop costs a switch interval (5 ms) each.
     insert_in_one = False
+    gc_chunk = 1000  # streams per gc transaction
 
     def __init__(
         self,
@@ -338,9 +339,13 @@ class SqlEventLog(EventLog):
             await self._transact(self._remove_plan(sql, channel))
 
     async def gc(self) -> None:
-        """Delete expired idempotency keys, forgotten streams and expired publications."""
+        """Delete expired idempotency keys, forgotten streams and expired publications: the
+        streams `gc_chunk` per transaction (in key order), so appends run between chunks."""
+        now = self._now()
         async with self._guard() as sql:
-            await self._transact(self._gc_plan(sql, self._now()), small=False)
+            after: str | None = ""
+            while after is not None:
+                after = await self._transact(self._gc_plan(sql, now, after), small=False)
 
     async def _gc_loop(self) -> None:
         assert self._gc_interval
@@ -415,10 +420,18 @@ class SqlEventLog(EventLog):
         yield ("execute", sql.clear, sql.clear.args({"b_channel": channel}))
         yield ("execute", sql.delete_channel, sql.delete_channel.args({"b_channel": channel}))
 
-    @staticmethod
-    def _gc_plan(sql: Statements, now: float) -> Plan[None]:
-        params = {"b_now": now}
-        yield ("execute", sql.forget_keys, sql.forget_keys.args(params))
+    def _gc_plan(self, sql: Statements, now: float, after: str) -> Plan[str | None]:
+        """The first chunk (`after` empty) also deletes expired idempotency keys. Forget or
+        expire the streams of the chunk after channel `after`; return where the next chunk
+        starts, or None after the last chunk."""
+        if not after:
+            yield ("execute", sql.forget_keys, sql.forget_keys.args({"b_now": now}))
+        chunk = {"b_after": after, "b_limit": self.gc_chunk}
+        bound = yield ("fetch", sql.gc_bound, sql.gc_bound.args(chunk))
+        upto, size = bound[0] if bound else (None, 0)
+        if upto is None:
+            return None
+        params = {"b_now": now, "b_after": after, "b_upto": upto}
         forgotten = yield ("fetch", sql.forget_streams, sql.forget_streams.args(params))
         doomed = [(r[0], PURGE_ALL) for r in forgotten]
         expired = yield ("fetch", sql.expire_pubs, sql.expire_pubs.args(params))
@@ -426,6 +439,7 @@ class SqlEventLog(EventLog):
         if doomed:
             args = [sql.delete_below.args({"b_channel": ch, "b_lo": lo}) for ch, lo in doomed]
             yield ("executemany", sql.delete_below, args)
+        return str(upto) if size >= self.gc_chunk else None
 
     def _append_plan(
         self, sql: Statements, requests: Sequence[AppendRequest], now: float

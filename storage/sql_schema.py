@@ -6,7 +6,10 @@ Every name starts with `table_prefix`, default `centripy_`:
   offset; publications `min_offset..top_offset` are the kept ones (rows below `min_offset`
   are trimmed logically at once and deleted physically by the next append or by `gc`).
   `pubs_expire_at` (NULL: nothing kept) is `last_publish_at + history_ttl`;
-  `meta_expires_at` (NULL: never) is the last access + `meta_ttl`.
+  `meta_expires_at` (NULL: never) is the last access + `meta_ttl`. Neither is indexed:
+  every append rewrites both, and an index entry per column doubled the pages an append
+  transaction writes (bench/bench_log.py); `gc` scans the streams in key order instead, a
+  chunk per transaction (`SqlEventLog.gc_chunk`).
 * `publications`: PK (channel, offset).
 * `idempotency`: PK (channel, key), the first call's offset/epoch until `expires_at`.
 * `schema_version`: one row with the schema version `start()` migrated to.
@@ -25,7 +28,7 @@ import sqlalchemy as sa
 from centripy.engine.contracts import StorageError
 from centripy.storage.rules import new_salt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 
@@ -56,8 +59,6 @@ def make_tables(prefix: str = "centripy_") -> Tables:
         sa.Column("pubs_expire_at", sa.Double),
         sa.Column("meta_touched_at", sa.Double, nullable=False),
         sa.Column("meta_expires_at", sa.Double),
-        sa.Index(f"{prefix}streams_meta_expires_idx", "meta_expires_at"),
-        sa.Index(f"{prefix}streams_pubs_expire_idx", "pubs_expire_at"),
     )
     publications = sa.Table(
         f"{prefix}publications",
@@ -97,8 +98,18 @@ def make_tables(prefix: str = "centripy_") -> Tables:
     return Tables(md, streams, publications, idempotency, version, settings)
 
 
+def _drop_stream_expiry_indexes(conn: sa.Connection, tables: Tables) -> None:
+    """1 -> 2: the streams' expiry columns lose their indexes (see the module doc)."""
+    prefix = tables.streams.name[: -len("streams")]
+    quote = conn.dialect.identifier_preparer.quote
+    for name in ("streams_meta_expires_idx", "streams_pubs_expire_idx"):
+        conn.execute(sa.text(f"DROP INDEX IF EXISTS {quote(prefix + name)}"))
+
+
 # Steps from version v to v + 1, run inside start()'s transaction. Never drop data.
-MIGRATIONS: dict[int, Callable[[sa.Connection, Tables], None]] = {}
+MIGRATIONS: dict[int, Callable[[sa.Connection, Tables], None]] = {
+    1: _drop_stream_expiry_indexes,
+}
 
 
 def migrate_sync(conn: sa.Connection, tables: Tables) -> None:

@@ -204,12 +204,26 @@ class Statements:
             touch.returning(s.epoch, s.top_offset, s.min_offset, s.pubs_expire_at)
         )
         self.forget_keys = self._sql(sa.delete(t.idempotency).where(k.expires_at < b("b_now")))
+        # gc, a chunk of streams at a time in key order (the expiry columns have no index):
+        # the last channel and size of the next chunk, then the chunk's expired streams
+        after, upto = b("b_after", type_=s.channel.type), b("b_upto", type_=s.channel.type)
+        chunk = (
+            sa.select(s.channel)
+            .where(s.channel > after)
+            .order_by(s.channel)
+            .limit(b("b_limit", type_=sa.Integer))
+            .subquery()
+        )
+        self.gc_bound = self._sql(sa.select(sa.func.max(chunk.c.channel), sa.func.count()))
+        in_chunk = sa.and_(s.channel > after, s.channel <= upto)
         self.forget_streams = self._sql(
-            sa.delete(t.streams).where(s.meta_expires_at < b("b_now")).returning(s.channel)
+            sa.delete(t.streams)
+            .where(in_chunk, s.meta_expires_at < b("b_now"))
+            .returning(s.channel)
         )
         self.expire_pubs = self._sql(
             sa.update(t.streams)
-            .where(s.pubs_expire_at < b("b_now"))
+            .where(in_chunk, s.pubs_expire_at < b("b_now"))
             .values(min_offset=s.top_offset + 1, pubs_expire_at=sa.null())
             .returning(s.channel, s.min_offset)
         )

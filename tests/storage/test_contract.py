@@ -467,6 +467,27 @@ async def test_gc_drops_only_expired_state(logs: LogFactory, clock: FakeClock) -
     assert not (await log.append(req("old", idempotency_key="gone"))).suppressed
 
 
+async def test_gc_walks_every_chunk_of_streams(logs: LogFactory, clock: FakeClock) -> None:
+    log = await logs.open()
+    if isinstance(log, SqlEventLog):
+        log.gc_chunk = 2  # 7 streams: 4 transactions
+    names = [f"ch{i}" for i in range(7)]
+    await log.append_many([req(ch, history_ttl=5.0, meta_ttl=100.0) for ch in names[:3]])
+    await log.append_many([req(ch, history_ttl=100.0, meta_ttl=5.0) for ch in names[3:5]])
+    clock.advance(6)
+    await log.append_many([req(ch, history_ttl=100.0, meta_ttl=100.0) for ch in names[5:]])
+    assert isinstance(log, MemoryEventLog | SqlEventLog)
+    await log.gc()
+    if logs.persistent:
+        assert await logs.rows("streams") == 5  # ch3, ch4 forgotten
+        assert await logs.rows("publications") == 2  # ch0-ch2 expired
+    for ch in names[:3]:
+        kept = await log.history(HistoryQuery(ch, -1, meta_ttl=100.0))
+        assert kept.publications == [] and kept.position.offset == 1
+    assert await offsets(log, "ch6") == [1]
+    assert (await log.append(req("ch3", meta_ttl=5.0))).publication.offset == 1
+
+
 async def test_invalid_input_raises_value_error(log: EventLog) -> None:
     bad = [
         AppendRequest("", b"x"),
@@ -570,6 +591,36 @@ async def test_start_recreates_missing_index_and_keeps_data(logs: LogFactory) ->
         )
     assert index.name in names
     assert await offsets(log) == [1]
+
+
+async def test_start_migrates_a_version_1_schema(logs: LogFactory) -> None:
+    """Version 1 indexed the streams' expiry columns; version 2 drops those indexes."""
+    if not logs.persistent:
+        pytest.skip("no schema in memory")
+    log = await logs.open()
+    assert isinstance(log, SqlEventLog)
+    epoch = await fill(log, 3)
+    streams = log.tables.streams
+    old = [
+        sa.Index(f"{logs.prefix}streams_meta_expires_idx", streams.c.meta_expires_at),
+        sa.Index(f"{logs.prefix}streams_pubs_expire_idx", streams.c.pubs_expire_at),
+    ]
+    async with log.engine.begin() as conn:
+        for index in old:
+            await conn.run_sync(lambda sync, i=index: i.create(sync))
+        await conn.execute(sa.update(log.tables.schema_version).values(version=1))
+    await log.close()
+    log = await logs.open()
+    assert isinstance(log, SqlEventLog)
+    async with log.engine.connect() as conn:
+        names = await conn.run_sync(
+            lambda sync: {i["name"] for i in sa.inspect(sync).get_indexes(streams.name)}
+        )
+        version = await conn.scalar(sa.select(log.tables.schema_version.c.version))
+    assert not names & {i.name for i in old} and version == SCHEMA_VERSION == 2
+    assert await offsets(log) == [1, 2, 3]
+    nxt = await log.append(req(n=4))
+    assert (nxt.publication.offset, nxt.epoch) == (4, epoch)
 
 
 async def test_sqlite_lock_timeout_is_a_storage_error(tmp_path: Path, clock: FakeClock) -> None:
