@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from centripy.engine.contracts import StorageError
 from centripy.storage.rules import new_salt
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 _PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 
@@ -98,22 +98,18 @@ def make_tables(prefix: str = "centripy_") -> Tables:
     return Tables(md, streams, publications, idempotency, version, settings)
 
 
-def _drop_stream_expiry_indexes(conn: sa.Connection, tables: Tables) -> None:
-    """1 -> 2: the streams' expiry columns lose their indexes (see the module doc)."""
-    prefix = tables.streams.name[: -len("streams")]
-    quote = conn.dialect.identifier_preparer.quote
-    for name in ("streams_meta_expires_idx", "streams_pubs_expire_idx"):
-        conn.execute(sa.text(f"DROP INDEX IF EXISTS {quote(prefix + name)}"))
-
-
 # Steps from version v to v + 1, run inside start()'s transaction. Never drop data.
-MIGRATIONS: dict[int, Callable[[sa.Connection, Tables], None]] = {
-    1: _drop_stream_expiry_indexes,
-}
+MIGRATIONS: dict[int, Callable[[sa.Connection, Tables], None]] = {}
+
+# Indexes an earlier release made and this one does not want; every start() drops them.
+# Dropping an index is no schema version of its own: a server of that release still runs on
+# this schema (and recreates them at its start, as any missing index).
+OBSOLETE_INDEXES = ("streams_meta_expires_idx", "streams_pubs_expire_idx")
 
 
 def migrate_sync(conn: sa.Connection, tables: Tables) -> None:
-    """Create missing tables and indexes, then bring the schema to SCHEMA_VERSION."""
+    """Create missing tables and indexes, drop OBSOLETE_INDEXES, then bring the schema to
+    SCHEMA_VERSION."""
     insp = sa.inspect(conn)
     existing = set(insp.get_table_names())
     had_version = tables.schema_version.name in existing
@@ -128,6 +124,10 @@ def migrate_sync(conn: sa.Connection, tables: Tables) -> None:
         if table.name in existing:
             for index in table.indexes:
                 index.create(conn, checkfirst=True)
+    prefix = tables.streams.name[: -len("streams")]
+    quote = conn.dialect.identifier_preparer.quote
+    for name in OBSOLETE_INDEXES:
+        conn.execute(sa.text(f"DROP INDEX IF EXISTS {quote(prefix + name)}"))
     for step in range(version, SCHEMA_VERSION):
         MIGRATIONS[step](conn, tables)
     conn.execute(sa.delete(tables.schema_version))

@@ -593,8 +593,8 @@ async def test_start_recreates_missing_index_and_keeps_data(logs: LogFactory) ->
     assert await offsets(log) == [1]
 
 
-async def test_start_migrates_a_version_1_schema(logs: LogFactory) -> None:
-    """Version 1 indexed the streams' expiry columns; version 2 drops those indexes."""
+async def test_start_drops_the_obsolete_expiry_indexes(logs: LogFactory) -> None:
+    """Earlier releases indexed the streams' expiry columns; start() drops those indexes."""
     if not logs.persistent:
         pytest.skip("no schema in memory")
     log = await logs.open()
@@ -608,7 +608,6 @@ async def test_start_migrates_a_version_1_schema(logs: LogFactory) -> None:
     async with log.engine.begin() as conn:
         for index in old:
             await conn.run_sync(lambda sync, i=index: i.create(sync))
-        await conn.execute(sa.update(log.tables.schema_version).values(version=1))
     await log.close()
     log = await logs.open()
     assert isinstance(log, SqlEventLog)
@@ -617,7 +616,7 @@ async def test_start_migrates_a_version_1_schema(logs: LogFactory) -> None:
             lambda sync: {i["name"] for i in sa.inspect(sync).get_indexes(streams.name)}
         )
         version = await conn.scalar(sa.select(log.tables.schema_version.c.version))
-    assert not names & {i.name for i in old} and version == SCHEMA_VERSION == 2
+    assert not names & {i.name for i in old} and version == SCHEMA_VERSION
     assert await offsets(log) == [1, 2, 3]
     nxt = await log.append(req(n=4))
     assert (nxt.publication.offset, nxt.epoch) == (4, epoch)
