@@ -8,6 +8,8 @@ await each result before the next, as API handlers do. Prints one JSON line per 
     .venv/bin/python bench/bench_log.py --callers 8 --batch 100   # submit_many, 100 per call
 
 SQLite uses a temporary file; PostgreSQL a unique table prefix, dropped afterwards.
+`cpu_us_per_row` is this process's CPU (every thread: the loop and SQLite's worker) per row
+over the timed part; PostgreSQL's own CPU is not in it.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ async def run_callers(log: EventLog, args: argparse.Namespace) -> dict[str, obje
             else:
                 await writer.submit_many(group)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(caller(c) for c in range(args.callers)))
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started  # this process, all its threads
     await writer.close()
     rows = per_caller * args.callers
     return {
@@ -82,6 +85,7 @@ async def run_callers(log: EventLog, args: argparse.Namespace) -> dict[str, obje
         "batch": max(1, getattr(args, "batch", 1)),
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds),
+        "cpu_us_per_row": round(cpu / rows * 1e6, 1),
         "batches": len(batches),
         "mean_batch": round(sum(batches) / max(len(batches), 1), 1),
     }
