@@ -36,7 +36,7 @@ from common import (
     PG_URL,
     CpuWindow,
     ServerProcess,
-    backend_url,
+    backend_database,
     bench_server,
     emit,
     load_average,
@@ -316,8 +316,10 @@ def profile_path(folder: str, case: Mapping[str, Any]) -> Path | None:
 
 
 def run_backend(args: argparse.Namespace, pool: ProcessPoolExecutor, backend: str) -> None:
-    url = backend_url(backend, args.pg_url)
-    with bench_server(server_config(url, args.log_level), backend) as server:
+    with (
+        backend_database(backend, args.pg_url) as url,
+        bench_server(server_config(url, args.log_level), backend) as server,
+    ):
         # Warm-up: open the log, create tables/statements, let the server JIT its caches.
         warm = argparse.Namespace(**{**vars(args), "count": 2000, "batch_count": 2000})
         for mode in args.modes:

@@ -42,7 +42,7 @@ from common import (
     PG_URL,
     CpuWindow,
     ServerProcess,
-    backend_url,
+    backend_database,
     bench_server,
     emit,
     load_average,
@@ -324,9 +324,12 @@ def one_run(
 
 
 def run_backend(args: argparse.Namespace, pool: ProcessPoolExecutor, backend: str) -> None:
-    url = backend_url(backend, args.pg_url)
-    config = server_config(url, max(args.missed), args.log_level)
-    with bench_server(config, f"recovery-{backend}") as server:
+    with (
+        backend_database(backend, args.pg_url) as url,
+        bench_server(
+            server_config(url, max(args.missed), args.log_level), f"recovery-{backend}"
+        ) as server,
+    ):
         warm = argparse.Namespace(**{**vars(args), "clients": min(args.clients, 100)})
         one_run(warm, pool, server, {"variant": "one", "missed": 10})
         for variant, missed in itertools.product(args.variants, args.missed):

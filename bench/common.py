@@ -46,6 +46,7 @@ __all__ = [
     "CpuWindow",
     "ServerError",
     "ServerProcess",
+    "backend_database",
     "backend_url",
     "bench_server",
     "emit",
@@ -100,6 +101,34 @@ def backend_url(backend: str, pg_url: str) -> str:
     if backend not in urls:
         raise ValueError(f"unknown back end {backend!r}: choose from {sorted(urls)}")
     return urls[backend]
+
+
+async def _pg_admin(url: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def backend_database(backend: str, pg_url: str) -> Iterator[str]:
+    """The `database_url` of a back end for one server's life. PostgreSQL: a database of its
+    own, created on `pg_url`'s server and dropped afterwards, so no run inherits the tables
+    (and dead rows) of the runs before it; SQLite's file is already fresh (in the server's
+    new workdir)."""
+    url = backend_url(backend, pg_url)
+    if backend != "postgres":
+        yield url
+        return
+    name = f"centripy_bench_{run_id()}"
+    asyncio.run(_pg_admin(url, f"CREATE DATABASE {name}"))
+    try:
+        yield url[: url.rindex("/") + 1] + name
+    finally:
+        asyncio.run(_pg_admin(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 async def _pg_probe(url: str, timeout: float) -> str:

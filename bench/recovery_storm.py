@@ -54,7 +54,7 @@ from common import (
     API_KEY,
     CpuWindow,
     ServerProcess,
-    backend_url,
+    backend_database,
     bench_server,
     emit,
     load_average,
@@ -521,8 +521,10 @@ def orchestrate(
 
 
 def run_case(args: argparse.Namespace, backend: str, variant: str, missed: int) -> None:
-    url = backend_url(backend, args.pg_url)
-    with bench_server(storm_config(url, args.log_level), f"storm-{backend}") as server:
+    with (
+        backend_database(backend, args.pg_url) as url,
+        bench_server(storm_config(url, args.log_level), f"storm-{backend}") as server,
+    ):
         name = f"storm-{backend}-{variant}.txt"
         case = argparse.Namespace(
             **{
