@@ -81,7 +81,7 @@ Plan = Generator[Step, Any, T]
 Rows = Sequence[Sequence[Any]]
 MAX_ROWS_PER_STATEMENT = 500  # multi-row upserts are split above this (bind limits)
 PURGE_ALL = 2**62  # "offset < PURGE_ALL" matches every row of a stream
-SMALL_ROWS = 64  # appends of at most this many rows are "small" transactions (`_transact`)
+SMALL_ROWS = 512  # appends of at most this many rows are "small" transactions (`_transact`)
 
 
 # --- batch helpers --------------------------------------------------------------------------------

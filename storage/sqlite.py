@@ -9,9 +9,11 @@ more connection for callers of `engine` itself (tools, tests).
 Where a transaction runs (`SqliteEventLog._transact`): a small one (an append of at most
 `SMALL_ROWS` rows, a history read) runs on the event loop's own thread, through the sqlite3
 connection under aiosqlite's (opened with `check_same_thread=False`). It holds the loop for
-~0.1-0.3 ms, which costs less than the hop to aiosqlite's worker thread and back (a queue put,
-a self-pipe wake-up, futures, and GIL hand-offs with the loop): single publishes +38%/s and half
-the p99 of many small channels at 2,000/s in the benchmarks. Larger appends and the GC run on
+~0.1-0.3 ms (a single publish) to ~5 ms (a group of 400 rows), which costs less than the hop to
+aiosqlite's worker thread and back (a queue put, a self-pipe wake-up, futures, and GIL hand-offs
+with the loop at every statement): single publishes +38%/s and half the p99 of many small
+channels at 2,000/s in the benchmarks, and groups of 400 rows 14-34% more rows/s for 8-22% less
+CPU (bench/bench_log.py). Larger appends (beyond what one writer batch holds) and the GC run on
 the worker thread, where SQLite's own work proceeds beside the loop. The connection's busy
 timeout is 0, so the loop never waits for a lock another connection holds: a small transaction
 that finds the database locked goes to the worker thread, which waits up to `busy_timeout`

@@ -18,7 +18,7 @@ from centripy.storage.sqlite import SqliteEventLog
 
 
 def request(channel: str, n: int) -> AppendRequest:
-    return AppendRequest(channel, b'{"n":%d}' % n, history_size=500, history_ttl=60)
+    return AppendRequest(channel, b'{"n":%d}' % n, history_size=2 * SMALL_ROWS, history_ttl=60)
 
 
 def statement_threads(log: SqliteEventLog) -> list[int]:
