@@ -112,6 +112,16 @@ def test_a_burst_is_frozen_at_an_idle_check_and_thawed_by_the_next_full_one() ->
     assert gc.get_freeze_count() > 0  # what survived it stays out of the middle passes
 
 
+def test_by_default_two_young_passes_at_an_idle_check_are_frozen_one_is_traversed() -> None:
+    policy = GcPolicy(GcSettings(middle_force=99, full_after=99))
+    gc.collect(0)
+    assert collections_during(lambda: policy.check(idle=True)) == [1]
+    for _ in range(2):
+        gc.collect(0)
+    assert collections_during(lambda: policy.check(idle=True)) == []
+    assert policy.freezes == 1 and policy.passes == {1: 2, 2: 0}
+
+
 def test_under_load_a_forced_middle_pass_is_never_a_freeze() -> None:
     policy = GcPolicy(GcSettings(freeze_after=4, middle_force=5, full_after=99))
     for _ in range(5):
