@@ -32,6 +32,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from centripy.storage.broker_postgres import asyncpg_dsn
 from tests.support.server import ServerError, ServerProcess
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -106,7 +107,7 @@ def backend_url(backend: str, pg_url: str) -> str:
 async def _pg_admin(url: str, statement: str) -> None:
     import asyncpg
 
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await conn.execute(statement)
     finally:
@@ -134,9 +135,8 @@ def backend_database(backend: str, pg_url: str) -> Iterator[str]:
 async def _pg_probe(url: str, timeout: float) -> str:
     import asyncpg
 
-    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
     try:
-        conn = await asyncio.wait_for(asyncpg.connect(dsn), timeout)
+        conn = await asyncio.wait_for(asyncpg.connect(asyncpg_dsn(url)), timeout)
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         return f"{type(error).__name__}: {error}"
     await conn.close()
