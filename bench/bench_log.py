@@ -54,8 +54,8 @@ async def run_callers(log: EventLog, args: argparse.Namespace) -> dict[str, obje
         return AppendRequest(
             f"bench:{(c + i) % args.channels}",
             b'{"caller":%d,"i":%d,"text":"hello world, this is a message"}' % (c, i),
-            INFO,
-            (("kind", "bench"),),
+            None if args.plain else INFO,
+            () if args.plain else (("kind", "bench"),),
             history_size=args.history_size,
             history_ttl=300.0,
             meta_ttl=3600.0,
@@ -82,6 +82,7 @@ async def run_callers(log: EventLog, args: argparse.Namespace) -> dict[str, obje
         "callers": args.callers,
         "channels": args.channels,
         "keys": args.key,
+        "plain": args.plain,
         "batch": max(1, getattr(args, "batch", 1)),
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds),
@@ -123,6 +124,9 @@ def main() -> None:
     parser.add_argument("--max-delay", type=float, default=0.002)
     parser.add_argument("--batch", type=int, default=1, help="requests per submit_many call")
     parser.add_argument("--key", action="store_true", help="give every publish an idempotency key")
+    parser.add_argument(
+        "--plain", action="store_true", help="no ClientInfo and tags (as server API publishes)"
+    )
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg-url", default=PG_URL)
     args = parser.parse_args()

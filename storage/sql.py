@@ -65,6 +65,7 @@ from centripy.storage.sql_statements import (
     Session,
     Sql,
     Statements,
+    plain_args,
     publication_args,
     row_to_publication,
 )
@@ -455,13 +456,19 @@ class SqlEventLog(EventLog):
         appends = [i for i in store if history_enabled(requests[i])]
         positions, kept_from = yield from self._assign_offsets(sql, requests, appends, now)
         results: list[AppendResult | None] = [None] * len(requests)
-        rows = []
+        rows: list[tuple[Any, ...]] = []
+        plain: list[tuple[Any, ...]] = []
         for i in store:
             req = requests[i]
             offset, epoch = positions.get(i, (0, ""))
             result = results[i] = AppendResult(publication_of(req, offset, now), epoch)
             if offset and offset >= kept_from[req.channel]:
-                rows.append(publication_args(req.channel, result.publication))
+                pub = result.publication
+                row = plain_args(req.channel, pub)
+                if row is not None:
+                    plain.append(row)
+                else:
+                    rows.append(publication_args(req.channel, pub))
         for i, (offset, epoch) in known.items():
             results[i] = AppendResult(publication_of(requests[i], offset, now), epoch, True)
         for i, first in followers.items():
@@ -469,17 +476,22 @@ class SqlEventLog(EventLog):
             assert leader is not None  # a follower comes after its leader
             offset, epoch = leader.publication.offset, leader.epoch
             results[i] = AppendResult(publication_of(requests[i], offset, now), epoch, True)
-        if rows and self.insert_in_one:
-            for part in chunks(rows):
-                values = list(itertools.chain.from_iterable(part))
-                yield ("execute", sql.insert_rows(len(part)), values)
-        elif rows:
-            yield ("executemany", sql.insert_pubs, rows)
+        yield from self._insert_plan(sql, plain, plain=True)
+        yield from self._insert_plan(sql, rows, plain=False)
         keyed = [i for i in leaders.values() if i in positions]  # claimed, with history
         if keyed:
             args = [sql.record.args(self._key_params(requests[i], positions[i])) for i in keyed]
             yield ("executemany", sql.record, args)
         return results  # type: ignore[return-value]  # every index was filled above
+
+    def _insert_plan(self, sql: Statements, rows: Rows, *, plain: bool) -> Plan[None]:
+        """Insert publications rows (PLAIN_COLUMNS when `plain`, else PUB_COLUMNS)."""
+        if rows and self.insert_in_one:
+            for part in chunks(rows):
+                values = list(itertools.chain.from_iterable(part))
+                yield ("execute", sql.insert_rows(len(part), plain=plain), values)
+        elif rows:
+            yield ("executemany", sql.insert_plain if plain else sql.insert_pubs, rows)
 
     def _claim_keys(
         self,

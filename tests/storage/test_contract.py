@@ -84,6 +84,28 @@ async def test_publication_round_trips_exactly(log: EventLog, clock: FakeClock) 
     assert pubs == [result.publication, empty.publication]
 
 
+async def test_a_batch_mixing_plain_and_full_rows_round_trips(log: EventLog) -> None:
+    """Rows without info and tags go in by a narrower insert than the others (SQL logs):
+    one batch of both kinds keeps each row's data, info, tags and offset."""
+    info = ClientInfo("u", "c", b"{}", b"")
+    made = [
+        AppendRequest("ch", b"plain-1", None, (), 10, 60.0),
+        AppendRequest("ch", b"info", info, (), 10, 60.0),
+        AppendRequest("other", b"plain-2", None, (), 10, 60.0),
+        AppendRequest("ch", b"tags", None, (("k", "v"),), 10, 60.0),
+        AppendRequest("ch", b"plain-3", None, (), 10, 60.0),
+    ]
+    results = await log.append_many(made)
+    pubs = (await log.history(HistoryQuery("ch", limit=-1))).publications
+    assert [p.data for p in pubs] == [b"plain-1", b"info", b"tags", b"plain-3"]
+    assert [p.offset for p in pubs] == [1, 2, 3, 4]
+    assert [p.info for p in pubs] == [None, info, None, None]
+    assert [dict(p.tags) for p in pubs] == [{}, {}, {"k": "v"}, {}]
+    assert pubs == [r.publication for r in results if r.publication.data != b"plain-2"]
+    other = (await log.history(HistoryQuery("other", limit=-1))).publications
+    assert [(p.data, p.offset, p.info) for p in other] == [(b"plain-2", 1, None)]
+
+
 async def test_without_history_nothing_is_stored(log: EventLog) -> None:
     for size, ttl in ((0, 60.0), (10, 0.0), (0, 0.0)):
         result = await log.append(req(history_size=size, history_ttl=ttl))
@@ -526,8 +548,9 @@ async def test_failed_batch_applies_nothing(
         return dataclasses.replace(stmt, text=stmt.text.replace(name, name + "_x"))
 
     insert_rows = sql.insert_rows  # SQLite's multi-row insert, PostgreSQL's executemany
-    monkeypatch.setattr(sql, "insert_rows", lambda n: broken(insert_rows(n)))
+    monkeypatch.setattr(sql, "insert_rows", lambda n, **kw: broken(insert_rows(n, **kw)))
     monkeypatch.setattr(sql, "insert_pubs", broken(sql.insert_pubs))
+    monkeypatch.setattr(sql, "insert_plain", broken(sql.insert_plain))
     with pytest.raises(StorageError) as info:
         await log.append_many([req(n=2, idempotency_key="k"), req("other", 1)])
     assert info.value.__cause__ is not None

@@ -33,14 +33,16 @@ def statements(dialect: str) -> Statements:
 
 
 @pytest.mark.parametrize("dialect", sorted(DIALECTS))
-@pytest.mark.parametrize("kind", ["advance", "claim", "insert_rows"])
+@pytest.mark.parametrize("kind", ["advance", "claim", "insert_rows", "insert_plain_rows"])
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 129])
 def test_multi_row_statements_equal_sqlalchemys_compile(dialect: str, kind: str, n: int) -> None:
     sql = statements(dialect)
     build: Callable[[int], sa.ClauseElement] = getattr(sql, f"_{kind}")
-    made: Sql = getattr(sql, kind)(n)
+    plain = kind == "insert_plain_rows"
+    made: Sql = sql.insert_rows(n, plain=True) if plain else getattr(sql, kind)(n)
     assert made == compile_sql(build(n), DIALECTS[dialect][1])
-    assert sql._templates[kind if kind != "insert_rows" else "pubs"] is not None  # derived
+    template = {"insert_rows": "pubs", "insert_plain_rows": "plain"}.get(kind, kind)
+    assert sql._templates[template] is not None  # derived
 
 
 def test_a_statement_without_one_values_group_has_no_template() -> None:
