@@ -51,8 +51,17 @@ class Fanout(Protocol):
     def leave(self, channel: str, info: ClientInfo) -> None: ...
 
 
-# Commit several append requests in one transaction (the group-commit writer's submit_many).
-SubmitMany = Callable[[Sequence[AppendRequest]], Awaitable[list[AppendResult]]]
+class SubmitMany(Protocol):
+    """Commit several append requests in one transaction (the group-commit writer's
+    `submit_many`); `on_commit(results)` runs as soon as they are committed, in commit
+    order, before the caller resumes."""
+
+    def __call__(
+        self,
+        requests: Sequence[AppendRequest],
+        *,
+        on_commit: Callable[[list[AppendResult]], None] | None = None,
+    ) -> Awaitable[list[AppendResult]]: ...
 
 
 # Not frozen: a frozen dataclass's __init__ costs ~5x (object.__setattr__ per field) and
@@ -143,8 +152,9 @@ class Node:
         name: ChannelName | None = None,
     ) -> PublishResult:
         """Make a publication durable (when the channel keeps history or a key is given),
-        then fan it out. Returns only after the commit. Fan-out happens synchronously after
-        the awaited commit, so local delivery order equals commit order."""
+        then fan it out. Returns only after the commit. Fan-out happens synchronously on the
+        writer's task right after the commit (`SubmitMany`'s on_commit), so local delivery
+        order equals commit order."""
         name = name or self.resolve(channel)
         item = PublishItem(name, data, info, tags, skip_history, idempotency_key)
         result = (await self.publish_many((item,)))[0]
@@ -180,19 +190,24 @@ class Node:
                 logged.append(i)
         if not requests:
             return results
+
+        def deliver(appended: list[AppendResult]) -> None:
+            # On the writer's task, right after the commit: deliveries in commit order,
+            # a loop iteration sooner than from this coroutine.
+            for i, result in zip(logged, appended, strict=True):
+                if not result.suppressed:
+                    self._deliver(items[i].name.channel, result.publication, result.epoch)
+
         try:
-            appended = await self._submit_many(requests)
+            appended = await self._submit_many(requests, on_commit=deliver)
         except StorageError as exc:
             log.error("publish to %r failed: %s", requests[0].channel, exc)
             for i in logged:
                 results[i] = Error.of(ErrorCode.INTERNAL)
             return results
         for i, result in zip(logged, appended, strict=True):
-            if not result.suppressed:
-                channel = items[i].name.channel
-                self._deliver(channel, result.publication, result.epoch)
-                if self._broker is not None:  # no coroutine per publication on one node
-                    await self._broadcast(channel, result.publication, result.epoch)
+            if self._broker is not None and not result.suppressed:
+                await self._broadcast(items[i].name.channel, result.publication, result.epoch)
             results[i] = PublishResult(result.publication.offset, result.epoch, result.suppressed)
         return results
 

@@ -22,7 +22,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
@@ -32,11 +32,17 @@ from centripy.storage.rules import Checked, check_append
 log = logging.getLogger("centripy.storage.writer")
 
 
+# Called by the writer with a unit's results as soon as its batch has committed, before
+# the submitter resumes (`submit_many`).
+OnCommit = Callable[[list[AppendResult]], None]
+
+
 @dataclass(slots=True)
 class _Pending:
     requests: Sequence[AppendRequest]  # committed in one batch
     future: asyncio.Future[list[AppendResult]]
     at: float  # loop.time() when submitted
+    on_commit: OnCommit | None
 
 
 def batch_error(exc: BaseException) -> StorageError:
@@ -84,9 +90,15 @@ class GroupCommitWriter:
         taken still has its publication stored (the transaction is not undone)."""
         return (await self.submit_many((request,)))[0]
 
-    async def submit_many(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
+    async def submit_many(
+        self, requests: Sequence[AppendRequest], *, on_commit: OnCommit | None = None
+    ) -> list[AppendResult]:
         """`submit` for several requests at once: they are committed in one batch, in
-        order (as `append_many` would), and their results come back in the same order."""
+        order (as `append_many` would), and their results come back in the same order.
+        `on_commit(results)` runs on the writer's task right after the commit, units in
+        commit order, even when the caller was cancelled meanwhile: the node delivers
+        publications there, a loop iteration before the caller resumes (an exception
+        it raises is logged)."""
         for request in requests:
             check_append(request)
         if self._closing:
@@ -97,7 +109,7 @@ class GroupCommitWriter:
         if not requests:
             return []
         future: asyncio.Future[list[AppendResult]] = loop.create_future()
-        self._pending.append(_Pending(requests, future, loop.time()))
+        self._pending.append(_Pending(requests, future, loop.time(), on_commit))
         self._queued += len(requests)
         if len(self._pending) == 1:
             self._wake.set()
@@ -184,8 +196,14 @@ class GroupCommitWriter:
         start = 0
         for item in batch:
             end = start + len(item.requests)
+            mine = results[start:end]
+            if item.on_commit is not None:
+                try:
+                    item.on_commit(mine)
+                except Exception:
+                    log.exception("on_commit of a committed batch failed")
             if not item.future.done():
-                item.future.set_result(results[start:end])
+                item.future.set_result(mine)
             start = end
 
     def _observe(self, rows: int, started: float, failed: bool) -> None:

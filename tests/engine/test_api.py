@@ -138,7 +138,9 @@ async def env() -> AsyncIterator[Env]:
 def failing_executor(sessions: RecordingSessions | None = None) -> Executor:
     """An executor whose event log write always fails (StorageError)."""
 
-    async def submit_many(requests: Sequence[AppendRequest]) -> list[AppendResult]:
+    async def submit_many(
+        requests: Sequence[AppendRequest], *, on_commit: object = None
+    ) -> list[AppendResult]:
         raise StorageError("database is down")
 
     node = Node(CONFIG, MemoryEventLog(), submit_many, MemoryPresence())

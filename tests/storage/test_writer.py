@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -286,3 +286,41 @@ async def test_submit_many_checks_every_request_first(spy: SpyLog) -> None:
         await writer.submit_many([req(n=1), AppendRequest("", b"x")])
     await writer.close()
     assert spy.batches == []
+
+
+async def test_on_commit_runs_in_commit_order_before_the_callers_resume(spy: SpyLog) -> None:
+    """Each unit's on_commit runs right after its batch commits, units in order, before
+    any submitter resumes; a cancelled submitter's committed unit still gets it; one that
+    raises is logged and the rest go on."""
+    writer = await started(spy, max_batch=100, max_delay=0.05)
+    spy.gate = asyncio.Event()
+    seen: list[tuple[str, list[int]]] = []
+    resumed: list[str] = []
+
+    def on_commit(name: str) -> Callable[[list[AppendResult]], None]:
+        def record(results: list[AppendResult]) -> None:
+            seen.append((name, [r.publication.offset for r in results]))
+            if name == "b":
+                raise RuntimeError("a subscriber blew up")
+
+        return record
+
+    async def unit(name: str, n: int) -> None:
+        await writer.submit_many([req(n=i) for i in range(n)], on_commit=on_commit(name))
+        resumed.append(name)
+
+    first = asyncio.ensure_future(unit("first", 1))
+    await asyncio.wait_for(spy.entered.wait(), 5)
+    tasks = {name: asyncio.ensure_future(unit(name, n)) for name, n in (("a", 2), ("b", 1))}
+    tasks["c"] = asyncio.ensure_future(unit("c", 2))
+    held, spy.gate = spy.gate, asyncio.Event()
+    spy.entered.clear()
+    held.set()  # the first batch commits; the second (a, b, c) waits in the log
+    await first
+    await asyncio.wait_for(spy.entered.wait(), 5)
+    tasks["c"].cancel()  # taken into the batch, then cancelled: still committed
+    spy.gate.set()
+    await asyncio.gather(tasks["a"], tasks["b"])
+    await writer.close()
+    assert seen == [("first", [1]), ("a", [2, 3]), ("b", [4]), ("c", [5, 6])]
+    assert resumed == ["first", "a", "b"]
