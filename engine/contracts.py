@@ -27,7 +27,7 @@ Guarantees every implementation must give (checked by tests/storage/test_contrac
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,6 +71,11 @@ class AppendResult:
     publication: Publication  # with the assigned offset (0 when not stored)
     epoch: str  # "" when not stored
     suppressed: bool = False  # True: a duplicate of an earlier call; nothing was stored
+
+
+# Called with a unit of append requests' results as soon as their batch has committed, in
+# commit order, before their submitter resumes (the group-commit writer's `submit_many`).
+OnCommit = Callable[[list[AppendResult]], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from centripy.engine.contracts import (
     EventLog,
     HistoryQuery,
     HistoryResult,
+    OnCommit,
     PresenceManager,
     PresenceStats,
     StorageError,
@@ -60,7 +61,7 @@ class SubmitMany(Protocol):
         self,
         requests: Sequence[AppendRequest],
         *,
-        on_commit: Callable[[list[AppendResult]], None] | None = None,
+        on_commit: OnCommit | None = None,
     ) -> Awaitable[list[AppendResult]]: ...
 
 

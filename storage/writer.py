@@ -22,19 +22,20 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from centripy.engine.contracts import AppendRequest, AppendResult, EventLog, StorageError
+from centripy.engine.contracts import (
+    AppendRequest,
+    AppendResult,
+    EventLog,
+    OnCommit,
+    StorageError,
+)
 from centripy.engine.metrics import Metrics
 from centripy.storage.rules import Checked, check_append
 
 log = logging.getLogger("centripy.storage.writer")
-
-
-# Called by the writer with a unit's results as soon as its batch has committed, before
-# the submitter resumes (`submit_many`).
-OnCommit = Callable[[list[AppendResult]], None]
 
 
 @dataclass(slots=True)
