@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -127,7 +128,7 @@ def backend_database(backend: str, pg_url: str) -> Iterator[str]:
     name = f"centripy_bench_{run_id()}"
     asyncio.run(_pg_admin(url, f"CREATE DATABASE {name}"))
     try:
-        yield url[: url.rindex("/") + 1] + name
+        yield sa.make_url(url).set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(_pg_admin(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
