@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -13,6 +13,7 @@ from centripy.engine.contracts import (
     EventLog,
     HistoryQuery,
     HistoryResult,
+    OnCommit,
     StorageError,
 )
 from centripy.storage.memory import MemoryEventLog
@@ -297,7 +298,7 @@ async def test_on_commit_runs_in_commit_order_before_the_callers_resume(spy: Spy
     seen: list[tuple[str, list[int]]] = []
     resumed: list[str] = []
 
-    def on_commit(name: str) -> Callable[[list[AppendResult]], None]:
+    def on_commit(name: str) -> OnCommit:
         def record(results: list[AppendResult]) -> None:
             seen.append((name, [r.publication.offset for r in results]))
             if name == "b":
