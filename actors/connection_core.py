@@ -46,7 +46,12 @@ from centripy.actors.outbound import (
     Outbound,
 )
 from centripy.actors.transport import Format, Transport
-from centripy.actors.wheel import WheelTimer, wheel_of
+from centripy.actors.wheel import (
+    HEARTBEAT_MIN_DELAY,
+    WheelTimer,
+    heartbeat_wheel_of,
+    wheel_of,
+)
 from centripy.engine import recovery
 from centripy.engine.channels import ChannelName
 from centripy.engine.config import Config
@@ -108,6 +113,11 @@ class Timer(enum.IntEnum):
     PONG = 2  # no pong within pong_timeout: close with 3012
     EXPIRE = 3  # connection expiry (plus client_expired_close_delay): close with 3005
     TICK = 4  # presence update, subscription expiry and position check
+
+
+# Heartbeats at least HEARTBEAT_MIN_DELAY away go on the loop's heartbeat wheel (slots of
+# HEARTBEAT_RESOLUTION); shorter ones, STALE and EXPIRE on its fine wheel.
+_HEARTBEATS = frozenset({Timer.PING, Timer.PONG, Timer.TICK})
 
 
 @dataclass(slots=True)
@@ -396,7 +406,8 @@ class ConnectionCore(Outbound):
         if old is not None:
             old.cancel()
         ref = self.actor_ref
-        timers = wheel_of(self._loop)
+        coarse = kind in _HEARTBEATS and delay >= HEARTBEAT_MIN_DELAY
+        timers = (heartbeat_wheel_of if coarse else wheel_of)(self._loop)
         self._timers[kind] = timers.call_later(max(delay, 0.0), tell_if_alive, ref, kind)
 
     def _start_timers(self) -> None:

@@ -10,9 +10,16 @@ loop's time in one pass, outside any callback (s6-2k, 2,000 publications/s offer
 
 Here a timer goes into the slot of `RESOLUTION` seconds it falls in; the loop holds one
 handle per occupied slot, a cancel only marks the entry, and a slot runs its live entries in
-the order they were set. A timer fires at most `RESOLUTION` late, never early: right for
-pings, pong waits, presence ticks, stale closes, expiry and header deadlines, which are
-seconds long. Precise or short timers keep `loop.call_later`.
+the order they were set, `FIRE_CHUNK` per loop iteration. A timer fires at most `RESOLUTION`
+late (plus the iterations a full slot takes), never early: right for pings, pong waits,
+presence ticks, stale closes, expiry and header deadlines, which are seconds long. Precise
+or short timers keep `loop.call_later`.
+
+Each loop has two wheels. Heartbeats (pings, pong waits, presence ticks: every ~25 s for each
+connection, for ever) go on one with slots of `HEARTBEAT_RESOLUTION` seconds, so those of
+many connections fire together. In slots of 25 ms, 1,000 idle connections' ~40 pings a
+second each had a slot of their own, and each woke the loop, the client's process, and the
+loop again for the pong (see `heartbeat_wheel_of`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 RESOLUTION = 0.025  # seconds per slot
+HEARTBEAT_RESOLUTION = 0.25  # seconds per slot of the heartbeat wheel
+HEARTBEAT_MIN_DELAY = 1.25  # shorter heartbeats stay on the fine wheel (at most 20% late)
+FIRE_CHUNK = 32  # timers a slot runs per loop iteration
 
 # Slot handles run in one context (asyncio copies the current one for each handle otherwise).
 _CONTEXT = contextvars.Context()
@@ -83,10 +93,22 @@ class TimerWheel:
         return sum(not t.cancelled() for entries in self._slots.values() for t in entries)
 
     def _fire(self, slot: int) -> None:
-        for timer in self._slots.pop(slot, ()):
+        self._run(self._slots.pop(slot, []), 0)
+
+    def _run(self, entries: list[WheelTimer], start: int) -> None:
+        """Run the live timers of `entries[start:]`, at most `FIRE_CHUNK` per loop iteration:
+        the rest go on after the loop has polled its sockets once, so a slot full of
+        heartbeats does not hold every connection's I/O back at once."""
+        ran = 0
+        for i in range(start, len(entries)):
+            timer = entries[i]
             callback, args = timer._callback, timer._args
             if callback is None:
                 continue
+            if ran == FIRE_CHUNK:
+                self._loop.call_soon(self._run, entries, i, context=_CONTEXT)
+                return
+            ran += 1
             timer.cancel()  # ran: a later cancel() is a no-op
             try:
                 callback(*args)
@@ -98,15 +120,27 @@ class TimerWheel:
                 )
 
 
-_WHEELS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimerWheel] = (
+_WHEELS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[TimerWheel, TimerWheel]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def wheel_of(loop: asyncio.AbstractEventLoop) -> TimerWheel:
-    """`loop`'s wheel (made on first use). Callers pass the loop they hold:
-    `asyncio.get_running_loop()` costs a getpid() system call per call on Python 3.11."""
+def _wheels(loop: asyncio.AbstractEventLoop) -> tuple[TimerWheel, TimerWheel]:
     found = _WHEELS.get(loop)
     if found is None:
-        found = _WHEELS[loop] = TimerWheel(loop)
+        found = _WHEELS[loop] = (TimerWheel(loop), TimerWheel(loop, HEARTBEAT_RESOLUTION))
     return found
+
+
+def wheel_of(loop: asyncio.AbstractEventLoop) -> TimerWheel:
+    """`loop`'s wheel of `RESOLUTION` (made on first use). Callers pass the loop they hold:
+    `asyncio.get_running_loop()` costs a getpid() system call per call on Python 3.11."""
+    return _wheels(loop)[0]
+
+
+def heartbeat_wheel_of(loop: asyncio.AbstractEventLoop) -> TimerWheel:
+    """`loop`'s wheel of `HEARTBEAT_RESOLUTION`, for timers every connection sets again and
+    again. 1,000 subscribers at 10 publications/s (s3, 60 s), server CPU per delivery over
+    the bare `websockets` loop's: 1.16-1.19x with heartbeats in slots of 25 ms, 1.03-1.04x in
+    slots of 0.25 s, 1.05-1.08x in slots of 1 s."""
+    return _wheels(loop)[1]

@@ -17,6 +17,7 @@ from centripy.actors.connection import (
     TokenReplies,
     token_failure,
 )
+from centripy.actors.wheel import heartbeat_wheel_of, wheel_of
 from centripy.engine import auth
 from centripy.engine.auth import make_token
 from centripy.engine.protocol.codes import Disconnect, Error
@@ -245,6 +246,23 @@ async def test_ping_and_pong_timeout() -> None:
         await client.wait(lambda m: m == {}, timeout=2)
         client.send({})  # pong
         assert (await client.closed(timeout=3))[0] == 3012  # the next ping is not answered
+
+
+async def test_heartbeats_go_on_the_heartbeat_wheel_and_short_ones_stay_precise() -> None:
+    """Pings and presence ticks seconds away go on the loop's heartbeat wheel, so many
+    connections' heartbeats fire together; short ones (tests, tight configs) do not."""
+    loop = asyncio.get_running_loop()
+    beats, fine = heartbeat_wheel_of(loop), wheel_of(loop)
+    async with Harness(make_config()) as h:
+        for _ in range(20):
+            await h.client()
+        assert beats.pending() == 40  # a PING and a TICK each
+        assert fine.pending() == 0  # STALE cancelled on connect; no expiry
+    async with Harness(make_config(ping_interval=0.2, pong_timeout=0.1)) as h:
+        before = beats.pending()
+        await h.client()
+        assert beats.pending() == before + 1  # its TICK (27 s); the PING is 0.2 s away
+        assert fine.pending() == 1
 
 
 async def test_unexpected_pong_is_bad_request() -> None:

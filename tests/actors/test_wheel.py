@@ -4,9 +4,18 @@ leaves nothing on the loop's heap; a failing callback is reported and spares the
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import Counter
 from typing import Any
 
-from centripy.actors.wheel import RESOLUTION, TimerWheel, wheel_of
+from centripy.actors.wheel import (
+    FIRE_CHUNK,
+    HEARTBEAT_RESOLUTION,
+    RESOLUTION,
+    TimerWheel,
+    heartbeat_wheel_of,
+    wheel_of,
+)
 
 
 async def test_timers_fire_in_order_never_early_and_at_most_one_slot_late() -> None:
@@ -84,9 +93,47 @@ async def test_a_timer_set_from_a_firing_slot_for_now_runs_on_the_next_pass() ->
     assert fired == ["second"]
 
 
-async def test_each_loop_has_one_wheel() -> None:
+async def test_a_full_slot_runs_fire_chunk_timers_per_loop_iteration() -> None:
+    loop = asyncio.get_running_loop()
+    w = TimerWheel(loop, resolution=0.05)
+    iteration = 0
+    ran: list[tuple[int, int]] = []  # (timer, loop iteration)
+
+    def tick() -> None:
+        nonlocal iteration
+        iteration += 1
+        if len(ran) < 100:
+            loop.call_soon(tick)
+
+    when = loop.time() + 0.05
+    timers = [w.call_at(when, lambda i: ran.append((i, iteration)), i) for i in range(101)]
+    timers[50].cancel()  # skipped, and not counted in its chunk
+    loop.call_soon(tick)  # counts loop iterations until every timer ran
+    await asyncio.wait_for(_until(lambda: len(ran) == 100), 2)
+    assert [i for i, _ in ran] == [i for i in range(101) if i != 50]
+    per_iteration = Counter(it for _, it in ran)
+    assert max(per_iteration.values()) == FIRE_CHUNK
+    assert len(per_iteration) == math.ceil(100 / FIRE_CHUNK)
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.005)
+
+
+async def test_each_loop_has_one_wheel_of_each_resolution() -> None:
     loop = asyncio.get_running_loop()
     assert wheel_of(loop) is wheel_of(loop)
+    assert heartbeat_wheel_of(loop) is heartbeat_wheel_of(loop) is not wheel_of(loop)
+    beats, step = heartbeat_wheel_of(loop), HEARTBEAT_RESOLUTION
+    when = (math.floor(loop.time() / step) + 2) * step  # a slot's start
+    fired: list[int] = []
+    for i in range(3):  # within one slot: they run together, in order, at its end
+        beats.call_at(when + (0.1 + i * 0.3) * step, fired.append, i)
+    await asyncio.sleep(when + 0.8 * step - loop.time())
+    assert fired == []
+    await asyncio.sleep(when + step + 0.05 - loop.time())
+    assert fired == [0, 1, 2]
     other: list[TimerWheel] = []
 
     async def grab() -> None:
