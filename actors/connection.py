@@ -339,6 +339,7 @@ class ConnectionActor(ConnectionCore):
             refresh_by_proxy=refresh_by_proxy,
         )
         self.subs[channel] = sub
+        self._want_tick()
         try:  # the hub leaves nothing behind when it raises (the position read failed)
             await self.ctx.hub.subscribe(
                 channel, self.client_id, self.actor_ref, sub.join_leave_push
@@ -544,6 +545,7 @@ class ConnectionActor(ConnectionCore):
         if expire_at and expire_at <= now:
             raise Error.of(ErrorCode.EXPIRED)
         sub.expire_at = expire_at
+        self._want_tick()
         ttl = _ttl(expire_at, now)
         return self.codec.refresh_result_obj(bool(expire_at), ttl)
 

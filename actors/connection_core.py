@@ -46,12 +46,7 @@ from centripy.actors.outbound import (
     Outbound,
 )
 from centripy.actors.transport import Format, Transport
-from centripy.actors.wheel import (
-    HEARTBEAT_MIN_DELAY,
-    WheelTimer,
-    heartbeat_wheel_of,
-    wheel_of,
-)
+from centripy.actors.wheel import WheelTimer, heartbeat_wheel_of, wheel_of
 from centripy.engine import recovery
 from centripy.engine.channels import ChannelName
 from centripy.engine.config import Config
@@ -115,9 +110,13 @@ class Timer(enum.IntEnum):
     TICK = 4  # presence update, subscription expiry and position check
 
 
-# Heartbeats at least HEARTBEAT_MIN_DELAY away go on the loop's heartbeat wheel (slots of
-# HEARTBEAT_RESOLUTION); shorter ones, STALE and EXPIRE on its fine wheel.
+# Timers on the heartbeat wheels (actors/wheel.py); STALE and EXPIRE use the fine one.
 _HEARTBEATS = frozenset({Timer.PING, Timer.PONG, Timer.TICK})
+
+
+def _ticks(sub: Subscription) -> bool:
+    """Whether `sub` needs its connection's TICK: presence refresh, position checks, expiry."""
+    return sub.presence or sub.positioned or bool(sub.expire_at)
 
 
 @dataclass(slots=True)
@@ -406,8 +405,11 @@ class ConnectionCore(Outbound):
         if old is not None:
             old.cancel()
         ref = self.actor_ref
-        coarse = kind in _HEARTBEATS and delay >= HEARTBEAT_MIN_DELAY
-        timers = (heartbeat_wheel_of if coarse else wheel_of)(self._loop)
+        if kind in _HEARTBEATS:
+            pings = self.ctx.hub.connection_count() / max(self.config.ping_interval, 1.0)
+            timers = heartbeat_wheel_of(self._loop, delay, pings)
+        else:
+            timers = wheel_of(self._loop)
         self._timers[kind] = timers.call_later(max(delay, 0.0), tell_if_alive, ref, kind)
 
     def _start_timers(self) -> None:
@@ -417,8 +419,14 @@ class ConnectionCore(Outbound):
         interval = self.config.ping_interval
         if interval > 0:
             self._set_timer(Timer.PING, random.uniform(interval / 2, interval))
-        self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
+        self._want_tick()
         self._schedule_expiry()
+
+    def _want_tick(self) -> None:
+        """Set the TICK if a subscription has periodic work and none is set. Most have none
+        (no presence, positioning or expiry): their connections tick not at all."""
+        if Timer.TICK not in self._timers and any(map(_ticks, self.subs.values())):
+            self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
 
     def _schedule_expiry(self) -> None:
         old = self._timers.pop(Timer.EXPIRE, None)
@@ -475,7 +483,7 @@ class ConnectionCore(Outbound):
         """Every client_presence_update_interval: refresh presence, expire subscriptions,
         check positions when due. A coroutine (a task) only when a subscription has such
         work this tick: ten thousand connections tick together after a burst of connects."""
-        self._set_timer(Timer.TICK, self.config.client_presence_update_interval)
+        self._want_tick()
         now = time.time()
         due = self._position_check_due()
         for sub in self.subs.values():

@@ -17,6 +17,7 @@ from centripy.actors.connection import (
     TokenReplies,
     token_failure,
 )
+from centripy.actors.connection_core import Timer
 from centripy.actors.wheel import heartbeat_wheel_of, wheel_of
 from centripy.engine import auth
 from centripy.engine.auth import make_token
@@ -252,17 +253,18 @@ async def test_heartbeats_go_on_the_heartbeat_wheel_and_short_ones_stay_precise(
     """Pings and presence ticks seconds away go on the loop's heartbeat wheel, so many
     connections' heartbeats fire together; short ones (tests, tight configs) do not."""
     loop = asyncio.get_running_loop()
-    beats, fine = heartbeat_wheel_of(loop), wheel_of(loop)
+    beats, fine = heartbeat_wheel_of(loop, 25.0, 1.0), wheel_of(loop)  # slots of 1 s
     async with Harness(make_config()) as h:
         for _ in range(20):
             await h.client()
-        assert beats.pending() == 40  # a PING and a TICK each
+        assert beats.pending() == 20  # a PING each (nothing to TICK for)
         assert fine.pending() == 0  # STALE cancelled on connect; no expiry
     async with Harness(make_config(ping_interval=0.2, pong_timeout=0.1)) as h:
         before = beats.pending()
-        await h.client()
+        client = await h.client()
+        await client.call("subscribe", {"channel": "h:pos", "positioned": True})
         assert beats.pending() == before + 1  # its TICK (27 s); the PING is 0.2 s away
-        assert fine.pending() == 1
+        assert fine.pending() >= 1  # the PING (and a PONG wait once it was sent)
 
 
 async def test_unexpected_pong_is_bad_request() -> None:
@@ -423,7 +425,7 @@ async def test_position_check_passes_when_delivery_keeps_up() -> None:
         assert not any("unsubscribe" in m.get("push", {}) for m in client.transport.messages)
 
 
-async def test_a_tick_with_nothing_to_do_starts_no_coroutine() -> None:
+async def test_only_subscriptions_with_periodic_work_make_their_connection_tick() -> None:
     config = make_config(
         client_presence_update_interval=0.02, client_channel_position_check_delay=0.0
     )
@@ -431,14 +433,18 @@ async def test_a_tick_with_nothing_to_do_starts_no_coroutine() -> None:
         client = await h.client()
         await client.call("subscribe", {"channel": "news"})  # no presence, not positioned
         actor = client.ref.actor_inbox._actor  # type: ignore[attr-defined]
+        assert Timer.TICK not in actor._timers
         work: list[float] = []
         original = actor._periodic_work
         actor._periodic_work = lambda now: work.append(now) or original(now)
-        checked = actor._last_position_check
-        await eventually(lambda: actor._last_position_check > checked, 3, "a tick")
-        assert work == []  # ticked (the position check is marked done), with no coroutine
         await client.call("subscribe", {"channel": "h:pos", "positioned": True})
+        assert Timer.TICK in actor._timers
         await eventually(lambda: len(work) >= 2, 3, "ticks with a positioned subscription")
+        await client.call("unsubscribe", {"channel": "h:pos"})
+        await eventually(lambda: Timer.TICK not in actor._timers, 3, "the ticks to stop")
+        ticked = len(work)
+        await asyncio.sleep(0.1)  # five intervals
+        assert len(work) == ticked
         assert client.transport.closed is None
 
 

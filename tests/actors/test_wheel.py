@@ -10,7 +10,7 @@ from typing import Any
 
 from centripy.actors.wheel import (
     FIRE_CHUNK,
-    HEARTBEAT_RESOLUTION,
+    HEARTBEAT_RESOLUTIONS,
     RESOLUTION,
     TimerWheel,
     heartbeat_wheel_of,
@@ -116,16 +116,19 @@ async def test_a_full_slot_runs_fire_chunk_timers_per_loop_iteration() -> None:
     assert len(per_iteration) == math.ceil(100 / FIRE_CHUNK)
 
 
-async def _until(predicate: Any) -> None:
-    while not predicate():
-        await asyncio.sleep(0.005)
-
-
-async def test_each_loop_has_one_wheel_of_each_resolution() -> None:
+async def test_heartbeat_slots_hold_a_few_pings_and_make_them_at_most_a_fifth_late() -> None:
     loop = asyncio.get_running_loop()
-    assert wheel_of(loop) is wheel_of(loop)
-    assert heartbeat_wheel_of(loop) is heartbeat_wheel_of(loop) is not wheel_of(loop)
-    beats, step = heartbeat_wheel_of(loop), HEARTBEAT_RESOLUTION
+
+    def slot(delay: float, pings: float) -> float:
+        return heartbeat_wheel_of(loop, delay, pings)._resolution
+
+    assert slot(25.0, 40.0) == 0.25  # 1,000 connections pinged every 25 s: 10 a slot
+    assert slot(25.0, 400.0) == RESOLUTION  # 10,000: as fine as the other timers
+    assert heartbeat_wheel_of(loop, 25.0, 400.0) is wheel_of(loop)
+    assert slot(25.0, 0.0) == max(HEARTBEAT_RESOLUTIONS)
+    assert slot(2.0, 0.0) == 0.25  # at most 20% late
+    assert slot(0.2, 0.0) == RESOLUTION
+    beats, step = heartbeat_wheel_of(loop, 25.0, 4.0), 1.0
     when = (math.floor(loop.time() / step) + 2) * step  # a slot's start
     fired: list[int] = []
     for i in range(3):  # within one slot: they run together, in order, at its end
@@ -134,6 +137,17 @@ async def test_each_loop_has_one_wheel_of_each_resolution() -> None:
     assert fired == []
     await asyncio.sleep(when + step + 0.05 - loop.time())
     assert fired == [0, 1, 2]
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.005)
+
+
+async def test_each_loop_has_one_wheel_of_each_resolution() -> None:
+    loop = asyncio.get_running_loop()
+    assert wheel_of(loop) is wheel_of(loop)
+    assert heartbeat_wheel_of(loop, 25.0, 40.0) is heartbeat_wheel_of(loop, 20.0, 30.0)
     other: list[TimerWheel] = []
 
     async def grab() -> None:
