@@ -147,10 +147,10 @@ def heartbeat_wheel_of(loop: asyncio.AbstractEventLoop, delay: float, pings: flo
     """`loop`'s wheel for a heartbeat `delay` seconds away when the loop sends about `pings`
     pings a second: the longest slot that holds at most `PINGS_PER_SLOT` of them and makes
     the heartbeat at most 20% late (else the `RESOLUTION` wheel): 0.25 s for 1,000
-    connections, 25 ms for 10,000 (with pings every 25 s). s3 shape (1,000 subscribers, 10
-    publications/s), server CPU per delivery over the `websockets` loop's: 1.16-1.19x with
-    slots of 25 ms, 1.03-1.04x with 0.25 s; s6-2k (10,000 connections) p99 2.7-3.7 ms with
-    25 ms, 6.9-8.6 ms with 0.25 s."""
+    connections, 25 ms for 10,000 (with pings every 25 s). 1,000 idle subscribers cost the
+    server 76-82 CPU ticks per 50 s with 25 ms slots and 44-50 with these (the `websockets`
+    loop 18-20); fixed 0.25 s slots took s6-2k's p99 (10,000 connections) from 2.7-3.7 ms to
+    6.9-8.6 ms."""
     chosen = RESOLUTION
     for resolution in HEARTBEAT_RESOLUTIONS:
         if resolution * 5 > delay or resolution * pings > PINGS_PER_SLOT:
