@@ -10,6 +10,8 @@ in one frame and then stay idle, answering the server's pings. Measured:
   (`connect_p50_ms` / `connect_p99_ms`: one client's TCP connect to subscribe reply);
 - `server_rss_mb` once all are connected and --settle seconds passed, and `server_kib_per_conn`
   over the server's RSS before the first connection; `server_cpu_us_per_conn`;
+- `server_idle_us_per_conn_s`: the server's CPU over the --hold seconds (pings and pongs
+  only), in µs per connection per second;
 - after --hold seconds idle: one publication through `POST /api/publish`; `reach_s` is from
   just before the request until the last client received it (`reach_p50_s`, `reached`).
 
@@ -503,7 +505,11 @@ def orchestrate(
                 "server_cpu_us_per_conn": round(1e6 * (cpu1 - cpu0) / ok, 1) if ok else None,
             }
         )
+    idle0 = procs.proc_cpu_s(pid) if pid else 0.0
     time.sleep(args.hold)
+    if pid and ok and args.hold > 0:
+        idle_cpu = procs.proc_cpu_s(pid) - idle0
+        record["server_idle_us_per_conn_s"] = round(1e6 * idle_cpu / ok / args.hold, 2)
     t_pub, ack_s, pub_error = publish_once(args)
     for conn in pipes:
         conn.send(("collect", {"timeout": args.reach_timeout}))

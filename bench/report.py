@@ -105,6 +105,7 @@ CONNECTION_COLUMNS: tuple[Column, ...] = (
     _col("server RSS MiB", "server_rss_mb", "{:.0f}"),
     _col("KiB/conn", "server_kib_per_conn", "{:.1f}"),
     _col("server µs CPU/conn", "server_cpu_us_per_conn", "{:.0f}"),
+    _col("idle µs CPU/conn/s", "server_idle_us_per_conn_s", "{:.2f}"),
     _col("broadcast reach s", "reach_s", "{:.3f}"),
     _col("reached", "reached", "{:,.0f}"),
     _col("disconnects", "disconnects", "{:.0f}"),

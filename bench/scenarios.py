@@ -189,6 +189,16 @@ SCENARIOS = (
         section="connections",
     ),
     Scenario(
+        "s7-idle",
+        "1,000 connections idle for 60 s (pings and pongs only), then one broadcast",
+        "connections.py",
+        ("-n", "1000", "--procs", "1", "--hold", "60"),
+        ("-n", "1000", "--procs", "1", "--hold", "30"),
+        targets=("centripy", "websockets"),
+        section="connections",
+        in_quick=False,
+    ),
+    Scenario(
         "s5-1node",
         "scale-out: 1 node, engine redis, PostgreSQL log",
         "fanout.py",

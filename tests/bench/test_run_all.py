@@ -177,3 +177,12 @@ def test_tool_commands(key: str, flag: str) -> None:
     args = run_all.parse_args(["--quick"])
     command = run_all.script_command(BY_KEY[key], args)
     assert flag in command and command[0] == str(args.project_python)
+
+
+def test_s7_holds_1000_connections_idle_and_reports_their_cpu_per_second() -> None:
+    scenario = BY_KEY["s7-idle"]
+    full = list(scenario.full)
+    assert scenario.tool == "connections.py" and scenario.targets == ("centripy", "websockets")
+    assert full[full.index("-n") + 1] == "1000" and full[full.index("--hold") + 1] == "60"
+    assert "s7-idle" not in run_all.parse_args(["--quick"]).scenario_keys
+    assert "idle µs CPU/conn/s" in [c[0] for c in report.CONNECTION_COLUMNS]
