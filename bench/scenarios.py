@@ -155,6 +155,22 @@ def storm(backend: str, variant: str) -> Scenario:
     )
 
 
+def idle_connections(
+    key: str, title: str, full: tuple[str, ...], quick: tuple[str, ...], in_quick: bool = True
+) -> Scenario:
+    """A connections.py scenario (s4, s7-idle): centripy and the websockets loop."""
+    return Scenario(
+        key,
+        title,
+        "connections.py",
+        full,
+        quick,
+        targets=("centripy", "websockets"),
+        section="connections",
+        in_quick=in_quick,
+    )
+
+
 AFAP_1K = ("-n", "1000", "-m", "2000", "-r", "0")
 AFAP_1K_QUICK = ("-n", "200", "-m", "200", "-r", "0")
 SCENARIOS = (
@@ -179,23 +195,17 @@ SCENARIOS = (
         ("-n", "1000", "-m", "2000", "-r", "10"),
         ("-n", "200", "-m", "60", "-r", "10"),
     ),
-    Scenario(
+    idle_connections(
         "s4",
         "19,000 idle connections, then one broadcast",
-        "connections.py",
         ("-n", "19000", "--procs", "4"),
         ("-n", "2000", "--procs", "2"),
-        targets=("centripy", "websockets"),
-        section="connections",
     ),
-    Scenario(
+    idle_connections(
         "s7-idle",
         "1,000 connections idle for 60 s (pings and pongs only), then one broadcast",
-        "connections.py",
         ("-n", "1000", "--procs", "1", "--hold", "60"),
         ("-n", "1000", "--procs", "1", "--hold", "30"),
-        targets=("centripy", "websockets"),
-        section="connections",
         in_quick=False,
     ),
     Scenario(
