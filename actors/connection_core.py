@@ -221,7 +221,11 @@ class ConnectionCore(Outbound):
         if self.state is CLOSED or self._closing is not None:
             return None
         if kind is Frame:
-            return self._on_frame(message.data)
+            data = message.data
+            if data == self.codec.PONG_FRAME and self._pong_pending and self.state is CONNECTED:
+                self._on_pong_frame(len(data))
+                return None
+            return self._on_frame(data)
         if kind is JoinLeave:
             if message.channel in self.subs and self.state is CONNECTED:
                 self._enqueue(message.encoded.get(self.fmt))
@@ -257,6 +261,13 @@ class ConnectionCore(Outbound):
         return None
 
     # -- incoming frames ------------------------------------------------------------------
+
+    def _on_pong_frame(self, size: int) -> None:
+        """A frame that only answers the awaited ping, handled without a coroutine (every
+        idle connection sends one per ping interval): `_on_frame` would decode it to one
+        empty command and end in `on_pong` just the same."""
+        self.node.metrics.received(self.transport.name, ("",), size)
+        self.on_pong()
 
     async def _on_frame(self, data: bytes) -> None:
         try:

@@ -30,6 +30,11 @@ class Codec(Protocol):
         """The empty reply sent as a ping (joined into a frame like any message)."""
         ...
 
+    @property
+    def PONG_FRAME(self) -> bytes:
+        """A whole client frame that only answers a ping (one empty command)."""
+        ...
+
     # -- decoding -------------------------------------------------------------------------
 
     def decode_commands(self, frame: bytes) -> list[Command]: ...

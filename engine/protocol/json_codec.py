@@ -47,6 +47,8 @@ from centripy.engine.types import ClientInfo, Publication
 JsonObj = dict[str, Any]
 
 PING = b"{}"
+# The whole frame of a client that only answers a ping (an empty command).
+PONG_FRAME = b"{}"
 
 _MAX_UINT32 = 2**32 - 1
 _MAX_UINT64 = 2**64 - 1

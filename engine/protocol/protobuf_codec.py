@@ -54,6 +54,8 @@ from centripy.engine.protocol.commands import (
 from centripy.engine.types import ClientInfo, Publication
 
 PING = b""
+# The whole frame of a client that only answers a ping (one empty, length-prefixed command).
+PONG_FRAME = b"\x00"
 
 _MAX_UINT64 = 2**64 - 1
 _MAX_VARINT_BYTES = 10

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from centripy.actors.base import actor_of
 from centripy.actors.connection import (
     CONNECT_TOKEN,
     REFRESH_TOKEN,
@@ -17,7 +18,7 @@ from centripy.actors.connection import (
     TokenReplies,
     token_failure,
 )
-from centripy.actors.connection_core import Timer
+from centripy.actors.connection_core import Frame, Timer
 from centripy.actors.wheel import heartbeat_wheel_of, wheel_of
 from centripy.engine import auth
 from centripy.engine.auth import make_token
@@ -265,6 +266,26 @@ async def test_heartbeats_go_on_the_heartbeat_wheel_and_short_ones_stay_precise(
         await client.call("subscribe", {"channel": "h:pos", "positioned": True})
         assert beats.pending() == before + 1  # its TICK (27 s); the PING is 0.2 s away
         assert fine.pending() >= 1  # the PING (and a PONG wait once it was sent)
+
+
+async def test_a_pong_frame_is_handled_in_the_actor_without_a_task() -> None:
+    """A frame that only answers the ping (`{}`) is handled synchronously: every idle
+    connection sends one per ping interval, and a coroutine run as a task for each cost
+    more than the pong itself. Its effects are those of the command path: the PONG wait is
+    cancelled and the frame is counted as a client_pong."""
+    async with Harness(make_config(ping_interval=0.2, pong_timeout=5.0)) as h:
+        client = await h.client()
+        await client.wait(lambda m: m == {}, timeout=2)
+        actor: Any = actor_of(client.ref)
+        assert actor._pong_pending and Timer.PONG in actor._timers
+        assert actor.on_receive(Frame(b"{}")) is None  # no coroutine: nothing to await
+        assert not actor._pong_pending and Timer.PONG not in actor._timers
+        assert h.node.metrics.transport("websocket").received["client_pong"] == 1
+        # a pong nobody asked for still takes the command path and is refused
+        late = actor.on_receive(Frame(b"{}"))
+        assert asyncio.iscoroutine(late)
+        await late
+        assert (await client.closed())[0] == 3501
 
 
 async def test_unexpected_pong_is_bad_request() -> None:

@@ -46,6 +46,7 @@ def test_decode_js_frame_connect_and_subscribe() -> None:
 
 def test_decode_single_trailing_newline_is_accepted() -> None:
     assert jc.decode_commands(b"{}\n") == [Command(0, "", None)]
+    assert jc.decode_commands(jc.PONG_FRAME) == [Command(0, "", None)]  # the actor's fast path
 
 
 @pytest.mark.parametrize(

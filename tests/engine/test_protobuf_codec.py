@@ -196,6 +196,7 @@ def test_decode_method_precedence_and_empty_requests() -> None:
 
 def test_decode_pong_and_ping_only_commands() -> None:
     assert pc.decode_commands(b"\x00") == [Command(0, "", None)]
+    assert pc.decode_commands(pc.PONG_FRAME) == [Command(0, "", None)]  # the actor's fast path
     assert pc.decode_commands(b"\x00\x00") == [Command(0, "", None)] * 2
     assert pc.decode_commands(frame_of(pb.Command(id=7, ping={}))) == [Command(7, "", None)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,23 @@ async def test_protobuf_publish_presence_history_and_recovery(
     await events.wait_count("publication", 6)
     assert events.offsets() == [1, 2, 3, 4, 5, 6]
     assert [json.loads(ctx.pub.data)["n"] for ctx in events.of("publication")] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_protobuf_client_answers_pings_and_stays_connected(
+    server_factory: ServerFactory,
+    make_token: TokenMaker,
+    py_connect: PyConnect,  # noqa: F811
+) -> None:
+    """The SDK answers each ping with a pong (the frame `0x00`, which the connection actor
+    handles without decoding): through three pings and their 0.5 s pong waits it stays
+    connected and subscribed."""
+    server = server_factory({**CONFIG, "ping_interval": "1s", "pong_timeout": "500ms"})
+    conn = await py_connect(server, make_token("42"), use_protobuf=True)
+    _, events = await conn.subscribe("chat:pings")
+    await asyncio.sleep(3.6)
+    assert conn.events.of("disconnected") == [] and len(conn.events.of("connecting")) == 1
+    await server.api_async("publish", {"channel": "chat:pings", "data": {"n": 1}})
+    await events.wait_count("publication", 1)
 
 
 async def test_protobuf_bad_token_is_terminal(
