@@ -58,12 +58,27 @@ async def test_written_frames_are_checkpointed_and_the_wal_starts_over(
     assert wal.last[2] == wal.last[1] < frames
 
 
-async def test_an_idle_log_runs_no_checkpoints(sqlite_log: SqliteEventLog) -> None:
+async def test_an_idle_log_runs_no_checkpoints_and_its_thread_sleeps(
+    sqlite_log: SqliteEventLog,
+) -> None:
     wal = checkpointer(sqlite_log)
+    await asyncio.sleep(0.2)  # four intervals before any transaction
+    assert wal.wakeups == 0
     await append(sqlite_log, 1)
     await until(lambda: wal.checkpoints == 1)
     await asyncio.sleep(0.3)  # six intervals without a transaction
-    assert wal.checkpoints == 1
+    assert wal.checkpoints == 1 and wal.wakeups == 1
+
+
+async def test_transactions_of_one_interval_share_a_checkpoint(
+    sqlite_log: SqliteEventLog,
+) -> None:
+    wal = checkpointer(sqlite_log)
+    await append(sqlite_log, 20)  # well within one 50 ms interval
+    await until(lambda: wal.checkpoints >= 1)
+    await asyncio.sleep(0.15)
+    assert wal.checkpoints <= 4 and wal.wakeups == wal.checkpoints  # not one per transaction
+    assert wal.last is not None and wal.last[2] == wal.last[1]  # everything copied
 
 
 async def test_close_stops_the_thread(tmp_path: Path) -> None:
