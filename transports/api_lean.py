@@ -14,7 +14,8 @@ asyncio accepts the connections (`add_sockets`), and each starts as an
   `ApiEndpoint` the Tornado handlers use, and the next request is read;
 * a WebSocket handshake to the client WebSocket route (`take_upgrade`:
   `ws_protocol.accept_upgrade` and `websocket.lean_websocket`: no compression, an allowed
-  Origin) hands the transport to a `websocket.LeanWebSocket`;
+  Origin) hands the transport to a `websocket.LeanWebSocket`; one to uni_websocket, to a
+  `uni.LeanUniWebSocket` (`uni.lean_uni_websocket`, the same conditions);
 * anything else (SSE, GET, a chunked body, a route another handler owns, a handshake the
   lean path leaves to Tornado, anything unusual) goes to a new `IOStream` on the socket,
   with the bytes read put in front of its read buffer, and to Tornado's
@@ -45,7 +46,7 @@ import http
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -73,11 +74,19 @@ from centripy.transports.http11 import (
 )
 from centripy.transports.linger import duplicate, linger
 from centripy.transports.tornado_compat import unread
+from centripy.transports.uni import UniWebSocketHandler, lean_uni_websocket
 from centripy.transports.websocket import LeanWebSocket, WebSocketHandler, lean_websocket
 from centripy.transports.ws_protocol import accept_upgrade
 
 log = logging.getLogger("centripy.api")
 access_log = logging.getLogger("tornado.access")
+
+# The lean adapter of each WebSocket route's handler: the adapter returns None when Tornado
+# must answer the handshake (compression, a refused Origin).
+_LEAN_UPGRADES: Final[dict[type, Callable[..., LeanWebSocket | None]]] = {
+    WebSocketHandler: lean_websocket,
+    UniWebSocketHandler: lean_uni_websocket,
+}
 
 # The endpoint of the route and the API method (None for the legacy `POST <prefix>`).
 Route = tuple[ApiEndpoint, str | None]
@@ -378,16 +387,20 @@ class LeanHTTPServer(tornado.httpserver.HTTPServer):
         super().handle_stream(stream, address)
 
     def take_upgrade(self, request: RequestHead) -> LeanWebSocket | Refusal | None:
-        """The `LeanWebSocket` for a WebSocket upgrade to the client WebSocket route, or the
+        """The `LeanWebSocket` for a WebSocket upgrade to a client WebSocket route (the
+        bidirectional one, or uni_websocket: `LeanUniWebSocket`), or the
         refusal to answer (503: client_connection_limit / _rate_limit); None when Tornado
         must answer it (another route, compression, a refused Origin, a handshake
         `accept_upgrade` does not accept)."""
         upgrade = accept_upgrade(request)
         found = None if upgrade is None else self.match(request.path)
-        if upgrade is None or found is None or found[0] is not WebSocketHandler:
+        if upgrade is None or found is None:
+            return None
+        adapter = _LEAN_UPGRADES.get(found[0])
+        if adapter is None:
             return None
         ctx = found[1]["ctx"]
-        protocol = lean_websocket(ctx, upgrade, self._websockets)
+        protocol = adapter(ctx, upgrade, self._websockets)
         if protocol is None:
             return None
         if not ctx.admission.admit():

@@ -9,6 +9,9 @@ server-side subscriptions exist; nothing the client sends later is a command.
   just closed); later messages are ignored. One text frame per push; native WebSocket pings
   every 25 s. A disconnect is the disconnect push, then the TCP connection is closed without
   a close frame (Centrifugo closes the socket).
+  Served by `LeanUniWebSocket` on the lean path (asyncio, as the bidirectional
+  WebSocket's `LeanWebSocket`) unless compression is on or the Origin is refused; then
+  by Tornado (`UniWebSocketHandler`).
 - uni_sse: `GET ?cf_connect=<ConnectRequest JSON>` (absent: an empty request) or `POST` with
   the JSON body; SSE framing (`\\r\\n`, then `data: <json>\\n\\n`).
 - uni_http_stream: `POST` with the JSON body; each push is a JSON line + `\\n`.
@@ -49,7 +52,15 @@ from centripy.transports.http_common import (
     send_to_stream,
 )
 from centripy.transports.origins import origin_allowed
-from centripy.transports.websocket import frame_messages
+from centripy.transports.websocket import LeanWebSocket, frame_messages
+from centripy.transports.ws_protocol import (
+    OP_PING,
+    OP_TEXT,
+    ServerProtocol,
+    State,
+    Upgrade,
+    frame,
+)
 
 CONNECT_PARAM = "cf_connect"
 # Centrifugo's uni_websocket pings natively every 25 s and drops a connection that sent
@@ -260,6 +271,107 @@ class UniWebSocketHandler(tornado.websocket.WebSocketHandler):
         if self.actor is not None:
             with contextlib.suppress(ActorDeadError):
                 self.actor.tell(TransportClosed())
+
+
+# -- the lean path --------------------------------------------------------------------------
+
+
+class LeanUniWebSocket(LeanWebSocket):
+    """uni_websocket on the lean path (`api_lean.LeanHTTPServer.take_upgrade`), as
+    `LeanWebSocket` is for the bidirectional one: no Tornado stream, handler or task per
+    connection or write. What differs from `LeanWebSocket`:
+
+    - the connection actor starts on the first message, a ConnectRequest (malformed: the
+      TCP connection is dropped); later messages are read and ignored;
+    - each message of a write is a text frame of its own;
+    - a native ping every `ping_interval` seconds. The connection is dropped when no pong
+      came within 10/9 of the interval since the previous one (Centrifugo's read deadline:
+      the pong to a ping must come within `ping_interval / 9` of it), or when the
+      ConnectRequest has not come by the first deadline;
+    - `close` writes the disconnect push, then closes TCP without a close frame (aborted
+      when the peer takes nothing within the write timeout).
+
+    The liveness timer and the closing timer share `_timeout` (a closing connection pings
+    no more)."""
+
+    name = "uni_websocket"
+    unidirectional = True
+    pong = False
+    ping_interval = UNI_WS_PING_INTERVAL  # an instance may set its own (tests)
+
+    __slots__ = ("_pongs",)
+
+    def __init__(self, ctx: ConnContext, response: bytes, conns: set[LeanWebSocket]) -> None:
+        super().__init__(ctx, Format.JSON_UNI, response, conns)
+        config = ctx.config
+        self._protocol = ServerProtocol(config.uni_websocket_message_size_limit)
+        self.write_timeout = config.uni_websocket_write_timeout or WRITE_TIMEOUT
+        self._pongs = 0  # the protocol's pong count when the last ping was sent
+
+    def _opened(self) -> None:
+        """No actor until the ConnectRequest: only the timer, whose first deadline is
+        10/9 of the ping interval from now, with the first ping at the interval."""
+        self._timeout = asyncio.get_running_loop().call_later(self.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._protocol.state is not State.OPEN:
+            self._timeout = None
+            return
+        self._pongs = self._protocol.pongs
+        transport.write(frame(OP_PING, b""))
+        self._timeout = asyncio.get_running_loop().call_later(self.ping_interval / 9, self._check)
+
+    def _check(self) -> None:
+        """A ping's deadline: a pong must have come, and the ConnectRequest."""
+        if self._protocol.pongs == self._pongs or self._actor is None:
+            self._timeout = None
+            self.abort()
+            return
+        wait = self.ping_interval * 8 / 9
+        self._timeout = asyncio.get_running_loop().call_later(wait, self._ping)
+
+    def _received(self, payload: bytes) -> None:
+        """The first message is the ConnectRequest; later ones are read and ignored."""
+        if self._actor is not None:
+            return
+        try:
+            request = json_codec.decode_connect_request(payload)
+        except ProtocolError:
+            self.abort()
+            return
+        self._actor = ConnectionActor.start(self._ctx, self, self.proxy_headers)
+        self._actor.tell(UniConnect(request))
+
+    def _frames(self, messages: Sequence[bytes]) -> bytes:
+        """A text frame per message (a fan-out `Push` framed once, in `Push.framed`)."""
+        return b"".join(frame_messages((m,), protobuf=False) for m in messages)
+
+    def close(self, code: int, reason: str) -> None:
+        """The disconnect push, then TCP closes without a close frame once it is sent."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._timeout is not None:
+            self._timeout.cancel()
+        transport.write(frame(OP_TEXT, _encode_uni_disconnect(code, reason)))
+        transport.close()  # after the buffer is flushed
+        self._timeout = asyncio.get_running_loop().call_later(self.write_timeout, self.abort)
+
+
+def lean_uni_websocket(
+    ctx: ConnContext, upgrade: Upgrade, conns: set[LeanWebSocket]
+) -> LeanUniWebSocket | None:
+    """The adapter for a lean uni_websocket upgrade, or None when Tornado must answer it
+    (compression switched on, or an Origin the configuration refuses)."""
+    config = ctx.config
+    if config.uni_websocket_compression:
+        return None
+    if upgrade.origin is not None and not origin_allowed(config.allowed_origins, upgrade.origin):
+        return None
+    protocol = LeanUniWebSocket(ctx, upgrade.response(None), conns)
+    protocol.proxy_headers = ctx.proxy_headers(upgrade.headers.get)
+    return protocol
 
 
 def routes(config: Config, ctx: ConnContext) -> list[Any]:

@@ -275,10 +275,14 @@ class LeanWebSocket(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)
         transport.write(self._response)
         self._response = b""
-        self._actor = ConnectionActor.start(self._ctx, self, self.proxy_headers)
+        self._opened()
         early, self.early = self.early, b""
         if early:
             self.data_received(early)
+
+    def _opened(self) -> None:
+        """The handshake is answered: start the connection actor."""
+        self._actor = ConnectionActor.start(self._ctx, self, self.proxy_headers)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._conns.discard(self)
@@ -357,8 +361,12 @@ class LeanWebSocket(asyncio.Protocol):
             transport.write(framed or frame_messages(messages, self._protobuf))
         else:
             counts.sent(messages, type(messages[0]) is Push)
-            transport.write(frame_messages(messages, self._protobuf))
+            transport.write(self._frames(messages))
         return self._drained
+
+    def _frames(self, messages: Sequence[bytes]) -> bytes:
+        """What a write of several messages sends: one frame (`frame_messages`)."""
+        return frame_messages(messages, self._protobuf)
 
     def close(self, code: int, reason: str) -> None:
         """Our close frame (called once by the actor); the TCP connection closes when the

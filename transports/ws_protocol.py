@@ -11,6 +11,7 @@ timeout), backpressure and the connection actor live there only.
   complete data message (fragments joined, text checked as UTF-8), a `Close` when the
   connection is over (the caller then closes the TCP connection; RFC 6455 7.1.1: the server
   closes first).
+- Pongs: `pongs` counts the pong frames received, for a caller that sends pings.
 - Frames out: `frame(opcode, data)` for data frames, written by the caller itself while
   `state is State.OPEN` (the fan-out hot path: no buffer or call in between); the closing
   handshake through `send_close`.
@@ -163,6 +164,7 @@ class ServerProtocol:
         "_need",
         "_out",
         "max_size",
+        "pongs",
         "state",
     )
 
@@ -176,6 +178,7 @@ class ServerProtocol:
         self._frag_text = False  # the fragmented message is a text one (UTF-8 checked)
         self._out: list[bytes] = []  # frames to send (pongs, close frames)
         self._events: list[Event] = []
+        self.pongs = 0  # pong frames received (a caller that pings watches it)
 
     @property
     def closed(self) -> bool:
@@ -246,7 +249,9 @@ class ServerProtocol:
             elif opcode == OP_PING:
                 if self.state is State.OPEN:
                     self._out.append(frame(OP_PONG, payload))
-            elif opcode != OP_PONG:  # a reserved control opcode
+            elif opcode == OP_PONG:
+                self.pongs += 1
+            else:  # a reserved control opcode
                 self._fail(1002)
             return
         if opcode == OP_CONT:

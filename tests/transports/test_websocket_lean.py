@@ -1,6 +1,7 @@
-"""The lean WebSocket path (`LeanWebSocket`, `accept_upgrade`) against a real server on a free
-port, with a raw RFC 6455 client over asyncio streams. Tornado's handshake answers carry
-`Server: TornadoServer/..`; the lean path's do not, which tells the two apart."""
+"""The lean WebSocket path (`LeanWebSocket`, `LeanUniWebSocket`, `accept_upgrade`) against a
+real server on a free port, with a raw RFC 6455 client over asyncio streams. Tornado's
+handshake answers carry `Server: TornadoServer/..`; the lean path's do not, which tells the
+two apart."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import tornado.web
 from tornado.testing import bind_unused_port
 
 from centripy.actors.context import ConnContext
-from centripy.actors.hub import Hub
+from centripy.actors.hub import Hub, ServerDisconnectMsg
 from centripy.engine.auth import TokenVerifier
 from centripy.engine.config import Config
 from centripy.engine.node import Node
@@ -28,7 +29,7 @@ from centripy.server import client_routes
 from centripy.storage.memory import MemoryEventLog
 from centripy.storage.presence_memory import MemoryPresence
 from centripy.storage.writer import GroupCommitWriter
-from centripy.transports import websocket
+from centripy.transports import uni, websocket
 from centripy.transports.api_lean import LeanHTTPServer
 from centripy.transports.http11 import parse_request_head
 from centripy.transports.ws_protocol import Upgrade, accept_upgrade
@@ -437,3 +438,127 @@ async def test_an_application_with_host_rules_upgrades_on_tornado(
     assert client.status == 101 and "server" in client.head  # Tornado's answer
     client.send(0x1, CONNECT)
     assert (await client.reply())["id"] == 1
+
+
+# -- uni_websocket on the lean path (`uni.LeanUniWebSocket`) --------------------------------
+
+UNI = "/connection/uni_websocket"
+UNI_CONNECT = b'{"subs":{"news":{}}}'
+
+
+async def uni_connected(server: Server) -> tuple[Client, str]:
+    """A lean uni_websocket client subscribed to `news` (server-side); and its client id."""
+    client = await open_ws(server.port, path=UNI)
+    assert client.status == 101 and "server" not in client.head
+    assert "sec-websocket-protocol" not in client.head
+    client.send(0x1, UNI_CONNECT)
+    connect = await client.reply()
+    assert "news" in connect["connect"]["subs"]  # type: ignore[index, operator]
+    return client, connect["connect"]["client"]  # type: ignore[index, return-value]
+
+
+async def test_uni_websocket_on_the_lean_path(serve: Callable[..., object]) -> None:
+    server: Server = await serve(uni_websocket=True)  # type: ignore[misc]
+    client, _ = await uni_connected(server)
+    client.send(0x1, b"not a command: read and ignored")
+    client.send(0x2, b"\x00\x01")  # binary too
+    for n in range(20):  # a burst: writes of several pushes, still a text frame each
+        await server.node.publish("news", b'{"n":%d}' % n)
+    for n in range(20):
+        opcode, data = await client.recv()
+        assert opcode == 0x1
+        assert orjson.loads(data) == {"channel": "news", "pub": {"data": {"n": n}}}
+    assert server.hub.stats().num_clients == 1
+
+
+async def test_uni_websocket_disconnect_is_a_push_then_tcp_closes(
+    serve: Callable[..., object],
+) -> None:
+    server: Server = await serve(uni_websocket=True)  # type: ignore[misc]
+    client, client_id = await uni_connected(server)
+    server.hub.tell(list(server.hub.matching("", client_id, "")), ServerDisconnectMsg(4500, "bye"))
+    opcode, data = await client.recv()
+    assert opcode == 0x1
+    assert orjson.loads(data) == {"disconnect": {"code": 4500, "reason": "bye"}}
+    assert await client.closed()  # no close frame: TCP just ends
+
+
+@pytest.mark.parametrize("first", [b"{not json", b"[]", b""])
+async def test_uni_websocket_malformed_connect_drops_tcp(
+    serve: Callable[..., object], first: bytes
+) -> None:
+    server: Server = await serve(uni_websocket=True)  # type: ignore[misc]
+    client = await open_ws(server.port, path=UNI)
+    client.send(0x1, first)
+    assert await client.closed()
+    assert server.hub.stats().num_clients == 0
+
+
+async def test_uni_websocket_connect_over_the_size_limit_closes_1009(
+    serve: Callable[..., object],
+) -> None:
+    server: Server = await serve(  # type: ignore[misc]
+        uni_websocket=True, uni_websocket_message_size_limit=100
+    )
+    client = await open_ws(server.port, path=UNI)
+    client.send(0x1, b'{"data":"' + b"x" * 100 + b'"}')
+    opcode, data = await client.recv()
+    assert opcode == 0x8 and struct.unpack("!H", data[:2])[0] == 1009
+    assert await client.closed()
+
+
+async def test_uni_websocket_native_pings_and_the_pong_deadline(
+    serve: Callable[..., object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ping every interval; a client answering stays, one that stops answering is
+    dropped within 10/9 of the interval after the unanswered ping."""
+    monkeypatch.setattr(uni.LeanUniWebSocket, "ping_interval", 0.3)
+    server: Server = await serve(uni_websocket=True)  # type: ignore[misc]
+    client, _ = await uni_connected(server)
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        assert await asyncio.wait_for(client.recv(), 2) == (0x9, b"")
+        client.send(0xA, b"")
+    assert server.hub.stats().num_clients == 1
+    assert await asyncio.wait_for(client.recv(), 2) == (0x9, b"")
+    pinged = loop.time()
+    assert await client.closed()  # no pong this time
+    assert loop.time() - pinged < 0.3
+    for _ in range(100):
+        if server.hub.stats().num_clients == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.hub.stats().num_clients == 0
+
+
+async def test_uni_websocket_without_a_connect_request_is_dropped(
+    serve: Callable[..., object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answering pings is not enough: no ConnectRequest by the first deadline drops it."""
+    monkeypatch.setattr(uni.LeanUniWebSocket, "ping_interval", 0.3)
+    server: Server = await serve(uni_websocket=True)  # type: ignore[misc]
+    client = await open_ws(server.port, path=UNI)
+    assert await asyncio.wait_for(client.recv(), 2) == (0x9, b"")
+    client.send(0xA, b"")
+    assert await client.closed()
+
+
+@pytest.mark.parametrize(
+    ("kw", "extra"),
+    [
+        ({}, "Origin: https://evil.example\r\n"),  # refused Origin: Tornado answers 403
+        ({"uni_websocket_compression": True}, ""),  # permessage-deflate is Tornado's
+    ],
+)
+async def test_what_the_lean_path_leaves_to_tornado_for_uni_websocket(
+    serve: Callable[..., object], kw: dict[str, object], extra: str
+) -> None:
+    server: Server = await serve(uni_websocket=True, **kw)  # type: ignore[misc]
+    client = await open_ws(server.port, extra, path=UNI)
+    assert "server" in client.head  # Tornado's answer
+    if extra:
+        assert client.status == 403
+    else:
+        assert client.status == 101
+        client.send(0x1, UNI_CONNECT)
+        assert "connect" in await client.reply()
