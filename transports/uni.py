@@ -52,7 +52,7 @@ from centripy.transports.http_common import (
     send_to_stream,
 )
 from centripy.transports.origins import origin_allowed
-from centripy.transports.websocket import LeanWebSocket, frame_messages
+from centripy.transports.websocket import LeanWebSocket, frame_messages, lean_may_take
 from centripy.transports.ws_protocol import (
     OP_PING,
     OP_TEXT,
@@ -364,10 +364,7 @@ def lean_uni_websocket(
 ) -> LeanUniWebSocket | None:
     """The adapter for a lean uni_websocket upgrade, or None when Tornado must answer it
     (compression switched on, or an Origin the configuration refuses)."""
-    config = ctx.config
-    if config.uni_websocket_compression:
-        return None
-    if upgrade.origin is not None and not origin_allowed(config.allowed_origins, upgrade.origin):
+    if not lean_may_take(ctx.config, upgrade, ctx.config.uni_websocket_compression):
         return None
     protocol = LeanUniWebSocket(ctx, upgrade.response(None), conns)
     protocol.proxy_headers = ctx.proxy_headers(upgrade.headers.get)

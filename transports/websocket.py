@@ -36,6 +36,7 @@ from centripy.actors.connection import ConnectionActor
 from centripy.actors.connection_core import TransportClosed, tell_frame
 from centripy.actors.context import ConnContext
 from centripy.actors.transport import Format, protobuf_codec
+from centripy.engine.config import Config
 from centripy.transports.http_common import refuse_over_admission, send_to_stream
 from centripy.transports.origins import origin_allowed
 from centripy.transports.ws_protocol import (
@@ -62,6 +63,7 @@ __all__ = [
     "WebSocketHandler",
     "frame",
     "frame_messages",
+    "lean_may_take",
     "lean_websocket",
     "origin_allowed",
     "select_subprotocol",
@@ -383,16 +385,21 @@ class LeanWebSocket(asyncio.Protocol):
             self._transport.abort()
 
 
+def lean_may_take(config: Config, upgrade: Upgrade, compression: bool) -> bool:
+    """Whether the lean path may answer `upgrade`: not with compression (Tornado's
+    permessage-deflate), nor an Origin the configuration refuses (Tornado answers 403)."""
+    if compression:
+        return False
+    return upgrade.origin is None or origin_allowed(config.allowed_origins, upgrade.origin)
+
+
 def lean_websocket(
     ctx: ConnContext, upgrade: Upgrade, conns: set[LeanWebSocket]
 ) -> LeanWebSocket | None:
     """The adapter for a lean upgrade (its `early` bytes still to set), or None when
     Tornado must answer it (compression switched on, or an Origin the configuration
     refuses: Tornado answers 403)."""
-    config = ctx.config
-    if config.websocket_compression:
-        return None
-    if upgrade.origin is not None and not origin_allowed(config.allowed_origins, upgrade.origin):
+    if not lean_may_take(ctx.config, upgrade, ctx.config.websocket_compression):
         return None
     subprotocol = select_subprotocol(upgrade.subprotocols)
     query = urllib.parse.parse_qs(upgrade.query, keep_blank_values=True) if upgrade.query else {}
