@@ -229,6 +229,11 @@ class UniWebSocketHandler(tornado.websocket.WebSocketHandler):
         return UNI_WS_PING_INTERVAL
 
     @property
+    def ping_timeout(self) -> float | None:
+        """The pong to a ping must come within 1/9 of the interval (as on the lean path)."""
+        return UNI_WS_PING_INTERVAL / 9
+
+    @property
     def max_message_size(self) -> int:
         return self.ctx.config.uni_websocket_message_size_limit
 

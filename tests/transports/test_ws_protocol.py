@@ -31,6 +31,14 @@ def test_ping_is_answered_and_binary_is_delivered() -> None:
     assert protocol.state is State.OPEN
 
 
+def test_pongs_are_counted_and_not_answered() -> None:
+    protocol = ServerProtocol(1000)
+    protocol.receive_data(client_frame(0xA, b"") + client_frame(0xA, b"payload"))
+    assert protocol.pongs == 2
+    assert protocol.data_to_send() == b"" and protocol.events_received() == ()
+    assert protocol.state is State.OPEN
+
+
 def test_peer_closes_first() -> None:
     protocol = ServerProtocol(max_size=1000)
     protocol.receive_data(client_frame(0x8, struct.pack("!H", 1001) + b"bye"))
