@@ -36,6 +36,8 @@ from centripy.transports.ws_protocol import Upgrade, accept_upgrade
 
 CONNECT = b'{"id":1,"connect":{}}'
 SUBSCRIBE = b'{"id":2,"subscribe":{"channel":"news"}}'
+UNI = "/connection/uni_websocket"
+UNI_CONNECT = b'{"subs":{"news":{}}}'  # a uni_websocket ConnectRequest
 
 
 @dataclass
@@ -358,21 +360,29 @@ async def test_a_stalled_reader_is_dropped_after_the_write_timeout(
     assert received < 100  # cut off: not everything was delivered
 
 
-@pytest.mark.parametrize(
-    ("kw", "extra"),
-    [
-        ({}, "Origin: https://evil.example\r\n"),  # refused Origin: Tornado answers 403
-        ({"websocket_compression": True}, ""),  # permessage-deflate is Tornado's
-    ],
-)
+@pytest.mark.parametrize("route", ["websocket", "uni_websocket"])
+@pytest.mark.parametrize("refused", ["origin", "compression"])
 async def test_what_the_lean_path_leaves_to_tornado(
-    serve: Callable[..., object], kw: dict[str, object], extra: str
+    serve: Callable[..., object], route: str, refused: str
 ) -> None:
+    """A refused Origin (Tornado answers 403) and permessage-deflate (Tornado's) go to
+    Tornado, on both WebSocket routes."""
+    uni_route = route == "uni_websocket"
+    kw: dict[str, object] = {"uni_websocket": True} if uni_route else {}
+    extra = ""
+    if refused == "origin":
+        extra = "Origin: https://evil.example\r\n"
+    else:
+        kw[f"{route}_compression"] = True
     server: Server = await serve(**kw)  # type: ignore[misc]
-    client = await open_ws(server.port, extra)
+    client = await open_ws(server.port, extra, path=UNI if uni_route else "")
     assert "server" in client.head  # Tornado's answer
     if extra:
         assert client.status == 403
+    elif uni_route:
+        assert client.status == 101
+        client.send(0x1, UNI_CONNECT)
+        assert "connect" in await client.reply()
     else:
         assert client.status == 101
         client.send(0x1, CONNECT)
@@ -441,9 +451,6 @@ async def test_an_application_with_host_rules_upgrades_on_tornado(
 
 
 # -- uni_websocket on the lean path (`uni.LeanUniWebSocket`) --------------------------------
-
-UNI = "/connection/uni_websocket"
-UNI_CONNECT = b'{"subs":{"news":{}}}'
 
 
 async def uni_connected(server: Server) -> tuple[Client, str]:
@@ -541,27 +548,6 @@ async def test_uni_websocket_without_a_connect_request_is_dropped(
     assert await asyncio.wait_for(client.recv(), 2) == (0x9, b"")
     client.send(0xA, b"")
     assert await client.closed()
-
-
-@pytest.mark.parametrize(
-    ("kw", "extra"),
-    [
-        ({}, "Origin: https://evil.example\r\n"),  # refused Origin: Tornado answers 403
-        ({"uni_websocket_compression": True}, ""),  # permessage-deflate is Tornado's
-    ],
-)
-async def test_what_the_lean_path_leaves_to_tornado_for_uni_websocket(
-    serve: Callable[..., object], kw: dict[str, object], extra: str
-) -> None:
-    server: Server = await serve(uni_websocket=True, **kw)  # type: ignore[misc]
-    client = await open_ws(server.port, extra, path=UNI)
-    assert "server" in client.head  # Tornado's answer
-    if extra:
-        assert client.status == 403
-    else:
-        assert client.status == 101
-        client.send(0x1, UNI_CONNECT)
-        assert "connect" in await client.reply()
 
 
 async def test_uni_websocket_on_tornado_has_the_same_pong_deadline(
